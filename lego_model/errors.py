@@ -1,0 +1,28 @@
+"""The project's error hierarchy.
+
+Every user mistake (bad path, corrupt file, wrong shape, unsupported option)
+raises a :class:`LegoError` whose message says what was wrong and how to fix
+it; the CLIs print that one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+
+class LegoError(Exception):
+    """Base class of every error a user can cause and fix."""
+
+
+class ConfigError(LegoError):
+    """Unknown or inconsistent model configuration."""
+
+
+class ShapeError(LegoError):
+    """An image size, batch or tensor shape the model cannot take."""
+
+
+class SkipPlanError(LegoError):
+    """A skip rule or preset that cannot be parsed or leaves a step empty."""
+
+
+class CheckpointError(LegoError):
+    """A checkpoint that cannot be read or does not fit its configuration."""

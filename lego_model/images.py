@@ -1,0 +1,59 @@
+"""Seeds lists and image files shared by the sampling commands."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lego_model.errors import LegoError
+
+_RANGE = re.compile(r"^(\d+)-(\d+)$")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-3,10' -> [0, 1, 2, 3, 10], as the authors' --seeds."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        m = _RANGE.match(part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise LegoError(f"seed range {part!r} runs backwards; write LOW-HIGH")
+            seeds.extend(range(lo, hi + 1))
+        elif part.isdigit():
+            seeds.append(int(part))
+        else:
+            raise LegoError(f"cannot parse seeds {text!r}; write a list like 0-63,100")
+    if not seeds:
+        raise LegoError("no seeds given")
+    return seeds
+
+
+def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW -> uint8 NHWC, rounded as the authors' generate.py does."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_image(image: np.ndarray, path: str | Path) -> None:
+    """Write one uint8 HWC image (1 or 3 channels) as PNG."""
+    from PIL import Image
+
+    arr = image[:, :, 0] if image.shape[2] == 1 else image
+    Image.fromarray(arr).save(path)
+
+
+def make_grid(images: np.ndarray, rows: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile N uint8 HWC images into one picture, ``rows`` rows (default: as square as possible)."""
+    n, h, w, c = images.shape
+    rows = rows or max(1, int(math.sqrt(n)))
+    cols = math.ceil(n / rows)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[i]
+    return grid

@@ -1,0 +1,145 @@
+"""Skip plans: which bricks run at which sampling step.
+
+A rule ``BRICKS@FROM:TO`` skips the listed bricks (comma-separated indices, or
+``top`` for the last brick) on every step i of N with FROM <= i/N < TO.  The
+presets follow the paper's two findings (Zheng et al. 2024, Sec. 4.3):
+
+* ``global@F``: the global bricks (largest tiles) are off from progress F to the
+  end, the low-noise part where detail, not layout, is being refined;
+* ``local@F``: the local bricks (smallest tiles) are off from the start to F,
+  the high-noise part where only the global layout matters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lego_model.configs import LegoConfig
+from lego_model.errors import SkipPlanError
+from lego_model.flops import denoiser_flops
+from lego_model.sampler import Solver, evaluations_per_step
+
+PRESETS = {"global": 0.6, "local": 0.4}  # preset -> default break point
+_RULE = re.compile(r"^\s*([\w,\s]+?)\s*@\s*([0-9.]+)\s*:\s*([0-9.]+)\s*$")
+
+
+@dataclass(frozen=True)
+class SkipRule:
+    bricks: tuple[int, ...]
+    start: float
+    stop: float
+
+    def covers(self, step: int, num_steps: int) -> bool:
+        return self.start <= step / num_steps < self.stop
+
+    def __str__(self) -> str:
+        return f"{','.join(map(str, self.bricks))}@{self.start:g}:{self.stop:g}"
+
+
+@dataclass(frozen=True)
+class SkipPlan:
+    """Maps each step i of N to its active (non-skipped) brick set."""
+
+    num_bricks: int
+    rules: tuple[SkipRule, ...] = ()
+
+    @classmethod
+    def parse(cls, rules: Sequence[str], num_bricks: int) -> SkipPlan:
+        """Plan from ``--skip`` texts such as ``2@0.6:1`` or ``top,0@0:0.25``."""
+        return cls(num_bricks, tuple(_parse_rule(text, num_bricks) for text in rules))
+
+    @classmethod
+    def preset(cls, spec: str, config: LegoConfig) -> SkipPlan:
+        """``global``, ``local``, ``global@0.7`` or ``local@0.3`` for this config's bricks."""
+        name, _, at = spec.partition("@")
+        if name not in PRESETS:
+            raise SkipPlanError(f"unknown skip preset {spec!r}; use global[@F] or local[@F], F in (0, 1)")
+        point = _fraction(at, spec) if at else PRESETS[name]
+        if config.global_bricks == config.local_bricks:
+            raise SkipPlanError(f"{config.name}: all bricks have the same size, so there is no {name} brick to skip")
+        if name == "global":
+            rule = SkipRule(config.global_bricks, point, 1.0)
+        else:
+            rule = SkipRule(config.local_bricks, 0.0, point)
+        return cls(config.num_bricks, (rule,))
+
+    def __add__(self, other: SkipPlan) -> SkipPlan:
+        assert self.num_bricks == other.num_bricks
+        return SkipPlan(self.num_bricks, self.rules + other.rules)
+
+    @property
+    def is_full(self) -> bool:
+        return not self.rules
+
+    def active(self, step: int, num_steps: int) -> tuple[int, ...]:
+        skipped = {k for rule in self.rules if rule.covers(step, num_steps) for k in rule.bricks}
+        return tuple(k for k in range(self.num_bricks) if k not in skipped)
+
+    def steps(self, num_steps: int) -> list[tuple[int, ...]]:
+        """Active brick set per step; a step left with no brick is an error."""
+        out = [self.active(i, num_steps) for i in range(num_steps)]
+        for i, act in enumerate(out):
+            if not act:
+                raise SkipPlanError(
+                    f"skip plan {self} leaves step {i} of {num_steps} with no brick; at least one brick must run"
+                )
+        return out
+
+    def relative_cost(self, config: LegoConfig, num_steps: int, solver: Solver, height: int, width: int) -> float:
+        """FLOPs of the whole sampling run relative to running every brick at every step."""
+        evals = evaluations_per_step(num_steps, solver)
+        full = denoiser_flops(config, height, width)
+        used = sum(n * denoiser_flops(config, height, width, act) for n, act in zip(evals, self.steps(num_steps)))
+        return used / (full * sum(evals))
+
+    def describe(self, config: LegoConfig, num_steps: int, solver: Solver, height: int, width: int) -> str:
+        """A readable table: steps, their active bricks, and the plan's relative cost."""
+        steps = self.steps(num_steps)
+        lines = [f"skip plan: {self}   ({config.name}, {num_steps} {solver} steps, {height}x{width})"]
+        start = 0
+        for i in range(1, num_steps + 1):
+            if i == num_steps or steps[i] != steps[start]:
+                span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+                sizes = ",".join(str(config.brick_sizes[k]) for k in steps[start])
+                lines.append(f"  steps {span:>7}: bricks {list(steps[start])} (tile sizes {sizes})")
+                start = i
+        cost = self.relative_cost(config, num_steps, solver, height, width)
+        lines.append(f"  relative cost: {cost:.3f} of the full stack ({1 - cost:.1%} fewer FLOPs)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return " ".join(map(str, self.rules)) if self.rules else "full stack"
+
+
+def _fraction(text: str, rule: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SkipPlanError(f"skip rule {rule!r}: {text!r} is not a fraction between 0 and 1") from None
+    if not 0.0 <= value <= 1.0:
+        raise SkipPlanError(f"skip rule {rule!r}: {value:g} is outside [0, 1]; fractions are of sampling progress")
+    return value
+
+
+def _parse_rule(text: str, num_bricks: int) -> SkipRule:
+    m = _RULE.match(text)
+    if not m:
+        raise SkipPlanError(f"cannot parse skip rule {text!r}; write BRICKS@FROM:TO, e.g. 2@0.6:1 or top@0.5:1")
+    bricks: list[int] = []
+    for item in m.group(1).split(","):
+        item = item.strip()
+        if item == "top":
+            bricks.append(num_bricks - 1)
+        elif item.isdigit():
+            k = int(item)
+            if k >= num_bricks:
+                raise SkipPlanError(f"skip rule {text!r}: brick {k} does not exist; this model has bricks 0..{num_bricks - 1}")
+            bricks.append(k)
+        else:
+            raise SkipPlanError(f"skip rule {text!r}: {item!r} is not a brick index or 'top'")
+    start, stop = _fraction(m.group(2), text), _fraction(m.group(3), text)
+    if start >= stop:
+        raise SkipPlanError(f"skip rule {text!r}: FROM must be below TO")
+    return SkipRule(tuple(sorted(set(bricks))), start, stop)
