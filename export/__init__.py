@@ -1,0 +1,31 @@
+"""Per-brick ONNX export, TensorRT build, and the manifest of an engine directory.
+
+Only the manifest API is imported here, so that runtimes can read an engine
+directory without loading onnx, onnxruntime or tensorrt.
+"""
+
+from export.errors import ExportError, ManifestError, MissingDependencyError, ProfileError, VerificationError
+from export.manifest import (
+    SCHEMA_VERSION,
+    EngineEntry,
+    Manifest,
+    Profile,
+    TensorSpec,
+    load_manifest,
+    write_manifest,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "EngineEntry",
+    "ExportError",
+    "Manifest",
+    "ManifestError",
+    "MissingDependencyError",
+    "Profile",
+    "ProfileError",
+    "TensorSpec",
+    "VerificationError",
+    "load_manifest",
+    "write_manifest",
+]
