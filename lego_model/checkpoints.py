@@ -86,7 +86,15 @@ def load_checkpoint(path: str | Path, config: str | LegoConfig | None = None) ->
 
 
 def _architecture(cfg: LegoConfig) -> tuple:
-    return (cfg.brick_sizes, cfg.patch_sizes, cfg.depths, cfg.hidden_size, cfg.num_heads, cfg.img_channels, cfg.label_dim)
+    return (
+        cfg.brick_sizes,
+        cfg.patch_sizes,
+        cfg.depths,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.img_channels,
+        cfg.label_dim,
+    )
 
 
 def _load_state(model: LegoModel, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -131,7 +139,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for foreign or corrupt files
-        raise CheckpointError(f"{path} is not a weights-only torch state dict ({type(err).__name__}: {err})".split("\n")[0]) from None
+        raise CheckpointError(
+            f"{path} is not a weights-only torch state dict ({type(err).__name__}: {err})".split("\n")[0]
+        ) from None
     for key in ("ema", "state_dict", "model"):  # common wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 from lego_model.checkpoints import load_checkpoint
@@ -61,12 +60,23 @@ def sample_images(
 
     with torch.inference_mode():
         return edm_sample(
-            denoise, latents, num_steps=num_steps, solver=solver, randn_like=rnd.randn_like, active_per_step=steps, **churn
+            denoise,
+            latents,
+            num_steps=num_steps,
+            solver=solver,
+            randn_like=rnd.randn_like,
+            active_per_step=steps,
+            **churn,
         )
 
 
 @click.command()
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Checkpoint (.safetensors, .pkl, .pt); default: the shipped model.")
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Checkpoint (.safetensors, .pkl, .pt); default: the shipped model.",
+)
 @click.option("--config", "config_name", default=None, help="Registry config for .pt files, or with --random-init.")
 @click.option("--random-init", is_flag=True, help="Random weights of --config instead of a checkpoint.")
 @click.option("--seeds", default="0-15", show_default=True, help="Seeds, e.g. 0-63,100.")
@@ -79,7 +89,21 @@ def sample_images(
 @click.option("--height", type=click.IntRange(min=1), default=None, help="[default: training resolution]")
 @click.option("--width", type=click.IntRange(min=1), default=None, help="[default: training resolution]")
 @click.option("--out", type=click.Path(file_okay=False), default="samples", show_default=True)
-def main(checkpoint, config_name, random_init, seeds, steps, solver, class_idx, cfg_scale, skip, skip_preset, height, width, out):
+def main(
+    checkpoint,
+    config_name,
+    random_init,
+    seeds,
+    steps,
+    solver,
+    class_idx,
+    cfg_scale,
+    skip,
+    skip_preset,
+    height,
+    width,
+    out,
+):
     """Sample images with the eager PyTorch model and write one PNG per seed plus grid.png."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -99,8 +123,15 @@ def main(checkpoint, config_name, random_init, seeds, steps, solver, class_idx, 
         out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         images = sample_images(
-            model, seed_list, height=height, width=width, num_steps=steps, solver=solver,
-            class_idx=class_idx, cfg_scale=cfg_scale, plan=plan,
+            model,
+            seed_list,
+            height=height,
+            width=width,
+            num_steps=steps,
+            solver=solver,
+            class_idx=class_idx,
+            cfg_scale=cfg_scale,
+            plan=plan,
         )
         elapsed = time.perf_counter() - t0
         arr = to_uint8_nhwc(images)

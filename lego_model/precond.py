@@ -38,8 +38,9 @@ def canvas_coords(height: int, width: int, device: torch.device | str | None = N
     For square canvases this is the authors' layout; they normalise by (side - 1),
     so a side of 1 pixel is not allowed.
     """
-    rows = torch.arange(height, dtype=torch.float32, device=device) / (height - 1) * 2 - 1
-    cols = torch.arange(width, dtype=torch.float32, device=device) / (width - 1) * 2 - 1
+    # (i / (n - 1) - 0.5) * 2, in the authors' order of operations, so that the float32 values agree bit for bit.
+    rows = (torch.arange(height, dtype=torch.float32, device=device) / (height - 1) - 0.5) * 2
+    cols = (torch.arange(width, dtype=torch.float32, device=device) / (width - 1) - 0.5) * 2
     grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))  # (2, H, W)
     return grid.unsqueeze(0)
 

@@ -50,9 +50,7 @@ class StackedRandomGenerator:
 
     def randint(self, high: int, size: Sequence[int], device=None) -> Tensor:
         assert size[0] == len(self.generators)
-        return torch.stack(
-            [torch.randint(high, tuple(size[1:]), generator=g, device=device) for g in self.generators]
-        )
+        return torch.stack([torch.randint(high, tuple(size[1:]), generator=g, device=device) for g in self.generators])
 
 
 def draw_latents(
@@ -158,4 +156,3 @@ def edm_sample(
         if on_step is not None:
             on_step(i)
     return x_next
-

@@ -135,7 +135,9 @@ def _parse_rule(text: str, num_bricks: int) -> SkipRule:
         elif item.isdigit():
             k = int(item)
             if k >= num_bricks:
-                raise SkipPlanError(f"skip rule {text!r}: brick {k} does not exist; this model has bricks 0..{num_bricks - 1}")
+                raise SkipPlanError(
+                    f"skip rule {text!r}: brick {k} does not exist; this model has bricks 0..{num_bricks - 1}"
+                )
             bricks.append(k)
         else:
             raise SkipPlanError(f"skip rule {text!r}: {item!r} is not a brick index or 'top'")

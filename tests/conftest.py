@@ -1,0 +1,35 @@
+"""Shared test fixtures: the authors' reference outputs in ../shared/fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LEGO_SHARED", REPO.parent / "shared"))
+FIXTURE_JSON = SHARED / "fixtures" / "official_tiny.json"
+FIXTURE_TENSORS = SHARED / "fixtures" / "official_tiny.safetensors"
+
+
+@pytest.fixture(scope="session")
+def official():
+    """(description dict, tensor dict) of the authors' tiny-config outputs; skips where ../shared is absent."""
+    if not (FIXTURE_JSON.is_file() and FIXTURE_TENSORS.is_file()):
+        pytest.skip(f"authors' fixtures not found at {FIXTURE_JSON.parent} (set LEGO_SHARED to the shared/ folder)")
+    from safetensors.torch import load_file
+
+    return json.loads(FIXTURE_JSON.read_text()), load_file(str(FIXTURE_TENSORS))
+
+
+def official_model(official, name: str):
+    """A LegoModel of tiny config ``name`` carrying the fixture's weights (strict load)."""
+    from lego_model import LegoModel, get_config
+
+    _, tensors = official
+    prefix = f"{name}/state/"
+    model = LegoModel(get_config(name))
+    model.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+    return model.eval()
