@@ -1,0 +1,271 @@
+"""Measurement helpers for the benchmark suite: clocks, peak memory, FLOPs, machine peak, reports.
+
+Timing follows gpt-fast/nanoGPT practice: warm-up runs excluded, medians of
+repeats, CUDA synchronised before a clock is read.  Ratios are only formed
+between figures of the same run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 7, min_seconds: float = 0.0) -> dict[str, float]:
+    """Median and minimum wall time of ``fn`` in ms, after ``warmup`` unmeasured calls."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    samples: list[float] = []
+    start_all = time.perf_counter()
+    while len(samples) < repeats or time.perf_counter() - start_all < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "repeats": len(samples)}
+
+
+class PeakMemory:
+    """Peak resident memory (and peak CUDA memory) of this process inside a ``with`` block, in MiB.
+
+    Linux resets the VmHWM high-water mark when 5 is written to
+    /proc/self/clear_refs, so phases of one process can be measured apart.
+    """
+
+    def __enter__(self) -> PeakMemory:
+        self.reset_ok = _clear_refs()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.rss_mib = float("nan")
+        self.cuda_mib = float("nan")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.rss_mib = _status_kib("VmHWM") / 1024 if self.reset_ok else float("nan")
+        if torch.cuda.is_available():
+            self.cuda_mib = torch.cuda.max_memory_allocated() / 2**20
+
+
+def _clear_refs() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return float("nan")
+
+
+def current_rss_mib() -> float:
+    return _status_kib("VmRSS") / 1024
+
+
+def counted_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn``, counted by torch's FlopCounterMode (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+    """This machine's measured matrix-multiply rate for square n x n matrices, in GFLOP/s."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    stats = time_ms(lambda: a @ b, warmup=2, repeats=5, min_seconds=seconds)
+    return 2 * n**3 / (stats["min_ms"] * 1e-3) / 1e9
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine_info() -> dict[str, Any]:
+    """Machine and library versions, recorded with every result file."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "amx_bf16": "amx_bf16" in cpu_flags(),
+        "avx512f": "avx512f" in cpu_flags(),
+    }
+    for lib in ("onnx", "onnxruntime", "tensorrt"):
+        try:
+            info[lib] = __import__(lib).__version__
+        except ImportError:
+            info[lib] = None
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    ref = b.double()
+    return float((a.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
+    """PSNR in dB of images in [-1, 1] (range 2); infinite for identical images."""
+    mse = float(((a.double() - b.double()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+
+
+class Report:
+    """Rows of named tables, written as JSON, Markdown and plots at the end of the run."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, list[dict[str, Any]]] = {}
+        self.notes: list[str] = []
+        self.machine = machine_info()
+        self.started = datetime.datetime.now(datetime.timezone.utc)
+
+    def add(self, table: str, **row: Any) -> None:
+        self.tables.setdefault(table, []).append(row)
+
+    def markdown(self) -> str:
+        lines = [
+            f"# Benchmark results ({self.started:%Y-%m-%d %H:%M} UTC)",
+            "",
+            "Machine: " + ", ".join(f"{k} {v}" for k, v in self.machine.items() if v not in (None, "")),
+            "",
+        ]
+        for name, rows in self.tables.items():
+            lines += [f"## {name}", "", *_markdown_table(rows), ""]
+        if self.notes:
+            lines += ["## Notes", "", *[f"- {n}" for n in self.notes], ""]
+        return "\n".join(lines)
+
+    def save(self, out_dir: Path = RESULTS_DIR) -> Path:
+        """Write results.json, summary.md and plots to results/<timestamp>/ and mirror them to results/latest/."""
+        run_dir = out_dir / self.started.strftime("%Y%m%d-%H%M%S")
+        latest = out_dir / "latest"
+        for d in (run_dir, latest):
+            d.mkdir(parents=True, exist_ok=True)
+            payload = {"machine": self.machine, "started": self.started.isoformat(), "tables": self.tables}
+            (d / "results.json").write_text(json.dumps(payload, indent=1, default=_json_default))
+            (d / "summary.md").write_text(self.markdown())
+            _plots(self.tables, d)
+        return run_dir
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return str(obj)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.2e}"
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def _markdown_table(rows: list[dict[str, Any]]) -> list[str]:
+    cols: list[str] = []
+    for row in rows:
+        cols += [c for c in row if c not in cols]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |" for row in rows]
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Plain-text table for the terminal."""
+    cols: list[str] = []
+    for row in rows:
+        cols += [c for c in row if c not in cols]
+    cells = [[_fmt(row.get(c, "")) for c in cols] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _plots(tables: dict[str, list[dict[str, Any]]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed = [r for r in tables.get("speed", []) if r.get("batch") == 1 and "pixels" in r]
+    if speed:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for model, backend in sorted({(r["model"], r["backend"]) for r in speed}):
+            mine = [r for r in speed if r["model"] == model and r["backend"] == backend]
+            pts = sorted((r["pixels"], r["ms_per_call"]) for r in mine)
+            ax.plot([p for p, _ in pts], [t for _, t in pts], marker="o", label=f"{model} / {backend}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("pixels per image (H x W)")
+        ax.set_ylabel("ms per denoiser call (batch 1)")
+        ax.set_title("Time per denoiser call vs resolution")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "time_vs_resolution.png", dpi=120)
+        plt.close(fig)
+    quality = [r for r in tables.get("quality", []) if "relative_cost" in r]
+    if quality:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.scatter([r["relative_cost"] for r in quality], [r["accuracy"] for r in quality])
+        for r in quality:
+            ax.annotate(str(r["plan"]), (r["relative_cost"], r["accuracy"]), fontsize=6)
+        ax.set_xlabel("relative FLOP cost of the sampling run")
+        ax.set_ylabel("classifier accuracy on the requested class")
+        ax.set_title("Quality vs cost of skip plans (shipped model)")
+        fig.tight_layout()
+        fig.savefig(out / "quality_vs_cost.png", dpi=120)
+        plt.close(fig)
