@@ -1,0 +1,186 @@
+"""lego-export: per-brick ONNX files and TensorRT engines of a LEGO model, with a verified manifest.
+
+lego-export --engines onnx --out engines/                  # the shipped demo model
+lego-export --config lego_S_PG_64 --random-init --out engines/s_pg
+lego-export --checkpoint run/network-snapshot.pkl --engines all --precision fp16
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from export.errors import ExportError
+from export.manifest import PRECISIONS, Profile
+from export.onnx_export import DEFAULT_OPSET, EXPORTERS
+from export.pipeline import ENGINE_CHOICES, ExportOptions, ExportResult, export_engine_dir
+from export.specs import DEFAULT_BATCH, parse_range
+from lego_model.configs import LEGO_CONFIGS
+from lego_model.errors import LegoError
+
+RANGE_HELP = "as MIN:OPT:MAX (or one number)"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Model to export (.safetensors, authors' .pkl snapshot, or .pt state dict with --config). "
+    "Default: the shipped demo model.",
+)
+@click.option(
+    "--config", "config_name", metavar="NAME", help=f"Architecture, e.g. lego_S_PG_64 ({len(LEGO_CONFIGS)} known)."
+)
+@click.option("--random-init", is_flag=True, help="Export --config with random weights (architecture-only export).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init weights and test inputs.")
+@click.option(
+    "--engines",
+    type=click.Choice(ENGINE_CHOICES),
+    default="onnx",
+    show_default=True,
+    help="onnx: ONNX files; trt: TensorRT plans (needs the gpu extra and a GPU); all: both.",
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"), show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option(
+    "--batch",
+    metavar="MIN:OPT:MAX",
+    help=f"Batch range {RANGE_HELP}; default {':'.join(map(str, DEFAULT_BATCH))}. "
+    "Classifier-free guidance runs conditional and null rows together, doubling the batch: "
+    "8 images with guidance need MAX >= 16.",
+)
+@click.option(
+    "--height",
+    metavar="MIN:OPT:MAX",
+    help=f"Image height range {RANGE_HELP}, multiples of the lcm of the brick sizes; "
+    "default: smallest legal size : training resolution : 4x training resolution.",
+)
+@click.option("--width", metavar="MIN:OPT:MAX", help=f"Image width range {RANGE_HELP}; default as --height.")
+@click.option("--opset", type=click.IntRange(17, 21), default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
+@click.option(
+    "--exporter",
+    type=click.Choice(EXPORTERS),
+    default="dynamo",
+    show_default=True,
+    help="torch.onnx exporter; dynamo falls back to torchscript if it fails.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="TensorRT timing and engine caches (default: $LEGO_CACHE_DIR or ~/.cache/lego-deploy).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing engine directory (atomically, at the end).")
+@click.option("-q", "--quiet", is_flag=True, help="Only the summary table.")
+def main(
+    checkpoint: Path | None,
+    config_name: str | None,
+    random_init: bool,
+    seed: int,
+    engines: str,
+    out: Path,
+    precision: str,
+    batch: str | None,
+    height: str | None,
+    width: str | None,
+    opset: int,
+    exporter: str,
+    cache_dir: Path | None,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Export the embedder and every brick of a LEGO model as ONNX (and TensorRT) with dynamic batch,
+    height and width, verify each file against the eager model, and write manifest.json.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if random_init and checkpoint is not None:
+        raise click.UsageError("--random-init exports random weights; leave out --checkpoint")
+    if random_init and config_name is None:
+        raise click.UsageError("--random-init needs --config NAME (e.g. --config lego_S_PG_64)")
+    if config_name is not None and checkpoint is None and not random_init:
+        raise click.UsageError("--config without --checkpoint needs --random-init (or pass the --checkpoint)")
+    progress = None if quiet else (lambda line: click.echo(line, err=True))
+    try:
+        if engines in ("trt", "all"):
+            # Refuse before loading anything heavy or touching --out.
+            from export.tensorrt_build import require_tensorrt
+
+            require_tensorrt(engines)
+        model, record = _load_model(checkpoint, config_name, random_init, seed)
+        profile = _profile(model.config, batch, height, width)
+        options = ExportOptions(
+            engines=engines,
+            precision=precision,
+            profile=profile,
+            opset=opset,
+            force=force,
+            exporter=exporter,
+            cache_dir=cache_dir,
+            seed=seed,
+        )
+        result = export_engine_dir(model, out, record, options, progress=progress)
+    except LegoError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    click.echo(summary_table(result))
+
+
+def _load_model(checkpoint: Path | None, config_name: str | None, random_init: bool, seed: int) -> tuple:
+    from lego_model.checkpoints import file_sha256, load_checkpoint
+    from lego_model.configs import get_config
+    from lego_model.model import LegoModel
+    from lego_model.shipped import shipped_checkpoint
+
+    if random_init:
+        model = LegoModel(get_config(config_name)).randomize_(seed)
+        return model.eval(), {"path": None, "sha256": None, "random_init_seed": seed}
+    if checkpoint is None:
+        try:
+            checkpoint = shipped_checkpoint()
+        except LegoError as err:
+            raise ExportError(f"{err}; pass --checkpoint PATH or --config NAME --random-init") from None
+    model = load_checkpoint(checkpoint, config_name)
+    return model, {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint), "random_init_seed": None}
+
+
+def _profile(config, batch: str | None, height: str | None, width: str | None) -> Profile:
+    from export.specs import default_profile
+
+    base = default_profile(config)
+    return Profile(
+        batch=parse_range(batch, "--batch") if batch else base.batch,
+        height=parse_range(height, "--height") if height else base.height,
+        width=parse_range(width, "--width") if width else base.width,
+    )
+
+
+def summary_table(result: ExportResult) -> str:
+    """Plain-text table: engine, format, precision, size, time, max error against eager."""
+    header = ("engine", "format", "precision", "size", "time", "max rel err", "")
+    rows = [
+        (
+            r.name,
+            r.format,
+            r.precision,
+            f"{r.bytes / 1e6:.2f} MB",
+            f"{r.seconds:.1f} s",
+            "-" if r.max_rel is None else f"{r.max_rel:.2e}",
+            r.note,
+        )
+        for r in result.reports
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
+    total = sum(r.bytes for r in result.reports)
+    lines.append(
+        f"{len(result.reports)} engines, {total / 1e6:.2f} MB, {result.seconds:.1f} s -> {result.out} "
+        "(max rel err: max|engine - eager| / max|eager| over the verification shapes)"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

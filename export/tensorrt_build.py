@@ -1,0 +1,228 @@
+"""TensorRT engines from the exported ONNX files (TensorRT >= 10 Python API, imported lazily).
+
+* Strongly typed networks: the precision of every layer is the dtype the ONNX
+  gives it (TensorRT 11 drops the weakly typed fp16/bf16 builder flags), so the
+  fp32 islands of half-precision files (LayerNorm, softmax, sinusoid) survive.
+* One optimization profile per engine, from the export's batch/height/width ranges.
+* A timing cache shared by all bricks and all runs of one TensorRT version on
+  one GPU model: later builds skip most kernel timing.
+* An engine cache keyed by everything that determines the plan (ONNX sha256,
+  precision, profile, TensorRT version, GPU compute capability): a plan is
+  reused only when the whole key matches, never because a file exists.
+
+The pure parts (cache keys, file names, the missing-dependency message) are
+tested on any machine; building and running engines needs the ``trt`` marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.errors import ExportError, MissingDependencyError, VerificationError
+from export.manifest import Profile, file_sha256
+from export.specs import EngineSpec, profile_shapes
+from export.verify import TOLERANCES, Shape, compare, eager_output, summarize
+from lego_model.model import LegoModel
+
+log = logging.getLogger(__name__)
+
+# Bump when the builder settings below change, so that cached plans built with the old settings are not reused.
+BUILD_RECIPE = 1
+INSTALL_HINT = "install the gpu extra on a machine with an NVIDIA GPU: pip install -e '.[gpu]'"
+
+
+@dataclass(frozen=True)
+class TrtEnvironment:
+    """What a TensorRT plan is tied to: the library version and the GPU it was built on."""
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str  # "major.minor", e.g. "9.0"
+
+
+def missing_tensorrt_requirements() -> list[str]:
+    """What is missing for TensorRT builds here (empty when they can run); imports nothing heavy if absent."""
+    missing = []
+    try:
+        import tensorrt  # noqa: F401  lazy: only the gpu extra provides it
+    except ImportError:
+        missing.append("the tensorrt package")
+    except Exception as err:  # a broken install (e.g. missing libnvinfer) raises OSError/RuntimeError
+        missing.append(f"a working tensorrt package ({type(err).__name__}: {err})")
+    import torch
+
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU visible to torch (torch.cuda.is_available() is False)")
+    return missing
+
+
+def missing_tensorrt_message(missing: list[str], requested: str) -> str:
+    """The one line ``--engines trt|all`` stops with."""
+    return (
+        f"--engines {requested} needs TensorRT and a CUDA GPU; missing here: {'; '.join(missing)}. "
+        f"To fix, {INSTALL_HINT}"
+    )
+
+
+def require_tensorrt(requested: str = "trt") -> TrtEnvironment:
+    """Raise :class:`MissingDependencyError` unless TensorRT and a GPU are usable; describe them otherwise."""
+    missing = missing_tensorrt_requirements()
+    if missing:
+        raise MissingDependencyError(missing_tensorrt_message(missing, requested))
+    import tensorrt as trt
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return TrtEnvironment(trt.__version__, torch.cuda.get_device_name(), f"{major}.{minor}")
+
+
+def engine_cache_key(
+    onnx_sha256: str, precision: str, profile: Profile, tensorrt_version: str, compute_capability: str
+) -> str:
+    """Hex sha256 identifying a plan; any difference in any part gives another key."""
+    parts = engine_cache_parts(onnx_sha256, precision, profile, tensorrt_version, compute_capability)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def engine_cache_parts(
+    onnx_sha256: str, precision: str, profile: Profile, tensorrt_version: str, compute_capability: str
+) -> dict[str, Any]:
+    """The parts of a cache key, as recorded beside each cached plan."""
+    return {
+        "onnx_sha256": onnx_sha256,
+        "precision": precision,
+        "profile": profile.to_dict(),
+        "tensorrt": tensorrt_version,
+        "compute_capability": compute_capability,
+        "recipe": BUILD_RECIPE,
+    }
+
+
+def timing_cache_name(tensorrt_version: str, compute_capability: str) -> str:
+    """Timing caches are only valid for one TensorRT version on one GPU architecture."""
+    return f"timing-trt{tensorrt_version}-sm{compute_capability.replace('.', '')}.cache"
+
+
+def default_cache_dir() -> Path:
+    """``$LEGO_CACHE_DIR``, else ``$XDG_CACHE_HOME/lego-deploy``, else ``~/.cache/lego-deploy``."""
+    if os.environ.get("LEGO_CACHE_DIR"):
+        return Path(os.environ["LEGO_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "lego-deploy"
+
+
+class EngineCache:
+    """Plans stored as ``<key>.plan`` with ``<key>.json`` holding the key's parts and the plan's sha256."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def lookup(self, key: str, parts: dict[str, Any]) -> Path | None:
+        """The cached plan for ``key`` if its recorded parts equal ``parts`` and its bytes are intact."""
+        plan, meta = self.root / f"{key}.plan", self.root / f"{key}.json"
+        try:
+            record = json.loads(meta.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if record.get("parts") != parts or not plan.is_file() or file_sha256(plan) != record.get("sha256"):
+            log.info("engine cache entry %s is stale or damaged; rebuilding", key[:12])
+            return None
+        return plan
+
+    def store(self, key: str, parts: dict[str, Any], plan: Path) -> None:
+        """Copy ``plan`` into the cache (temporary names, then renames: a reader never sees half a file)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp_plan, tmp_meta = self.root / f"{key}.plan.tmp", self.root / f"{key}.json.tmp"
+        shutil.copyfile(plan, tmp_plan)
+        tmp_meta.write_text(json.dumps({"parts": parts, "sha256": file_sha256(plan)}, sort_keys=True))
+        os.replace(tmp_plan, self.root / f"{key}.plan")
+        os.replace(tmp_meta, self.root / f"{key}.json")
+
+
+def engine_from_onnx(
+    spec: EngineSpec,
+    onnx_path: str | Path,
+    plan_path: str | Path,
+    profile: Profile,
+    timing_cache: str | Path,
+    workspace_bytes: int | None = None,
+) -> None:
+    """Build one strongly typed TensorRT plan from an ONNX file with one optimization profile."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"{spec.name}: TensorRT cannot parse {Path(onnx_path).name}: {errors}")
+    config = builder.create_builder_config()
+    # fp32 means fp32: TF32 matmuls would make fp32 engines differ from eager by ~1e-3.
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    optimization = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile_shapes(spec, profile).items():
+        optimization.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(optimization)
+    timing_cache = Path(timing_cache)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"{spec.name}: TensorRT failed to build an engine from {Path(onnx_path).name} (see its log)")
+    Path(plan_path).write_bytes(bytes(serialized))
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = timing_cache.with_name(timing_cache.name + ".tmp")
+    tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    os.replace(tmp, timing_cache)
+
+
+def verify_plan(
+    spec: EngineSpec, model: LegoModel, plan_path: str | Path, precision: str, shapes: list[Shape], seed: int = 0
+) -> dict[str, Any]:
+    """Run a plan on the GPU at ``shapes`` against the eager float32 model (same measure as the ONNX check)."""
+    import tensorrt as trt
+    import torch
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(plan_path).read_bytes())
+    if engine is None:
+        raise ExportError(f"{spec.name}: TensorRT cannot load the plan it just built ({plan_path})")
+    context = engine.create_execution_context()
+    tolerance = TOLERANCES[precision]
+    stream = torch.cuda.Stream()
+    results: dict[str, dict[str, float]] = {}
+    for i, (b, h, w) in enumerate(shapes):
+        inputs = spec.sample_inputs(model, b, h, w, seed=seed + i)
+        ref = eager_output(spec, model, inputs)
+        device_inputs = {name: t.cuda().contiguous() for name, t in inputs.items()}
+        for name, t in device_inputs.items():
+            context.set_input_shape(name, tuple(t.shape))
+            context.set_tensor_address(name, t.data_ptr())
+        (out_name,) = spec.output_names
+        out = torch.empty(tuple(context.get_tensor_shape(out_name)), dtype=torch.float32, device="cuda")
+        context.set_tensor_address(out_name, out.data_ptr())
+        with torch.cuda.stream(stream):
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise ExportError(f"{spec.name}: TensorRT execution failed at batch {b}, {h}x{w}")
+        stream.synchronize()
+        err = compare(out.cpu().numpy().astype(np.float32), ref)
+        results[f"{b}x{h}x{w}"] = err
+        if not err["max_rel"] <= tolerance:
+            raise VerificationError(
+                f"{spec.name} ({precision} TensorRT) differs from the eager model at batch {b}, {h}x{w}: "
+                f"max |err| {err['max_abs']:.3g} = {err['max_rel']:.3g} of the output range, tolerance {tolerance:g}"
+            )
+    return summarize(results, tolerance, "tensorrt")

@@ -1,0 +1,178 @@
+"""Export-time verification: every ONNX file against the eager module, in ONNX Runtime on the CPU.
+
+The error measure is ``max_rel = max |exported - eager| / max |eager|`` per
+output (relative to the output's range, not per element: f crosses zero and
+per-element ratios there mean nothing), next to the plain ``max_abs``.  The
+reference is always the eager float32 model, so a half-precision file's error
+includes its rounding; the tolerance depends on the precision.
+
+ONNX Runtime's CPU provider has no bfloat16 kernels.  A bf16 file is checked
+as an fp32 emulation: its bf16 weights and casts are widened to float32
+(exactly, bf16 is a truncated float32) and the graph runs in fp32.  That checks
+the graph, the dynamic shapes and the rounded weights, not bf16 arithmetic;
+the TensorRT build verifies the real thing on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from export.errors import MissingDependencyError, VerificationError
+from export.manifest import Profile
+from export.specs import EngineSpec
+from lego_model.configs import LegoConfig
+from lego_model.model import LegoModel
+
+log = logging.getLogger(__name__)
+
+# max |err| / max |eager| allowed per precision (fp32: reassociation only; fp16: 10-bit mantissa through deep
+# stacks; bf16: 7-bit mantissa of the weights, see the module docstring).
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+
+Shape = tuple[int, int, int]  # (batch, height, width)
+
+
+def verification_shapes(config: LegoConfig, profile: Profile) -> list[Shape]:
+    """The shapes each file is checked at, all inside ``profile``.
+
+    1. the profile's opt shape (usually batch 1 at the training size);
+    2. a non-square shape with batch > 1 (width one size step away from height);
+    3. a shape larger than training (2x each side, capped at the profile's max).
+
+    Shapes the profile cannot hold (e.g. a single-size profile has no
+    non-square shape) are left out; duplicates are dropped.
+    """
+    m, res = config.size_multiple, config.resolution
+    b_lo, b_opt, b_hi = profile.batch
+    _, h_opt, h_hi = profile.height
+    w_lo, w_opt, w_hi = profile.width
+    shapes: list[Shape] = [(b_opt, h_opt, w_opt)]
+    batch2 = min(max(2, b_lo), b_hi)
+    for w in (h_opt + m, h_opt - m, w_hi, w_lo):
+        if w_lo <= w <= w_hi and w != h_opt:
+            shapes.append((batch2, h_opt, w))
+            break
+    big_h, big_w = min(2 * res, h_hi), min(2 * res, w_hi)
+    if big_h > res or big_w > res:
+        shapes.append((b_lo, big_h, big_w))
+    return list(dict.fromkeys(shapes))
+
+
+def eager_output(spec: EngineSpec, model: LegoModel, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    """The float32 eager result an engine must reproduce."""
+    with torch.no_grad():
+        if spec.kind == "embedder":
+            out = model.embed(inputs["c_noise"], inputs.get("class_labels"))
+        else:
+            out = model.bricks[spec.brick](inputs["x_in"], inputs.get("f_prev"), inputs["cond"])
+    return out.float().numpy()
+
+
+def compare(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """max_abs and max_rel (relative to max |ref|) of one output."""
+    if out.shape != ref.shape:
+        return {"max_abs": float("inf"), "max_rel": float("inf")}
+    err = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+    max_abs = float(err.max()) if err.size else 0.0
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    return {"max_abs": max_abs, "max_rel": max_abs / max(scale, 1e-12)}
+
+
+def verify_onnx(
+    spec: EngineSpec,
+    model: LegoModel,
+    path: str | Path,
+    precision: str,
+    shapes: list[Shape],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run ``path`` in ONNX Runtime (CPU) at ``shapes`` against the eager model.
+
+    Returns the manifest's ``verification`` record; raises :class:`VerificationError`
+    naming the engine, the shape and the error when one exceeds the tolerance.
+    """
+    tolerance = TOLERANCES[precision]
+    session = _ort_session(Path(path), emulate_bf16=precision == "bf16")
+    results: dict[str, dict[str, float]] = {}
+    for i, (b, h, w) in enumerate(shapes):
+        inputs = spec.sample_inputs(model, b, h, w, seed=seed + i)
+        ref = eager_output(spec, model, inputs)
+        (out,) = session.run(spec.output_names, {k: v.numpy() for k, v in inputs.items()})
+        err = compare(out, ref)
+        key = f"{b}x{h}x{w}"
+        results[key] = err
+        if out.shape != ref.shape:
+            raise VerificationError(
+                f"{spec.name} ({precision} ONNX) returns shape {list(out.shape)} at batch {b}, {h}x{w}, "
+                f"the eager model {list(ref.shape)}; this is an exporter bug"
+            )
+        if not err["max_rel"] <= tolerance:  # also catches NaN
+            raise VerificationError(
+                f"{spec.name} ({precision} ONNX) differs from the eager model at batch {b}, {h}x{w}: "
+                f"max |err| {err['max_abs']:.3g} = {err['max_rel']:.3g} of the output range, tolerance {tolerance:g}"
+            )
+    return summarize(results, tolerance, "onnxruntime-cpu" + ("-fp32-emulation" if precision == "bf16" else ""))
+
+
+def summarize(results: dict[str, dict[str, float]], tolerance: float, runtime: str) -> dict[str, Any]:
+    """The manifest's verification record: per-shape errors, the worst of each, tolerance and runtime."""
+    return {
+        "runtime": runtime,
+        "reference": "eager float32 PyTorch",
+        "metric": "max_rel = max|out - eager| / max|eager|",
+        "tolerance": tolerance,
+        "max_abs": max((r["max_abs"] for r in results.values()), default=0.0),
+        "max_rel": max((r["max_rel"] for r in results.values()), default=0.0),
+        "shapes": results,
+    }
+
+
+def _ort_session(path: Path, emulate_bf16: bool) -> Any:
+    try:
+        import onnxruntime as ort  # lazy: optional (the cpu or gpu extra)
+    except ImportError:
+        raise MissingDependencyError(
+            "onnxruntime is not installed, so exported files cannot be verified: pip install -e '.[cpu]' "
+            "(or '.[gpu]' on NVIDIA machines)"
+        ) from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    model = onnx.load(str(path))
+    if emulate_bf16:
+        model = widen_bf16(model)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def widen_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every bfloat16 initializer, constant, cast and value widened to float32."""
+    bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+
+    def widen(t: onnx.TensorProto) -> None:
+        if t.data_type != bf16:
+            return
+        if t.raw_data:
+            bits = np.frombuffer(t.raw_data, dtype=np.uint16)
+        else:
+            bits = np.asarray(t.int32_data, dtype=np.uint32).astype(np.uint16)
+        values = (bits.astype(np.uint32) << 16).view(np.float32).reshape(tuple(t.dims))
+        t.CopyFrom(onnx.numpy_helper.from_array(values, t.name))
+
+    for t in model.graph.initializer:
+        widen(t)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == bf16:
+                attr.i = f32
+            elif attr.type == onnx.AttributeProto.TENSOR:
+                widen(attr.t)
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        if value.type.tensor_type.elem_type == bf16:
+            value.type.tensor_type.elem_type = f32
+    return model
