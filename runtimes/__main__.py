@@ -1,0 +1,5 @@
+"""``python -m runtimes`` is ``python -m runtimes.sample``."""
+
+from runtimes.sample import main
+
+main()

@@ -1,0 +1,119 @@
+"""Backends behind one interface (:class:`Backend`) and the ``--backend auto`` choice."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from lego_model.checkpoints import load_checkpoint
+from lego_model.errors import LegoError
+from runtimes.backends.base import Backend, BoundShape
+from runtimes.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "torch")
+
+__all__ = ["BACKENDS", "Backend", "BoundShape", "choose_backend", "open_backend"]
+
+
+def choose_backend(requested: str, *, formats: list[str], trt_problem: str | None, ort_cuda: bool) -> tuple[str, str]:
+    """(backend, why) for ``--backend``: auto prefers TensorRT, then ONNX Runtime CUDA, then ONNX Runtime CPU.
+
+    ``formats`` are the engine formats of the directory; ``trt_problem`` is why
+    its TensorRT engines cannot run here (None when they can); ``ort_cuda``
+    whether ONNX Runtime has a usable CUDA execution provider.
+    """
+    if requested not in BACKENDS:
+        raise BackendError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    if requested != "auto":
+        return requested, "requested"
+    skipped = []
+    if "tensorrt" in formats:
+        if trt_problem is None:
+            return "tensorrt", "TensorRT engines match this GPU and TensorRT"
+        skipped.append(f"TensorRT engines unusable ({trt_problem})")
+    else:
+        skipped.append("no TensorRT engines")
+    if "onnx" in formats:
+        if ort_cuda:
+            return "onnxruntime-cuda", "; ".join([*skipped, "ONNX Runtime has CUDA"])
+        return "onnxruntime-cpu", "; ".join([*skipped, "no CUDA for ONNX Runtime"])
+    raise BackendError(
+        "the engine directory holds no engines this machine can run (" + "; ".join(skipped) + "); "
+        "export ONNX files with lego-export --engines onnx, or use --backend torch"
+    )
+
+
+def _device(kind: str, local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if kind == "cuda" else torch.device("cpu")
+
+
+def open_backend(
+    requested: str = "auto",
+    *,
+    engine_dir: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    local_rank: int = 0,
+    threads: int | None = None,
+) -> tuple[Backend, str]:
+    """Build (not yet enter) the backend for a sampling run, and say why it was chosen.
+
+    Everything that can refuse (manifest checks, missing libraries or GPU,
+    engines built for another GPU or TensorRT) refuses here, before any compute.
+    """
+    from runtimes.backends.ort import cuda_provider_available
+
+    if engine_dir is None:
+        if requested != "torch" or checkpoint is None:
+            raise BackendError("--engine-dir is required (only --backend torch --checkpoint FILE runs without engines)")
+        model = load_checkpoint(checkpoint)
+        return _torch_backend(model, local_rank), "requested, weights from --checkpoint"
+
+    from export.manifest import load_manifest
+
+    manifest = load_manifest(engine_dir)
+    formats = manifest.formats()
+    trt_problem = None
+    if requested in ("auto", "tensorrt"):
+        trt_problem = _tensorrt_problem(manifest, local_rank) if "tensorrt" in formats else "no TensorRT engines"
+        if requested == "tensorrt" and trt_problem is not None:
+            raise BackendError(f"cannot use --backend tensorrt: {trt_problem}")
+    ort_cuda = requested in ("auto", "onnxruntime-cuda") and cuda_provider_available()
+    name, why = choose_backend(requested, formats=formats, trt_problem=trt_problem, ort_cuda=ort_cuda)
+
+    if name == "torch":
+        from runtimes.backends.torch_backend import model_from_manifest
+
+        model = load_checkpoint(checkpoint) if checkpoint else model_from_manifest(manifest, engine_dir)
+        return _torch_backend(model, local_rank), why
+    if name == "tensorrt":
+        from runtimes.backends.trt import TensorRTBackend
+
+        return TensorRTBackend(manifest, engine_dir, device=_device("cuda", local_rank)), why
+    from runtimes.backends.ort import OnnxRuntimeBackend
+
+    if name == "onnxruntime-cuda" and not cuda_provider_available():
+        raise BackendError("--backend onnxruntime-cuda needs onnxruntime-gpu and a visible GPU; use onnxruntime-cpu")
+    kind = "cuda" if name == "onnxruntime-cuda" else "cpu"
+    return OnnxRuntimeBackend(manifest, engine_dir, device=_device(kind, local_rank), threads=threads), why
+
+
+def _torch_backend(model, local_rank: int) -> Backend:
+    from runtimes.backends.torch_backend import TorchBackend
+
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    return TorchBackend(model, device=_device(kind, local_rank))
+
+
+def _tensorrt_problem(manifest, local_rank: int) -> str | None:
+    """Why the manifest's TensorRT engines cannot run in this process, or None."""
+    from runtimes.backends.trt import check_engines_here
+
+    try:
+        check_engines_here(manifest.engines_for("tensorrt"), _device("cuda", local_rank))
+    except LegoError as err:
+        return str(err)
+    return None

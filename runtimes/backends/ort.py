@@ -1,0 +1,193 @@
+"""ONNX Runtime backend: one InferenceSession per engine, I/O bound to the chain's torch buffers.
+
+The buffers are torch tensors (CPU, or CUDA for the CUDA execution provider);
+each (engine call, shape) gets one ``IOBinding`` that points ONNX Runtime at
+their memory, created on first use and reused for every later step, so a
+denoiser call copies nothing in or out of the sessions.
+
+Graph optimizations: ``ORT_ENABLE_ALL`` (constant folding, GELU/LayerNorm/
+MatMul+Add fusions, NCHWc layouts on CPU).  Measured on lego_S_PG_64 it keeps
+every brick within 1e-5 of eager (benchmarks/ and the tests check parity); the
+onnxruntime.transformers optimizer finds no attention pattern in these tile
+graphs (attention over (B*L, heads, T, d) is not BERT-shaped), so it is not applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from runtimes.backends.base import Backend, BoundShape, buffer_dtypes, check_engine_set
+from runtimes.errors import BackendError
+
+if TYPE_CHECKING:
+    from export.manifest import EngineEntry, Manifest
+    from runtimes.chain import EngineCall
+
+log = logging.getLogger(__name__)
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+def import_onnxruntime() -> Any:
+    """The onnxruntime module, or a BackendError that says which package to install."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendError(
+            "onnxruntime is not installed: pip install 'lego-deploy[cpu]' (or [gpu] for onnxruntime-gpu)"
+        ) from None
+    return onnxruntime
+
+
+def cuda_provider_available() -> bool:
+    """Whether ONNX Runtime here has the CUDA execution provider and torch sees a GPU."""
+    try:
+        ort = import_onnxruntime()
+    except BackendError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+def default_threads(local_world_size: int = 1) -> int:
+    """CPU threads per process: the cores this process may use, shared among the processes of one machine.
+
+    Oversubscribing (ORT's default of one thread per physical core in every
+    torchrun worker) makes the workers fight for the same cores.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size))
+
+
+class OnnxRuntimeBackend(Backend):
+    """Runs the manifest's ONNX files with the CPU or the CUDA execution provider."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        engine_dir: str | Path,
+        *,
+        device: torch.device,
+        threads: int | None = None,
+        optimization: str = "all",
+    ) -> None:
+        super().__init__(manifest.config, device)
+        self.manifest = manifest
+        self.engine_dir = Path(engine_dir)
+        self.threads = threads or default_threads()
+        self.optimization = optimization
+        self.entries: dict[str, EngineEntry] = manifest.engines_for("onnx")
+        check_engine_set(self.entries, manifest.config, "onnx")
+        precisions = sorted({e.precision for e in self.entries.values()})
+        self.precision = "/".join(precisions)
+        self.dtypes = buffer_dtypes(self.entries)
+        for name, dtype in vars(self.dtypes).items():
+            if dtype not in _NUMPY:
+                raise BackendError(f"ONNX Runtime cannot bind {dtype} tensors ({name}); use fp32 or fp16 engines")
+        self.name = "onnxruntime-cuda" if device.type == "cuda" else "onnxruntime-cpu"
+        self.sessions: dict[str, Any] = {}
+        self._bindings: dict[EngineCall, Any] = {}
+        self._run_options: Any = None
+
+    def load(self) -> None:
+        ort = import_onnxruntime()
+        levels = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendError(
+                    "this onnxruntime has no CUDAExecutionProvider: pip install onnxruntime-gpu, "
+                    "or use --backend onnxruntime-cpu"
+                )
+            # ORT launches its kernels on torch's current stream: no synchronisation between the two is needed.
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            providers: list[Any] = [
+                (
+                    "CUDAExecutionProvider",
+                    {"device_id": self.device.index or 0, "user_compute_stream": str(stream)},
+                )
+            ]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self._run_options = ort.RunOptions()
+        if self.device.type == "cuda":
+            # The chain reads the outputs on the same stream; a host wait after every engine would only stall it.
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        for name, entry in self.entries.items():
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = levels[self.optimization]
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            opts.log_severity_level = 3
+            path = entry.path(self.engine_dir)
+            try:
+                self.sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
+            except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+                msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise BackendError(
+                    f"ONNX Runtime cannot load {path}: {msg}; re-export with lego-export --force"
+                ) from None
+        log.info(
+            "onnxruntime %s: %d sessions, %d threads, optimization %s",
+            ort.__version__,
+            len(self.sessions),
+            self.threads,
+            self.optimization,
+        )
+
+    def close(self) -> None:
+        self._bindings.clear()
+        self.sessions.clear()
+
+    def check_shape(self, rows: int, height: int, width: int) -> None:
+        super().check_shape(rows, height, width)
+        for entry in self.entries.values():
+            entry.profile.check(rows, height, width)
+
+    def max_rows(self) -> int | None:
+        return min(e.profile.batch[2] for e in self.entries.values())
+
+    def bind(self, shape: BoundShape) -> None:
+        if shape != self.shape:
+            self._bindings.clear()
+        super().bind(shape)
+
+    def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
+        binding = self._bindings.get(call)
+        if binding is None:
+            binding = self._bindings[call] = self._make_binding(call, inputs, outputs)
+        self.sessions[call.engine].run_with_iobinding(binding, self._run_options)
+
+    def _make_binding(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> Any:
+        session = self.sessions[call.engine]
+        binding = session.io_binding()
+        device_type = "cuda" if self.device.type == "cuda" else "cpu"
+        device_id = self.device.index or 0
+        for names, tensors, bind in (
+            ([i.name for i in session.get_inputs()], inputs, binding.bind_input),
+            ([o.name for o in session.get_outputs()], outputs, binding.bind_output),
+        ):
+            for name in names:
+                t = tensors[name]
+                assert t.is_contiguous() and t.device == self.device, f"{call.engine}.{name} is not a bound buffer"
+                bind(
+                    name=name,
+                    device_type=device_type,
+                    device_id=device_id,
+                    element_type=_NUMPY[t.dtype],
+                    shape=tuple(t.shape),
+                    buffer_ptr=t.data_ptr(),
+                )
+        return binding

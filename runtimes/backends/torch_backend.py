@@ -1,0 +1,84 @@
+"""Torch backend: the reference LegoModel itself behind the backend interface.
+
+Eager and engine paths then share the chain, the sampler and the CUDA graphs:
+on a GPU without TensorRT this backend with CUDA graphs is the fast path.
+The weights come from the checkpoint the manifest records (its sha256 is
+verified, or its random-init seed replayed) or from ``--checkpoint``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from lego_model.checkpoints import file_sha256, load_checkpoint
+from lego_model.errors import CheckpointError
+from lego_model.model import LegoModel
+from runtimes.backends.base import Backend
+
+if TYPE_CHECKING:
+    from export.manifest import Manifest
+    from runtimes.chain import EngineCall
+
+log = logging.getLogger(__name__)
+
+
+def manifest_checkpoint_path(manifest: Manifest, engine_dir: str | Path) -> Path | None:
+    """The checkpoint file a manifest names, looked up as written, then inside the engine directory."""
+    recorded = manifest.checkpoint.get("path")
+    if not recorded:
+        return None
+    for candidate in (Path(recorded), Path(engine_dir) / recorded, Path(engine_dir) / Path(recorded).name):
+        if candidate.is_file():
+            return candidate
+    return Path(recorded)
+
+
+def model_from_manifest(manifest: Manifest, engine_dir: str | Path) -> LegoModel:
+    """The eager model the engines were exported from: verified checkpoint, or replayed random init."""
+    ckpt = manifest.checkpoint
+    if ckpt.get("random_init_seed") is not None:
+        return LegoModel(manifest.config).randomize_(int(ckpt["random_init_seed"])).eval()
+    path = manifest_checkpoint_path(manifest, engine_dir)
+    if path is None or not path.is_file():
+        raise CheckpointError(
+            f"the manifest in {engine_dir} names checkpoint {ckpt.get('path')!r}, which is not here; "
+            "pass it with --checkpoint"
+        )
+    if ckpt.get("sha256") and file_sha256(path) != ckpt["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {path} is not the one the engines in {engine_dir} were exported from (sha256 differs); "
+            "pass the right file with --checkpoint or re-export"
+        )
+    return load_checkpoint(path, manifest.config)
+
+
+class TorchBackend(Backend):
+    """The embedder and bricks of a LegoModel, run eagerly (and capturable into CUDA graphs)."""
+
+    name = "torch"
+    precision = "fp32"
+
+    def __init__(self, model: LegoModel, *, device: torch.device) -> None:
+        super().__init__(model.config, device)
+        self.model = model
+        self.supports_cuda_graphs = device.type == "cuda"
+
+    def load(self) -> None:
+        self.model = self.model.to(self.device).eval().requires_grad_(False)
+
+    def close(self) -> None:
+        pass  # the model belongs to the caller
+
+    def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
+        with torch.no_grad():
+            if call.brick is None:
+                outputs["cond"].copy_(self.model.embed(inputs["c_noise"], inputs.get("class_labels")))
+            else:
+                brick = self.model.bricks[call.brick]
+                outputs["f"].copy_(brick(inputs["x_in"], inputs.get("f_prev"), inputs["cond"]))

@@ -1,0 +1,203 @@
+"""TensorRT backend: each engine deserialized once, one execution context per engine, torch CUDA buffers.
+
+Per shape every context gets ``set_input_shape``; per call the chain's buffers
+are bound with ``set_tensor_address`` and the engine is enqueued with
+``execute_async_v3`` on torch's current stream, so that the EDM arithmetic,
+the engines and a CUDA graph capture all share one stream.  The bricks run
+one after another, so their activation (scratch) memory is one torch
+allocation shared by every context (``USER_MANAGED`` allocation strategy),
+sized for the largest engine over its whole profile: it is never reallocated,
+which keeps captured CUDA graphs valid when the shape changes.
+
+An engine only runs on the GPU architecture and TensorRT version it was
+built with; :func:`check_engine_compat` compares the manifest's
+``built_with`` with what is here before anything is deserialized.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from runtimes.backends.base import Backend, BoundShape, buffer_dtypes, check_engine_set, require_cuda
+from runtimes.errors import BackendError
+
+if TYPE_CHECKING:
+    from export.manifest import EngineEntry, Manifest
+    from runtimes.chain import EngineCall
+
+log = logging.getLogger(__name__)
+
+
+def import_tensorrt() -> Any:
+    """The tensorrt module, or a BackendError that says how to get it."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise BackendError(
+            "tensorrt is not installed: pip install 'lego-deploy[gpu]' on a machine with an NVIDIA GPU, "
+            "or use --backend onnxruntime-cuda / onnxruntime-cpu / torch"
+        ) from None
+    return tensorrt
+
+
+def _capability(value: Any) -> str | None:
+    """'8.9' from '8.9', [8, 9], (8, 9), 'sm_89' or '89'; None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return f"{int(value[0])}.{int(value[1])}"
+    text = str(value).strip().lower().removeprefix("sm_")
+    if "." in text:
+        return text
+    if text.isdigit() and len(text) >= 2:
+        return f"{text[:-1]}.{text[-1]}"
+    return text
+
+
+def built_with_fields(built_with: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """(tensorrt version, GPU name, compute capability) recorded for an engine, whatever the key spelling."""
+    version = built_with.get("tensorrt") or built_with.get("tensorrt_version")
+    gpu = built_with.get("gpu") or built_with.get("gpu_name") or built_with.get("device")
+    cap = built_with.get("compute_capability") or built_with.get("capability") or built_with.get("sm")
+    return (None if version is None else str(version), None if gpu is None else str(gpu), _capability(cap))
+
+
+def check_engine_compat(
+    engine: str, built_with: Mapping[str, Any], trt_version: str, gpu_name: str, capability: str
+) -> list[str]:
+    """Refuse an engine built for another TensorRT version or GPU architecture; returns warnings.
+
+    TensorRT plans are tied to the exact TensorRT version and to the compute
+    capability they were tuned for (unless built version-/hardware-compatible,
+    which lego-export does not do).  A different GPU model of the same
+    capability loads, but its tactics were timed elsewhere: that is a warning.
+    """
+    version, gpu, cap = built_with_fields(built_with)
+    fix = "rebuild the engines here with lego-export --engines trt --force"
+    if version is None or cap is None:
+        raise BackendError(
+            f"engine {engine}: the manifest does not record the TensorRT version and GPU it was built with; {fix}"
+        )
+    if version != trt_version:
+        raise BackendError(
+            f"engine {engine} was built with TensorRT {version}, this machine has TensorRT {trt_version}; {fix}"
+        )
+    if cap != _capability(capability):
+        raise BackendError(
+            f"engine {engine} was built for compute capability {cap} ({gpu or 'unknown GPU'}), this GPU "
+            f"({gpu_name}) is {_capability(capability)}; {fix}"
+        )
+    if gpu and gpu != gpu_name:
+        return [f"engine {engine} was built on {gpu}, running on {gpu_name} (same architecture): speed may differ"]
+    return []
+
+
+def check_engines_here(entries: Mapping[str, EngineEntry], device: torch.device) -> list[str]:
+    """Check every TensorRT engine against the TensorRT and the GPU of this process; returns warnings."""
+    trt = import_tensorrt()
+    require_cuda("the TensorRT backend", device.index or 0)
+    props = torch.cuda.get_device_properties(device)
+    cap = f"{props.major}.{props.minor}"
+    warnings: list[str] = []
+    for name, entry in entries.items():
+        warnings += check_engine_compat(name, entry.built_with, trt.__version__, props.name, cap)
+    return warnings
+
+
+class TensorRTBackend(Backend):
+    """Runs the manifest's TensorRT plans; buffers are torch CUDA tensors."""
+
+    name = "tensorrt"
+    supports_cuda_graphs = True
+
+    def __init__(self, manifest: Manifest, engine_dir: str | Path, *, device: torch.device) -> None:
+        super().__init__(manifest.config, device)
+        self.manifest = manifest
+        self.engine_dir = Path(engine_dir)
+        self.entries: dict[str, EngineEntry] = manifest.engines_for("tensorrt")
+        check_engine_set(self.entries, manifest.config, "tensorrt")
+        self.precision = "/".join(sorted({e.precision for e in self.entries.values()}))
+        self.dtypes = buffer_dtypes(self.entries)
+        self.engines: dict[str, Any] = {}
+        self.contexts: dict[str, Any] = {}
+        self._scratch: Tensor | None = None
+        self._trt: Any = None
+
+    def load(self) -> None:
+        for warning in check_engines_here(self.entries, self.device):
+            log.warning(warning)
+        trt = self._trt = import_tensorrt()
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        torch.cuda.set_device(self.device)
+        for name, entry in self.entries.items():
+            engine = runtime.deserialize_cuda_engine(entry.path(self.engine_dir).read_bytes())
+            if engine is None:
+                raise BackendError(
+                    f"TensorRT cannot deserialize {entry.path(self.engine_dir)}; "
+                    "rebuild with lego-export --engines trt --force"
+                )
+            self.engines[name] = engine
+        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        shared = strategy is not None and all(hasattr(e, "device_memory_size_v2") for e in self.engines.values())
+        if shared:
+            # One scratch allocation for all contexts, sized for the largest engine over its whole profile.
+            size = max(e.device_memory_size_v2 for e in self.engines.values())
+            self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+        for name, engine in self.engines.items():
+            if shared:
+                ctx = engine.create_execution_context(strategy.USER_MANAGED)
+                ctx.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
+            else:  # older TensorRT: every context owns its scratch memory
+                ctx = engine.create_execution_context()
+            if ctx is None:
+                raise BackendError(f"TensorRT could not create an execution context for {name} (out of GPU memory?)")
+            self.contexts[name] = ctx
+        log.info(
+            "tensorrt %s: %d engines, shared scratch %s MiB",
+            trt.__version__,
+            len(self.engines),
+            "n/a" if self._scratch is None else f"{self._scratch.numel() / 2**20:.1f}",
+        )
+
+    def close(self) -> None:
+        self.contexts.clear()
+        self.engines.clear()
+        self._scratch = None
+
+    def check_shape(self, rows: int, height: int, width: int) -> None:
+        super().check_shape(rows, height, width)
+        for entry in self.entries.values():
+            entry.profile.check(rows, height, width)
+
+    def max_rows(self) -> int | None:
+        return min(e.profile.batch[2] for e in self.entries.values())
+
+    def bind(self, shape: BoundShape) -> None:
+        super().bind(shape)
+        for name, entry in self.entries.items():
+            ctx = self.contexts[name]
+            for spec in entry.inputs:
+                dims = tuple(
+                    {"B": shape.rows, "H": shape.height, "W": shape.width}.get(d, d) if isinstance(d, str) else d
+                    for d in spec.shape
+                )
+                if not ctx.set_input_shape(spec.name, dims):
+                    raise BackendError(
+                        f"TensorRT refused shape {dims} for {name}.{spec.name}; check the engine profile"
+                    )
+
+    def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
+        ctx = self.contexts[call.engine]
+        for tensors in (inputs, outputs):
+            for name, t in tensors.items():
+                ctx.set_tensor_address(name, t.data_ptr())
+        # Torch's current stream: the capture stream while a CUDA graph is being recorded.
+        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise BackendError(f"TensorRT failed to enqueue {call.engine}; run with a TensorRT log level of VERBOSE")

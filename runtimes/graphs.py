@@ -1,0 +1,89 @@
+"""CUDA graphs of one denoiser call, captured per (batch, H, W, active set, guidance) and replayed.
+
+A graph records kernels with fixed pointers and shapes, so anything that
+changes a pointer, a shape or a baked-in scalar selects another graph: the
+key holds the batch, the image size, the active brick set (a skipped brick is
+absent from the recorded call), whether guidance doubles the rows, and the
+guidance scale (a Python float baked into the recorded arithmetic).  Inputs
+and outputs live in the chain's per-shape buffers, which outlive the graphs.
+
+The first call of a key runs eagerly on a side stream (cuBLAS handles,
+TensorRT's deferred allocations and autotuning happen there, outside the
+capture) and its result is the result of that call; the capture that follows
+records without executing.  All graphs share one memory pool: their
+temporaries die inside each capture, and replays never overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """Everything a captured denoiser call depends on besides the contents of its buffers."""
+
+    batch: int
+    height: int
+    width: int
+    active: tuple[int, ...]
+    guided: bool
+    cfg_scale: float | None
+
+    @classmethod
+    def of(cls, batch: int, height: int, width: int, active: Sequence[int], cfg_scale: float | None) -> GraphKey:
+        """Normalised key: the active set sorted and de-duplicated, the scale as a float (None = no guidance)."""
+        return cls(
+            batch=int(batch),
+            height=int(height),
+            width=int(width),
+            active=tuple(sorted(set(int(k) for k in active))),
+            guided=cfg_scale is not None,
+            cfg_scale=None if cfg_scale is None else float(cfg_scale),
+        )
+
+
+class CudaGraphCache:
+    """Captured graphs by :class:`GraphKey`; ``run(key, step)`` replays or warms up and captures."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self.captures = 0
+        self.replays = 0
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __contains__(self, key: GraphKey) -> bool:
+        return key in self._graphs
+
+    def run(self, key: GraphKey, step: Callable[[], None]) -> None:
+        """Replay the graph of ``key``; on its first use run ``step`` eagerly (the real call), then capture it."""
+        graph = self._graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            self.replays += 1
+            return
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            step()  # warm-up; its outputs are this call's result
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: TensorRT may query its own state during enqueue, which "global" mode would forbid.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            step()
+        if self._pool is None:
+            self._pool = graph.pool()
+        self._graphs[key] = graph
+        self.captures += 1
+        log.debug("captured CUDA graph %s (%d cached)", key, len(self._graphs))
