@@ -13,7 +13,9 @@ from lego_model import LegoModel, get_config
 SEED = 0  # random-init seed of every tiny model here
 
 
-def export_onnx_dir(model: LegoModel, out: Path, *, seed: int | None = SEED, batch=(1, 1, 8), side=None) -> Path:
+def export_onnx_dir(
+    model: LegoModel, out: Path, *, seed: int | None = SEED, record: dict | None = None, batch=(1, 1, 8), side=None
+) -> Path:
     """Write one ONNX file per engine and a manifest for ``model`` into ``out`` (the engine contract).
 
     Uses export's own functions (engine specs, onnx_from_spec, manifest
@@ -51,7 +53,7 @@ def export_onnx_dir(model: LegoModel, out: Path, *, seed: int | None = SEED, bat
         )
     manifest = Manifest(
         config=cfg,
-        checkpoint={"path": None, "sha256": None, "random_init_seed": seed},
+        checkpoint={"path": None, "sha256": None, **(record or {}), "random_init_seed": seed},
         engines=entries,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
     )
@@ -73,3 +75,16 @@ def engines_pg(tmp_path_factory) -> Path:
 def engines_pr(tmp_path_factory) -> Path:
     """ONNX engine directory of tiny_PR_16 (unconditional, 3 bricks), random init seed 0."""
     return export_onnx_dir(tiny_model("tiny_PR_16"), tmp_path_factory.mktemp("engines_pr"))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run the runtime tests with one torch thread, restoring the setting afterwards.
+
+    Tiny models gain nothing from intra-op threads, and on a shared, loaded CPU
+    OpenMP's spinning threads made a 10 ms eager call take seconds.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,93 @@
+"""Pure logic of the backends: auto choice, TensorRT compatibility, dtypes, graph keys, rank shares."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from export.manifest import load_manifest
+from runtimes.backends import choose_backend, open_backend
+from runtimes.backends.base import buffer_dtypes
+from runtimes.backends.trt import built_with_fields, check_engine_compat
+from runtimes.distributed import rank_info, shard
+from runtimes.errors import BackendError
+from runtimes.graphs import GraphKey
+
+
+def test_auto_prefers_tensorrt_then_ort_cuda_then_ort_cpu():
+    both = ["onnx", "tensorrt"]
+    assert choose_backend("auto", formats=both, trt_problem=None, ort_cuda=True)[0] == "tensorrt"
+    name, why = choose_backend("auto", formats=both, trt_problem="built for 8.9", ort_cuda=True)
+    assert name == "onnxruntime-cuda" and "built for 8.9" in why
+    name, why = choose_backend("auto", formats=["onnx"], trt_problem=None, ort_cuda=False)
+    assert name == "onnxruntime-cpu" and "no TensorRT engines" in why
+    assert choose_backend("torch", formats=[], trt_problem=None, ort_cuda=False) == ("torch", "requested")
+    with pytest.raises(BackendError, match="no engines this machine can run"):
+        choose_backend("auto", formats=["tensorrt"], trt_problem="no GPU", ort_cuda=False)
+
+
+BUILT = {"tensorrt": "10.3.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
+def test_tensorrt_engines_for_another_version_or_gpu_are_refused():
+    assert check_engine_compat("brick0", BUILT, "10.3.0", "NVIDIA H100 80GB HBM3", "9.0") == []
+    with pytest.raises(BackendError, match=r"built with TensorRT 10\.3\.0, this machine has TensorRT 10\.5\.0"):
+        check_engine_compat("brick0", BUILT, "10.5.0", "NVIDIA H100 80GB HBM3", "9.0")
+    with pytest.raises(BackendError, match=r"compute capability 9\.0 .* is 8\.9; rebuild"):
+        check_engine_compat("brick1", BUILT, "10.3.0", "NVIDIA L4", "8.9")
+    with pytest.raises(BackendError, match="does not record"):
+        check_engine_compat("brick1", {"tensorrt": None}, "10.3.0", "NVIDIA L4", "8.9")
+    warnings = check_engine_compat("embedder", BUILT, "10.3.0", "NVIDIA H100 PCIe", "9.0")
+    assert len(warnings) == 1 and "same architecture" in warnings[0]
+
+
+def test_built_with_spellings():
+    assert built_with_fields({"tensorrt": "10.0.1", "gpu_name": "X", "capability": [8, 6]}) == ("10.0.1", "X", "8.6")
+    assert built_with_fields({"tensorrt": "10.0.1", "compute_capability": "sm_90"})[2] == "9.0"
+
+
+def test_tensorrt_backend_refuses_cleanly_without_tensorrt(engines_pg):
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(BackendError, match="cannot use --backend tensorrt"):
+        open_backend("tensorrt", engine_dir=engines_pg)
+
+
+def test_buffer_dtypes_read_from_specs_and_refuse_disagreement(engines_pg):
+    entries = load_manifest(engines_pg).engines_for("onnx")
+    assert buffer_dtypes(entries).f == torch.float32
+    brick1 = entries["brick1"]
+    half_in = [dataclasses.replace(s, dtype="float16") if s.name == "f_prev" else s for s in brick1.inputs]
+    bad = {**entries, "brick1": dataclasses.replace(brick1, inputs=half_in)}
+    with pytest.raises(BackendError, match="disagree on the dtype of 'f'"):
+        buffer_dtypes(bad)
+
+
+def test_graph_keys_separate_everything_a_capture_bakes_in():
+    base = GraphKey.of(4, 64, 64, (0, 1, 2), None)
+    assert GraphKey.of(4, 64, 64, [2, 1, 0, 0], None) == base  # same set, any order
+    others = [
+        GraphKey.of(2, 64, 64, (0, 1, 2), None),
+        GraphKey.of(4, 64, 128, (0, 1, 2), None),
+        GraphKey.of(4, 64, 64, (0, 1), None),
+        GraphKey.of(4, 64, 64, (0, 1, 2), 1.5),
+    ]
+    assert len({base, *others}) == 5
+    assert GraphKey.of(4, 64, 64, (0, 1, 2), 2).cfg_scale == 2.0 and GraphKey.of(4, 64, 64, (0,), 2).guided
+
+
+def test_rank_shares_cover_all_seeds_once():
+    seeds = list(range(11))
+    shares = [shard(seeds, r, 3) for r in range(3)]
+    assert sorted(s for share in shares for s in share) == seeds
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    info = rank_info({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (1, 2, 1, 2)
+    assert rank_info({}).world_size == 1
