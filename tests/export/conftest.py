@@ -1,0 +1,46 @@
+"""Session fixtures of the export tests: tiny models and their exported engine directories (built once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from export.onnx_export import onnx_from_spec
+from export.pipeline import ExportOptions, ExportResult, export_engine_dir
+from export.specs import engine_specs
+from export.verify import verify_onnx
+from lego_model.configs import get_config
+from lego_model.model import LegoModel
+
+RANDOM_INIT = {"path": None, "sha256": None, "random_init_seed": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> LegoModel:
+    """tiny_PG_16 (class-conditional, bricks 4/8/16) with random weights everywhere."""
+    return LegoModel(get_config("tiny_PG_16")).randomize_(0).eval()
+
+
+@pytest.fixture(scope="session")
+def fp32_export(tiny_model: LegoModel, tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    out = tmp_path_factory.mktemp("fp32") / "engines"
+    return export_engine_dir(tiny_model, out, RANDOM_INIT, ExportOptions(engines="onnx", precision="fp32"))
+
+
+@pytest.fixture(scope="session")
+def fp16_files(tiny_model: LegoModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+    """fp16 ONNX of the embedder and brick1 (enough for the structure tests): name -> (path, verification)."""
+    out = tmp_path_factory.mktemp("fp16")
+    specs = {s.name: s for s in engine_specs(tiny_model.config)}
+    files = {}
+    for name in ("embedder", "brick1"):
+        path = out / f"{name}.onnx"
+        onnx_from_spec(specs[name], tiny_model, path, precision="fp16")
+        shapes = [(1, 1, 1), (2, 1, 1)] if name == "embedder" else [(1, 16, 16), (2, 16, 32)]
+        files[name] = (path, verify_onnx(specs[name], tiny_model, path, "fp16", shapes))
+    return files
+
+
+def onnx_file(result: ExportResult, name: str) -> Path:
+    return result.manifest.engines_for("onnx")[name].path(result.out)
