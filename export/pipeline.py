@@ -88,7 +88,7 @@ def check_target(out: Path, force: bool) -> None:
 @contextlib.contextmanager
 def staged_directory(out: str | Path, force: bool) -> Iterator[Path]:
     """Yield a fresh directory beside ``out``; on normal exit it replaces ``out``, on any exception it vanishes."""
-    out = Path(out)
+    out = Path(out).absolute()  # "." or "engines/" still name a directory with a parent to build beside
     check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

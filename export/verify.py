@@ -103,7 +103,13 @@ def verify_onnx(
     for i, (b, h, w) in enumerate(shapes):
         inputs = spec.sample_inputs(model, b, h, w, seed=seed + i)
         ref = eager_output(spec, model, inputs)
-        (out,) = session.run(spec.output_names, {k: v.numpy() for k, v in inputs.items()})
+        try:
+            (out,) = session.run(spec.output_names, {k: v.numpy() for k, v in inputs.items()})
+        except Exception as err:  # onnxruntime raises its own untyped errors (Fail, InvalidArgument, ...)
+            raise VerificationError(
+                f"{spec.name} ({precision} ONNX): onnxruntime cannot run it at batch {b}, {h}x{w} "
+                f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+            ) from None
         err = compare(out, ref)
         key = f"{b}x{h}x{w}"
         results[key] = err
@@ -143,10 +149,14 @@ def _ort_session(path: Path, emulate_bf16: bool) -> Any:
         ) from None
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
-    model = onnx.load(str(path))
-    if emulate_bf16:
-        model = widen_bf16(model)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    try:
+        model = onnx.load(str(path))
+        if emulate_bf16:
+            model = widen_bf16(model)
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # e.g. NOT_IMPLEMENTED: a kernel this build of onnxruntime lacks for the dtype
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VerificationError(f"onnxruntime cannot load {path.name} ({first})") from None
 
 
 def widen_bf16(model: onnx.ModelProto) -> onnx.ModelProto:

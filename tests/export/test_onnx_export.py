@@ -138,3 +138,11 @@ def test_export_is_deterministic(tiny_model: LegoModel, tmp_path: Path) -> None:
     for path in paths:
         onnx_from_spec(spec, tiny_model, path)
     assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_unloadable_file_is_a_verification_error(tiny_model: LegoModel, tmp_path: Path) -> None:
+    path = tmp_path / "brick0.onnx"
+    path.write_bytes(b"not an onnx file")
+    with pytest.raises(VerificationError, match=r"^onnxruntime cannot load brick0\.onnx \(") as info:
+        verify_onnx(engine_specs(tiny_model.config)[1], tiny_model, path, "fp32", [(1, 16, 16)])
+    assert "\n" not in str(info.value)

@@ -1,0 +1,5 @@
+"""``python -m export`` = ``lego-export``."""
+
+from export.cli import main
+
+main()
