@@ -5,11 +5,14 @@ each (engine call, shape) gets one ``IOBinding`` that points ONNX Runtime at
 their memory, created on first use and reused for every later step, so a
 denoiser call copies nothing in or out of the sessions.
 
-Graph optimizations: ``ORT_ENABLE_ALL`` (constant folding, GELU/LayerNorm/
-MatMul+Add fusions, NCHWc layouts on CPU).  Measured on lego_S_PG_64 it keeps
-every brick within 1e-5 of eager (benchmarks/ and the tests check parity); the
-onnxruntime.transformers optimizer finds no attention pattern in these tile
-graphs (attention over (B*L, heads, T, d) is not BERT-shaped), so it is not applied.
+Graph optimizations (``optimization``): ``"all"`` (default) is ONNX Runtime's
+``ORT_ENABLE_ALL`` (constant folding, LayerNorm/GELU/MatMul+Add fusions,
+NCHWc layouts on CPU); ``"fusions"`` first runs the onnxruntime.transformers
+optimizer in memory (it fuses the tanh-GELU into FastGelu and the LayerNorms;
+it finds no attention pattern, since attention inside tiles is not BERT-shaped).
+Both keep every brick within 2e-6 of the unoptimized graph on lego_S_PG_64;
+the parity tests run the default.  ``"fusions"`` costs seconds of load time per
+brick for a few percent per call (scripts/runtime_cpu_bench.py), so it is opt-in.
 """
 
 from __future__ import annotations
@@ -77,12 +80,14 @@ class OnnxRuntimeBackend(Backend):
         device: torch.device,
         threads: int | None = None,
         optimization: str = "all",
+        spin: bool = False,
     ) -> None:
         super().__init__(manifest.config, device)
         self.manifest = manifest
         self.engine_dir = Path(engine_dir)
         self.threads = threads or default_threads()
         self.optimization = optimization
+        self.spin = spin
         self.entries: dict[str, EngineEntry] = manifest.engines_for("onnx")
         check_engine_set(self.entries, manifest.config, "onnx")
         precisions = sorted({e.precision for e in self.entries.values()})
@@ -103,7 +108,10 @@ class OnnxRuntimeBackend(Backend):
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "fusions": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
+        if self.optimization not in levels:
+            raise BackendError(f"unknown ONNX Runtime optimization {self.optimization!r}; choose one of {list(levels)}")
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendError(
@@ -131,9 +139,14 @@ class OnnxRuntimeBackend(Backend):
             opts.inter_op_num_threads = 1
             opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             opts.log_severity_level = 3
+            # Spinning worker threads cut wake-up latency between small ops, but on cores shared with other
+            # processes they burn the time slices the work needs: lego_S_PG_64, 2 threads on a loaded 2-core
+            # machine ran 472 ms per call without spinning and 788 ms with it (scripts/runtime_cpu_bench.py).
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
             path = entry.path(self.engine_dir)
             try:
-                self.sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
+                source = self._fused(path) if self.optimization == "fusions" else str(path)
+                self.sessions[name] = ort.InferenceSession(source, opts, providers=providers)
             except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
                 msg = str(err).splitlines()[0] if str(err) else type(err).__name__
                 raise BackendError(
@@ -146,6 +159,17 @@ class OnnxRuntimeBackend(Backend):
             self.threads,
             self.optimization,
         )
+
+    def _fused(self, path: Path) -> bytes:
+        """The model at ``path`` after the transformers optimizer's fusions, serialized (nothing written to disk)."""
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        cfg = self.config
+        fused = optimize_model(str(path), model_type="bert", num_heads=cfg.num_heads, hidden_size=cfg.hidden_size,
+                               opt_level=0)  # fmt: skip
+        log.info("%s: transformers optimizer fusions %s", path.name,
+                 {k: v for k, v in fused.get_fused_operator_statistics().items() if v})  # fmt: skip
+        return fused.model.SerializeToString()
 
     def close(self) -> None:
         self._bindings.clear()

@@ -148,3 +148,17 @@ def test_nonfinite_detection_through_onnxruntime(tmp_path):
         chain(x, sigma, (0,))
         with pytest.raises(NonFiniteError, match="brick 1 produced NaN/Inf at sampling step 1 of 3"):
             chain(x, sigma, (0, 1, 2))
+
+
+def test_onnxruntime_transformer_fusions_keep_parity(engines_pg):
+    from export.manifest import load_manifest
+    from runtimes.backends.ort import OnnxRuntimeBackend
+
+    model = tiny_model("tiny_PG_16")
+    x, sigma, labels = inputs(2, 16, 16, 10)
+    backend = OnnxRuntimeBackend(load_manifest(engines_pg), engines_pg, device=CPU, threads=1, optimization="fusions")
+    with backend, torch.no_grad():
+        chain = BrickChain(backend)
+        chain.begin(labels, batch=2, height=16, width=16)
+        for act in [(0, 1, 2), (1, 2)]:
+            torch.testing.assert_close(chain(x, sigma, act), model(x, sigma, labels, act), atol=2e-5, rtol=1e-5)
