@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: demo test
 demo: $(VENV)/.installed
-	$(PY) -m lego_model.generate --seeds 0-15 --out samples/
+	$(VENV)/bin/lego-export --engines onnx --out engines/ --force
+	$(PY) -m runtimes.sample --engine-dir engines/ --seeds 0-15 --out samples/
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
