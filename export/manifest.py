@@ -190,8 +190,11 @@ class EngineEntry:
     profile: Profile
     sha256: str
     bytes: int
-    built_with: dict[str, Any] = field(default_factory=dict)  # torch/onnx/onnxruntime/tensorrt, gpu, capability
-    verification: dict[str, Any] = field(default_factory=dict)  # per shape: max abs / rel error vs eager
+    # versions ("torch", "onnx", "onnxruntime", "tensorrt": str|None), "exporter", "opset", "gpu" (name|None),
+    # "compute_capability" ("major.minor", e.g. "9.0", or None for ONNX files)
+    built_with: dict[str, Any] = field(default_factory=dict)
+    # "runtime", "tolerance", worst "max_abs"/"max_rel", and per shape "BxHxW": {"max_abs", "max_rel"} vs eager
+    verification: dict[str, Any] = field(default_factory=dict)
 
     def path(self, engine_dir: str | Path) -> Path:
         """Absolute path of the engine file inside ``engine_dir``."""
@@ -402,7 +405,10 @@ def _safe_relative(file: str, where: str) -> str:
     """Refuse absolute paths, drive letters, backslashes and any ``..`` component."""
     p = PurePosixPath(file)
     if not file or p.is_absolute() or "\\" in file or ":" in file or any(part in ("..", "") for part in p.parts):
-        raise ManifestError(f"{where}: file {file!r} must be a plain relative path inside the engine directory")
+        raise ManifestError(
+            f"{where}: file {file!r} must be a plain relative path inside the engine directory; refusing it "
+            f"({_REEXPORT})"
+        )
     if not p.parts or p.parts == (".",):
         raise ManifestError(f"{where}: file {file!r} names the directory itself, not a file")
     return p.as_posix()

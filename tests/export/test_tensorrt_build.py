@@ -9,7 +9,8 @@ import pytest
 
 from export import tensorrt_build
 from export.errors import MissingDependencyError
-from export.manifest import Profile
+from export.manifest import Profile, load_manifest
+from export.pipeline import ExportOptions, export_engine_dir
 from export.tensorrt_build import (
     EngineCache,
     engine_cache_key,
@@ -18,6 +19,8 @@ from export.tensorrt_build import (
     require_tensorrt,
     timing_cache_name,
 )
+
+from .conftest import RANDOM_INIT
 
 SHA = "ab" * 32
 PROFILE = Profile(batch=(1, 1, 8), height=(16, 16, 64), width=(16, 16, 64))
@@ -99,11 +102,6 @@ def trt_env():
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_build_verify_and_cache(trt_env, tiny_model, tmp_path: Path, precision: str) -> None:
-    from export.manifest import load_manifest
-    from export.pipeline import ExportOptions, export_engine_dir
-
-    from .conftest import RANDOM_INIT
-
     options = ExportOptions(engines="all", precision=precision, cache_dir=tmp_path / "cache")
     first = export_engine_dir(tiny_model, tmp_path / "a", RANDOM_INIT, options)
     plans = load_manifest(tmp_path / "a").engines_for("tensorrt")
