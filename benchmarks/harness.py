@@ -88,9 +88,18 @@ def current_rss_mib() -> float:
 
 def counted_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of ``fn``, counted by torch's FlopCounterMode (matmuls, convolutions, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils import flop_counter
 
-    with FlopCounterMode(display=False) as counter:
+    # torch counts the CUDA attention kernels but not the CPU one that SDPA dispatches to here;
+    # it computes the same two matmuls, so it gets the same formula.
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if cpu_sdpa not in flop_counter.flop_registry:
+
+        def cpu_sdpa_flop(q_shape, k_shape, v_shape, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+            return flop_counter.sdpa_flop_count(q_shape, k_shape, v_shape)
+
+        flop_counter.register_flop_formula(cpu_sdpa)(cpu_sdpa_flop)
+    with flop_counter.FlopCounterMode(display=False) as counter, torch.no_grad():
         fn()
     return int(counter.get_total_flops())
 

@@ -1,0 +1,163 @@
+"""Parity of every backend with eager fp32: per engine, per denoiser call, per sampling run.
+
+Tolerances are explicit per precision (only fp32 engines are exported on a
+CPU machine); a breach fails the benchmark after its row is recorded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.backends import DEVICE, available_backends, denoiser
+from benchmarks.conftest import SHIPPED
+from benchmarks.harness import max_abs, psnr, rel_l2
+from lego_model import SkipPlan, draw_latents, edm_sample
+from lego_model.precond import canvas_coords, edm_scalings, model_input
+
+pytestmark = pytest.mark.benchmark
+
+# fp32 engines: relative L2 per engine / denoiser call, max abs for images in [-1, 1] units.
+TOLERANCE = {"fp32": {"rel_l2": 1e-4, "image_max_abs": 1e-3}}
+ENGINE_BACKENDS = [b for b in available_backends() if b not in ("eager", "compile")]
+MODELS = [SHIPPED, "lego_S_PG_64", "lego_S_PR_64", "lego_S_U_64"]
+
+
+def _get(bench_models, name):
+    if name not in bench_models:
+        pytest.skip(f"{name} is not available on this machine")
+    return bench_models[name]
+
+
+def _labels(cfg, batch, seed=0):
+    if not cfg.label_dim:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.eye(cfg.label_dim)[torch.randint(cfg.label_dim, (batch,), generator=g)]
+
+
+@pytest.mark.parametrize("backend", ENGINE_BACKENDS)
+@pytest.mark.parametrize("name", MODELS)
+def test_engine_parity(bench_models, report, name, backend):
+    """Embedder and every brick alone, on the same inputs as the eager modules, at three shapes (batch 2)."""
+    from runtimes.backends import open_backend
+    from runtimes.backends.base import BoundShape
+    from runtimes.chain import EngineCall
+
+    bm = _get(bench_models, name)
+    cfg, model = bm.config, bm.model.to(DEVICE)
+    kind = {"torch-graphs": "torch"}.get(backend, backend)
+    be, _ = open_backend(kind, engine_dir=bm.engine_dir)
+    worst = 0.0
+    with be, torch.inference_mode():
+        for shape_name, (h, w) in bm.shapes().items():
+            be.bind(BoundShape(2, h, w))
+            g = torch.Generator().manual_seed(1)
+            sigma = torch.tensor([0.05, 20.0])
+            _, _, c_in, c_noise = edm_scalings(sigma)
+            x = torch.randn(2, cfg.img_channels, h, w, generator=g)
+            x_in = model_input(x, c_in, canvas_coords(h, w)).to(DEVICE)
+            labels = _labels(cfg, 2)
+            cond_ref = model.embed(c_noise.to(DEVICE), None if labels is None else labels.to(DEVICE))
+            rows = [("embedder", None, cond_ref)]
+            f_prev = 0.3 * torch.randn(2, cfg.img_channels, h, w, generator=g).to(DEVICE)
+            for k in range(cfg.num_bricks):
+                rows.append((f"brick{k}", k, model.bricks[k](x_in, f_prev if k else None, cond_ref)))
+            for engine, k, ref in rows:
+                out = torch.empty_like(ref)
+                if k is None:
+                    inputs = {"c_noise": c_noise.to(DEVICE)}
+                    if labels is not None:
+                        inputs["class_labels"] = labels.to(DEVICE)
+                    be.infer(EngineCall(engine, None, None, "cond"), inputs, {"cond": out})
+                else:
+                    inputs = {"x_in": x_in, "cond": cond_ref}
+                    if k:
+                        inputs["f_prev"] = f_prev
+                    be.infer(EngineCall(engine, k, "f0" if k else None, "f1"), inputs, {"f": out})
+                err = rel_l2(out, ref)
+                worst = max(worst, err)
+                report.add(
+                    "parity: engines", model=name, backend=backend, engine=engine, shape=f"{h}x{w}",
+                    size=shape_name, max_abs=max_abs(out, ref), rel_l2=err,
+                )  # fmt: skip
+    assert worst <= TOLERANCE["fp32"]["rel_l2"], f"{name}/{backend}: worst engine rel L2 {worst:.2e}"
+
+
+def _active_sets(cfg) -> list[tuple[int, ...]]:
+    """The full stack, the stack without each single brick, and the first brick alone (earliest exit)."""
+    n = cfg.num_bricks
+    sets = [tuple(range(n))] + [tuple(j for j in range(n) if j != k) for k in range(n)] + [(0,)]
+    return list(dict.fromkeys(sets))
+
+
+def _plan(cfg, name: str) -> SkipPlan:
+    return SkipPlan(cfg.num_bricks) if name == "full" else SkipPlan.preset(name, cfg)
+
+
+@pytest.mark.parametrize("backend", ENGINE_BACKENDS)
+@pytest.mark.parametrize("name", MODELS)
+def test_denoiser_parity(bench_models, report, name, backend):
+    """Whole denoiser calls with every single-brick skip, with and without guidance, at three shapes."""
+    bm = _get(bench_models, name)
+    cfg = bm.config
+    worst = 0.0
+    guidance = [None, 2.0] if cfg.label_dim else [None]
+    for h, w in bm.shapes().values():
+        g = torch.Generator().manual_seed(2)
+        x = (torch.randn(2, cfg.img_channels, h, w, generator=g) * 3).double().to(DEVICE)
+        sigma = torch.tensor([2.5, 2.5], dtype=torch.float64, device=DEVICE)
+        labels = _labels(cfg, 2)
+        for cfg_scale in guidance:
+            kw = dict(batch=2, height=h, width=w, labels=labels, cfg_scale=cfg_scale)
+            with denoiser(bm, "eager", **kw) as eager, denoiser(bm, backend, **kw) as engine:
+                for active in _active_sets(cfg):
+                    ref = eager(x, sigma, active).clone()
+                    out = engine(x, sigma, active).clone()
+                    err = rel_l2(out, ref)
+                    worst = max(worst, err)
+                    report.add(
+                        "parity: denoiser calls", model=name, backend=backend, shape=f"{h}x{w}",
+                        guidance=cfg_scale or "-", active=",".join(map(str, active)),
+                        max_abs=max_abs(out, ref), rel_l2=err,
+                    )  # fmt: skip
+    assert worst <= TOLERANCE["fp32"]["rel_l2"], f"{name}/{backend}: worst denoiser rel L2 {worst:.2e}"
+
+
+@pytest.mark.parametrize("backend", ENGINE_BACKENDS)
+@pytest.mark.parametrize("name", MODELS)
+def test_sampling_parity(bench_models, report, name, backend):
+    """Whole EDM Heun runs from fixed seeds: final images against eager, full stack and presets."""
+    bm = _get(bench_models, name)
+    cfg = bm.config
+    steps = 18 if name == SHIPPED else 6
+    seeds = [0, 1]
+    worst = 0.0
+    cases = [("train", None, "full"), ("non-square", None, "global@0.5"), ("train", None, "local@0.5")]
+    if cfg.label_dim:
+        cases.append(("train", 2.0, "global@0.5"))
+    shapes = bm.shapes()
+    for shape_name, cfg_scale, plan_name in cases:
+        h, w = shapes[shape_name]
+        plan = _plan(cfg, plan_name)
+        images = {}
+        for which in ("eager", backend):
+            latents, labels, _ = draw_latents(seeds, cfg.img_channels, h, w, cfg.label_dim)
+            kw = dict(batch=len(seeds), height=h, width=w, labels=labels, cfg_scale=cfg_scale, num_steps=steps)
+            with denoiser(bm, which, **kw) as fn:
+                # No churn: the noise term is multiplied by 0, so zeros stand in for the per-seed draws.
+                images[which] = edm_sample(
+                    fn,
+                    latents.to(DEVICE),
+                    num_steps=steps,
+                    active_per_step=plan.steps(steps),
+                    randn_like=torch.zeros_like,
+                ).cpu()
+        err = max_abs(images[backend], images["eager"])
+        worst = max(worst, err)
+        report.add(
+            "parity: sampling runs", model=name, backend=backend, shape=f"{h}x{w}", steps=steps,
+            guidance=cfg_scale or "-", plan=plan_name, max_abs=err,
+            psnr_db=psnr(images[backend].clamp(-1, 1), images["eager"].clamp(-1, 1)),
+        )  # fmt: skip
+    assert worst <= TOLERANCE["fp32"]["image_max_abs"], f"{name}/{backend}: worst image max abs {worst:.2e}"

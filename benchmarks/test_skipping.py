@@ -1,0 +1,70 @@
+"""Time saved by skip plans against the FLOP-predicted saving, per backend, over whole sampling runs."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import pytest
+import torch
+
+from benchmarks.backends import DEVICE, available_backends, denoiser
+from benchmarks.conftest import SHIPPED
+from lego_model import SkipPlan, draw_latents, edm_sample
+
+pytestmark = pytest.mark.benchmark
+
+MODELS = [SHIPPED, "lego_S_PG_64", "lego_S_PR_64"]
+
+
+def plans(cfg) -> dict[str, SkipPlan]:
+    n = cfg.num_bricks
+    out = {"full": SkipPlan(n)}
+    for k in range(n):
+        out[f"skip brick {k}"] = SkipPlan.parse([f"{k}@0:1"], n)
+    for spec in ("global@0.4", "global@0.6", "local@0.4", "local@0.6"):
+        out[spec] = SkipPlan.preset(spec, cfg)
+    return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_skip_savings(bench_models, report, name):
+    if name not in bench_models:
+        pytest.skip(f"{name} is not available on this machine")
+    bm = bench_models[name]
+    cfg = bm.config
+    steps = 18 if name == SHIPPED else 8
+    batch = 8 if name == SHIPPED else 1
+    h = w = cfg.resolution
+    backends = [b for b in available_backends() if b != "compile"]
+    for backend in backends:
+        base_ms = None
+        for plan_name, plan in plans(cfg).items():
+            latents, labels, _ = draw_latents(list(range(batch)), cfg.img_channels, h, w, cfg.label_dim)
+            kw = dict(batch=batch, height=h, width=w, labels=labels, num_steps=steps)
+            with denoiser(bm, backend, **kw) as fn:
+                run = functools.partial(
+                    edm_sample,
+                    fn,
+                    latents.to(DEVICE),
+                    num_steps=steps,
+                    active_per_step=plan.steps(steps),
+                    randn_like=torch.zeros_like,
+                )
+                run()  # warm-up: shapes bound, graphs captured
+                times = []
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    run()
+                    if DEVICE.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append((time.perf_counter() - t0) * 1e3)
+            ms = min(times)
+            base_ms = base_ms or ms
+            predicted = 1 - plan.relative_cost(cfg, steps, "heun", h, w)
+            measured = 1 - ms / base_ms
+            report.add(
+                "skipping", model=name, backend=backend, plan=plan_name, steps=steps, batch=batch,
+                run_ms=ms, flop_saving=predicted, time_saving=measured,
+                saving_ratio=(measured / predicted) if predicted > 0 else float("nan"),
+            )  # fmt: skip
