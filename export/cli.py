@@ -59,7 +59,13 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
     "default: smallest legal size : training resolution : 4x training resolution.",
 )
 @click.option("--width", metavar="MIN:OPT:MAX", help=f"Image width range {RANGE_HELP}; default as --height.")
-@click.option("--opset", type=click.IntRange(17, 21), default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
+@click.option(
+    "--opset",
+    type=click.IntRange(18, 21),
+    default=DEFAULT_OPSET,
+    show_default=True,
+    help="ONNX opset (18-21: torch's dynamo exporter writes opset-18 graphs and cannot convert them down).",
+)
 @click.option(
     "--exporter",
     type=click.Choice(EXPORTERS),

@@ -29,7 +29,9 @@ from lego_model.model import LegoModel
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 18  # LayerNormalization (17) and Split with num_outputs (18); TensorRT 10 parses opset <= 20
+# LayerNormalization needs 17 and the dynamo exporter's Split(num_outputs) 18 (its down-conversion to 17
+# leaves that attribute in place, and the checker refuses the file); TensorRT 10 parses opsets up to 20.
+DEFAULT_OPSET = 18
 EXPORTERS = ("dynamo", "torchscript")
 _ONNX_ELEM = {
     "float32": onnx.TensorProto.FLOAT,

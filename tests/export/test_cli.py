@@ -104,7 +104,7 @@ def test_one_line_errors(args: list[str], fragment: str, tmp_path: Path) -> None
         ["--config", "tiny_PG_16"],
         ["--engines", "tflite"],
         ["--precision", "int8"],
-        ["--opset", "9"],
+        ["--opset", "17"],
     ],
 )
 def test_usage_errors(args: list[str]) -> None:
