@@ -149,8 +149,10 @@ def export_engine_dir(
     """
     say = progress or log.info
     out = Path(out)
-    model = model.eval().float()
+    model = model.eval()
     config = model.config
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise ExportError("export a float32 model (load the checkpoint as is); --precision sets the engine precision")
     if options.engines not in ENGINE_CHOICES:
         raise ExportError(f"--engines must be one of {', '.join(ENGINE_CHOICES)}, got {options.engines!r}")
     profile = options.profile or default_profile(config)
@@ -188,8 +190,8 @@ def export_engine_dir(
                 f"[{i}/{len(specs)}] {spec.name}: {onnx_path.stat().st_size / 1e6:.2f} MB, {seconds:.1f} s, "
                 f"ONNX Runtime max rel err {verification['max_rel']:.2e} (tolerance {verification['tolerance']:g})"
             )
-            built_with = {**versions, "exporter": exporter, "opset": options.opset, "tensorrt": None}
-            built_with.update(gpu=None, compute_capability=None)
+            built_with = {**versions, "exporter": exporter, "opset": options.opset}
+            built_with.update(tensorrt=None, gpu=None, compute_capability=None)  # an ONNX file is portable
             onnx_entry = _entry(spec, onnx_path, staging, "onnx", options.precision, profile, built_with, verification)
             if want_onnx:
                 entries.append(onnx_entry)

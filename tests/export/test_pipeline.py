@@ -110,3 +110,11 @@ def test_profile_with_illegal_sides_is_refused(tmp_path: Path, tiny_model: LegoM
     with pytest.raises(ProfileError, match="multiples of 16"):
         export_engine_dir(tiny_model, tmp_path / "e", RANDOM_INIT, ExportOptions(profile=profile))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_half_precision_model_is_refused(tmp_path: Path, tiny_model: LegoModel) -> None:
+    import copy
+
+    with pytest.raises(ExportError, match="float32 model"):
+        export_engine_dir(copy.deepcopy(tiny_model).half(), tmp_path / "e", RANDOM_INIT, ExportOptions())
+    assert list(tmp_path.iterdir()) == []
