@@ -72,6 +72,10 @@ class CudaGraphCache:
             graph.replay()
             self.replays += 1
             return
+        with torch.cuda.device(self.device):
+            self._capture(key, step)
+
+    def _capture(self, key: GraphKey, step: Callable[[], None]) -> None:
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)

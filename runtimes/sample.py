@@ -70,6 +70,7 @@ class SampleOptions:
     resume: bool = False
     cuda_graphs: bool = True
     threads: int | None = None
+    ort_optimization: str = "all"
 
 
 @dataclass
@@ -196,6 +197,7 @@ def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, 
         checkpoint=opts.checkpoint,
         local_rank=info.local_rank,
         threads=threads,
+        ort_optimization=opts.ort_optimization,
     )
     cfg = backend.config
     height, width = opts.height or cfg.resolution, opts.width or cfg.resolution
@@ -226,6 +228,8 @@ def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, 
         check_writable(npz.parent)
     if backend.device.type == "cpu":
         torch.set_num_threads(threads)
+    else:  # CUDA graph capture and the libraries' handles follow the current device
+        torch.cuda.set_device(backend.device)
 
     report = SampleReport(
         backend=backend.name,
@@ -391,6 +395,13 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     type=click.IntRange(min=1),
     default=None,
     help="CPU threads per process [default: usable cores / processes on this machine].",
+)
+@click.option(
+    "--ort-optimization",
+    type=click.Choice(["all", "fusions", "extended", "basic", "disable"]),
+    default="all",
+    show_default=True,
+    help="ONNX Runtime graph optimizations; fusions adds the transformers optimizer (slower load, faster calls).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(quiet: bool, **kwargs) -> None:

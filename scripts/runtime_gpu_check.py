@@ -109,10 +109,13 @@ def main() -> int:
             torch.cuda.synchronize()
             mem = torch.cuda.memory_allocated(dev)
             c, t_replay = run(graphed, [0, 1, 2, 3], 18, plan, cfg_scale)
+            same = (b - c).abs().max().item()
+            del c  # what is left allocated beyond the state before the run is growth
+            torch.cuda.synchronize()
             growth = torch.cuda.memory_allocated(dev) - mem
             err = (a - b).abs().max().item()
-            same = (b - c).abs().max().item()
-            ok = err <= 1e-4 and same == 0.0
+            # The first graphed run computed each key's first call eagerly (warm-up), later runs only replay.
+            ok = err <= 1e-4 and same <= 1e-5 and growth <= 0
             failed |= not ok
             print(
                 f"18 Heun steps, batch 4, global@0.6, cfg {cfg_scale}: no graphs {t_plain * 1000:.0f} ms, "

@@ -58,6 +58,7 @@ def open_backend(
     checkpoint: str | Path | None = None,
     local_rank: int = 0,
     threads: int | None = None,
+    ort_optimization: str = "all",
 ) -> tuple[Backend, str]:
     """Build (not yet enter) the backend for a sampling run, and say why it was chosen.
 
@@ -98,7 +99,10 @@ def open_backend(
     if name == "onnxruntime-cuda" and not cuda_provider_available():
         raise BackendError("--backend onnxruntime-cuda needs onnxruntime-gpu and a visible GPU; use onnxruntime-cpu")
     kind = "cuda" if name == "onnxruntime-cuda" else "cpu"
-    return OnnxRuntimeBackend(manifest, engine_dir, device=_device(kind, local_rank), threads=threads), why
+    backend = OnnxRuntimeBackend(
+        manifest, engine_dir, device=_device(kind, local_rank), threads=threads, optimization=ort_optimization
+    )
+    return backend, why
 
 
 def _torch_backend(model, local_rank: int) -> Backend:

@@ -162,3 +162,11 @@ def test_onnxruntime_transformer_fusions_keep_parity(engines_pg):
         chain.begin(labels, batch=2, height=16, width=16)
         for act in [(0, 1, 2), (1, 2)]:
             torch.testing.assert_close(chain(x, sigma, act), model(x, sigma, labels, act), atol=2e-5, rtol=1e-5)
+
+
+def test_cuda_graphs_are_off_without_cuda_or_for_backends_that_cannot_be_captured(engines_pg):
+    with TorchBackend(tiny_model("tiny_PG_16"), device=CPU) as backend:
+        assert BrickChain(backend, cuda_graphs=True).graphs is None
+    backend, _ = open_backend("onnxruntime-cpu", engine_dir=engines_pg, threads=1)
+    assert not backend.supports_cuda_graphs
+    assert BrickChain(backend, cuda_graphs=True).graphs is None
