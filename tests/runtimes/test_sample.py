@@ -218,3 +218,28 @@ def test_cli_end_to_end_on_the_shipped_model(shipped_engines, tmp_path):
     for s in range(4):
         a, b = read_png(out / f"{s:06d}.png").astype(int), read_png(out_t / f"{s:06d}.png").astype(int)
         assert np.abs(a - b).max() <= 1
+
+
+def test_default_batch_halves_under_guidance_to_fit_the_profile(engines_pg, tmp_path):
+    # Profile batch 1..8: 6 guided images run as batches of 4 (8 engine rows), not refused.
+    result = run_cli("--engine-dir", str(engines_pg), "--seeds", "0-5", "--steps", "2", "--cfg-scale", "2",
+                     "--class", "1", "--out", str(tmp_path / "g"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "sampled 6 images" in result.stdout
+
+
+def test_torch_backend_verifies_the_manifest_checkpoint(engines_pg, tmp_path):
+    import json
+
+    from lego_model.checkpoints import file_sha256, save_checkpoint
+
+    ckpt = save_checkpoint(tiny_model("tiny_PG_16"), tmp_path / "pg.safetensors")
+    engines = tmp_path / "engines"
+    shutil.copytree(engines_pg, engines)
+    manifest = json.loads((engines / "manifest.json").read_text())
+    manifest["checkpoint"] = {"path": str(ckpt), "sha256": file_sha256(ckpt), "random_init_seed": None}
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    args = ["--engine-dir", str(engines), "--backend", "torch", "--seeds", "0", "--steps", "2"]
+    assert run_cli(*args, "--out", str(tmp_path / "a")).exit_code == 0
+    ckpt.write_bytes(ckpt.read_bytes() + b"\0")  # not the exported weights any more
+    one_line_error(run_cli(*args, "--out", str(tmp_path / "b")), "sha256 differs")
