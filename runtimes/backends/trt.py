@@ -110,6 +110,30 @@ def check_engines_here(entries: Mapping[str, EngineEntry], device: torch.device)
     return warnings
 
 
+def _scratch_size(engine: Any) -> int:
+    """Activation memory an engine needs at most (over its profile): the 64-bit query where it exists."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    return int(engine.device_memory_size if size is None else size)
+
+
+def _user_managed_context(trt: Any, engine: Any) -> Any:
+    """An execution context whose scratch memory we supply (TensorRT 10 strategy argument, or a runtime config)."""
+    strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+    try:
+        return engine.create_execution_context(strategy)
+    except TypeError:  # versions that take an IRuntimeConfig instead
+        config = engine.create_runtime_config()
+        config.set_execution_context_allocation_strategy(strategy)
+        return engine.create_execution_context(config)
+
+
+def _attach_scratch(ctx: Any, scratch: Tensor) -> None:
+    if hasattr(ctx, "set_device_memory"):  # TensorRT >= 10.1: pointer and size
+        ctx.set_device_memory(scratch.data_ptr(), scratch.numel())
+    else:
+        ctx.device_memory = scratch.data_ptr()
+
+
 class TensorRTBackend(Backend):
     """Runs the manifest's TensorRT plans; buffers are torch CUDA tensors."""
 
@@ -128,13 +152,15 @@ class TensorRTBackend(Backend):
         self.contexts: dict[str, Any] = {}
         self._scratch: Tensor | None = None
         self._trt: Any = None
+        self._runtime: Any = None
 
     def load(self) -> None:
         for warning in check_engines_here(self.entries, self.device):
             log.warning(warning)
         trt = self._trt = import_tensorrt()
         logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(logger)
+        # The runtime must outlive the engines it deserializes, and the engines their contexts.
+        runtime = self._runtime = trt.Runtime(logger)
         torch.cuda.set_device(self.device)
         for name, entry in self.entries.items():
             engine = runtime.deserialize_cuda_engine(entry.path(self.engine_dir).read_bytes())
@@ -144,17 +170,17 @@ class TensorRTBackend(Backend):
                     "rebuild with lego-export --engines trt --force"
                 )
             self.engines[name] = engine
-        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-        shared = strategy is not None and all(hasattr(e, "device_memory_size_v2") for e in self.engines.values())
+        shared = hasattr(trt, "ExecutionContextAllocationStrategy")
         if shared:
             # One scratch allocation for all contexts, sized for the largest engine over its whole profile.
-            size = max(e.device_memory_size_v2 for e in self.engines.values())
+            size = max(_scratch_size(e) for e in self.engines.values())
             self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
         for name, engine in self.engines.items():
             if shared:
-                ctx = engine.create_execution_context(strategy.USER_MANAGED)
-                ctx.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
-            else:  # older TensorRT: every context owns its scratch memory
+                ctx = _user_managed_context(trt, engine)
+                if ctx is not None:
+                    _attach_scratch(ctx, self._scratch)
+            else:  # TensorRT < 10: every context owns its scratch memory
                 ctx = engine.create_execution_context()
             if ctx is None:
                 raise BackendError(f"TensorRT could not create an execution context for {name} (out of GPU memory?)")
@@ -167,8 +193,9 @@ class TensorRTBackend(Backend):
         )
 
     def close(self) -> None:
-        self.contexts.clear()
+        self.contexts.clear()  # contexts, then engines, then the runtime and the scratch they used
         self.engines.clear()
+        self._runtime = None
         self._scratch = None
 
     def check_shape(self, rows: int, height: int, width: int) -> None:
