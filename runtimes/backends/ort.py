@@ -100,6 +100,7 @@ class OnnxRuntimeBackend(Backend):
         self.sessions: dict[str, Any] = {}
         self._bindings: dict[EngineCall, Any] = {}
         self._run_options: Any = None
+        self._stream: torch.cuda.Stream | None = None
 
     def load(self) -> None:
         ort = import_onnxruntime()
@@ -118,12 +119,13 @@ class OnnxRuntimeBackend(Backend):
                     "this onnxruntime has no CUDAExecutionProvider: pip install onnxruntime-gpu, "
                     "or use --backend onnxruntime-cpu"
                 )
-            # ORT launches its kernels on torch's current stream: no synchronisation between the two is needed.
-            stream = torch.cuda.current_stream(self.device).cuda_stream
+            # ORT launches its kernels on a torch stream of ours (ORT ignores handle 0, torch's default stream);
+            # infer() orders it after and before the chain's stream with events, without a host wait.
+            self._stream = torch.cuda.Stream(self.device)
             providers: list[Any] = [
                 (
                     "CUDAExecutionProvider",
-                    {"device_id": self.device.index or 0, "user_compute_stream": str(stream)},
+                    {"device_id": self.device.index or 0, "user_compute_stream": str(self._stream.cuda_stream)},
                 )
             ]
         else:
@@ -192,7 +194,13 @@ class OnnxRuntimeBackend(Backend):
         binding = self._bindings.get(call)
         if binding is None:
             binding = self._bindings[call] = self._make_binding(call, inputs, outputs)
+        if self._stream is None:
+            self.sessions[call.engine].run_with_iobinding(binding, self._run_options)
+            return
+        chain_stream = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(chain_stream)  # inputs written by the chain
         self.sessions[call.engine].run_with_iobinding(binding, self._run_options)
+        chain_stream.wait_stream(self._stream)  # outputs read by the chain
 
     def _make_binding(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> Any:
         session = self.sessions[call.engine]

@@ -89,3 +89,27 @@ def test_tensorrt_chain_matches_eager(tmp_path):
             for _ in range(2):  # first call captures, second replays
                 got = chain(x.cuda(), sigma.cuda(), act).cpu()
             torch.testing.assert_close(got, model(x, sigma, labels, act), atol=1e-3, rtol=1e-3)
+
+
+def _ort_cuda() -> bool:
+    from runtimes.backends.ort import cuda_provider_available
+
+    return cuda_provider_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not _ort_cuda(), reason="needs onnxruntime-gpu and a GPU")
+def test_onnxruntime_cuda_chain_matches_eager(engines_pg):
+    from runtimes.backends import open_backend
+
+    model = tiny_model("tiny_PG_16")
+    backend, _ = open_backend("onnxruntime-cuda", engine_dir=engines_pg)
+    x = torch.randn(2, 3, 16, 32, dtype=torch.float64)
+    sigma = torch.tensor([0.3, 4.0], dtype=torch.float64)
+    labels = torch.eye(10)[[2, 5]]
+    with backend, torch.no_grad():
+        chain = BrickChain(backend)
+        chain.begin(labels.cuda(), batch=2, height=16, width=32, cfg_scale=1.5)
+        for act in [(0, 1, 2), (1, 2), (0,)]:
+            got = chain(x.cuda(), sigma.cuda(), act).cpu()
+            torch.testing.assert_close(got, model(x, sigma, labels, act, 1.5), atol=1e-4, rtol=1e-4)
