@@ -112,4 +112,5 @@ def test_onnxruntime_cuda_chain_matches_eager(engines_pg):
         chain.begin(labels.cuda(), batch=2, height=16, width=32, cfg_scale=1.5)
         for act in [(0, 1, 2), (1, 2), (0,)]:
             got = chain(x.cuda(), sigma.cuda(), act).cpu()
-            torch.testing.assert_close(got, model(x, sigma, labels, act, 1.5), atol=1e-4, rtol=1e-4)
+            # TF32 convolutions and matmuls on the GPU: looser than the CPU parity.
+            torch.testing.assert_close(got, model(x, sigma, labels, act, 1.5), atol=2e-3, rtol=2e-3)
