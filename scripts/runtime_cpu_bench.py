@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--parity-steps", type=int, default=8)
-    ap.add_argument("--skip-parts", default="", help="comma list of parts to leave out: speed,skip,parity,memory")
+    ap.add_argument("--skip-parts", default="", help="comma list of parts to leave out: speed,skip,parity,run,memory")
     args = ap.parse_args()
     skip = set(filter(None, args.skip_parts.split(",")))
     cfg = get_config(NAME)
@@ -178,6 +178,29 @@ def main() -> None:
                 )
                 chain.end()
                 print(f"  {cname:30s} max abs {(got - want).abs().max().item():.2e}")
+
+    if "run" not in skip:
+        print("\n-- whole sampling runs (ORT chain, batch 1, 18 Heun steps): skip preset vs full stack")
+        be = OnnxRuntimeBackend(
+            manifest, engine_dir, device=torch.device("cpu"), threads=int(args.threads.split(",")[-1])
+        )
+        with be, torch.no_grad():
+            chain = BrickChain(be)
+            lat, lab, _ = draw_latents([0], cfg.img_channels, H, W, cfg.label_dim)
+            seconds = {}
+            plans = {"full": SkipPlan(cfg.num_bricks), "global@0.6": SkipPlan.preset("global@0.6", cfg)}
+            for _ in range(2):  # alternate, keep the second round
+                for pname, plan in plans.items():
+                    chain.begin(lab, batch=1, height=H, width=W, num_steps=18)
+                    t0 = time.perf_counter()
+                    edm_sample(chain, lat, num_steps=18, active_per_step=plan.steps(18), randn_like=torch.zeros_like)
+                    seconds[pname] = time.perf_counter() - t0
+            cost = plans["global@0.6"].relative_cost(cfg, 18, "heun", H, W)
+            saved = 1 - seconds["global@0.6"] / seconds["full"]
+            print(
+                f"  full {seconds['full']:.2f} s, global@0.6 {seconds['global@0.6']:.2f} s: removes {1 - cost:.1%} "
+                f"of FLOPs, saves {saved:.1%} of time (ratio {saved / (1 - cost):.2f})"
+            )
 
     if "memory" not in skip:
         print("\n-- memory over a 100-step Euler run (ORT chain, batch 1)")
