@@ -243,3 +243,14 @@ def test_torch_backend_verifies_the_manifest_checkpoint(engines_pg, tmp_path):
     assert run_cli(*args, "--out", str(tmp_path / "a")).exit_code == 0
     ckpt.write_bytes(ckpt.read_bytes() + b"\0")  # not the exported weights any more
     one_line_error(run_cli(*args, "--out", str(tmp_path / "b")), "sha256 differs")
+
+
+def test_torch_backend_replays_a_random_init_manifest(engines_pg, tmp_path):
+    common = ["--engine-dir", str(engines_pg), "--seeds", "0-1", "--steps", "3"]
+    assert run_cli(*common, "--out", str(tmp_path / "ort")).exit_code == 0
+    result = run_cli(*common, "--backend", "torch", "--out", str(tmp_path / "torch"))
+    assert result.exit_code == 0, result.output
+    assert "backend: torch (requested) on cpu" in result.stdout
+    for s in range(2):
+        a, b = (read_png(tmp_path / d / f"{s:06d}.png").astype(int) for d in ("ort", "torch"))
+        assert np.abs(a - b).max() <= 1
