@@ -70,6 +70,18 @@ def sample_images(
         )
 
 
+def class_row_seeds(seeds: list[int], label_dim: int, class_idx: int | None = None) -> list[tuple[int, list[int]]]:
+    """Deal the seeds into one row per class: [(class, seeds of that row), ...] in class order."""
+    if not label_dim:
+        raise LegoError("--class-rows needs a class-conditional model")
+    if class_idx is not None:
+        raise LegoError("--class-rows gives every class its own row: leave out --class")
+    if len(seeds) % label_dim:
+        raise LegoError(f"--class-rows needs a multiple of {label_dim} seeds (one row per class), got {len(seeds)}")
+    per_row = len(seeds) // label_dim
+    return [(c, seeds[c * per_row : (c + 1) * per_row]) for c in range(label_dim)]
+
+
 @click.command()
 @click.option(
     "--checkpoint",
@@ -83,6 +95,9 @@ def sample_images(
 @click.option("--steps", type=click.IntRange(min=1), default=18, show_default=True)
 @click.option("--solver", type=click.Choice(["heun", "euler"]), default="heun", show_default=True)
 @click.option("--class", "class_idx", type=click.IntRange(min=0), default=None, help="Class index [default: random].")
+@click.option(
+    "--class-rows", is_flag=True, help="One grid row per class: seeds dealt out in equal rows, row c of class c."
+)
 @click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance scale.")
 @click.option("--skip", multiple=True, help="Skip rule BRICKS@FROM:TO (repeatable).")
 @click.option("--skip-preset", multiple=True, help="global[@F] or local[@F] (repeatable).")
@@ -97,6 +112,7 @@ def main(
     steps,
     solver,
     class_idx,
+    class_rows,
     cfg_scale,
     skip,
     skip_preset,
@@ -121,23 +137,29 @@ def main(
         click.echo(plan.describe(cfg, steps, solver, height, width))
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
+        rows = class_row_seeds(seed_list, cfg.label_dim, class_idx) if class_rows else [(class_idx, seed_list)]
         t0 = time.perf_counter()
-        images = sample_images(
-            model,
-            seed_list,
-            height=height,
-            width=width,
-            num_steps=steps,
-            solver=solver,
-            class_idx=class_idx,
-            cfg_scale=cfg_scale,
-            plan=plan,
+        images = torch.cat(
+            [
+                sample_images(
+                    model,
+                    row_seeds,
+                    height=height,
+                    width=width,
+                    num_steps=steps,
+                    solver=solver,
+                    class_idx=row_class,
+                    cfg_scale=cfg_scale,
+                    plan=plan,
+                )
+                for row_class, row_seeds in rows
+            ]
         )
         elapsed = time.perf_counter() - t0
         arr = to_uint8_nhwc(images)
         for seed, img in zip(seed_list, arr):
             save_image(img, out_dir / f"{seed:06d}.png")
-        save_image(make_grid(arr), out_dir / "grid.png")
+        save_image(make_grid(arr, rows=len(rows) if class_rows else None), out_dir / "grid.png")
         click.echo(f"wrote {len(seed_list)} images and grid.png to {out_dir} in {elapsed:.1f} s")
     except (LegoError, OSError) as err:
         click.echo(f"error: {err}", err=True)
