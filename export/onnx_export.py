@@ -126,19 +126,28 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def _name_dims(path: Path, spec: EngineSpec) -> None:
-    """Give the dynamic dims the contract's names B, H, W (dynamo calls them e.g. ``8*nh``)."""
+    """Give the dynamic dims the contract's names B, H, W (dynamo calls them e.g. ``8*nh``) and drop debug metadata.
+
+    The dynamo exporter annotates every node with its Python stack trace, which
+    holds absolute paths of this checkout: the same model exported from two
+    clones would get two sha256 (and miss the TensorRT engine cache), and the
+    annotations add ~100 KB per file.
+    """
     model = onnx.load(str(path))
     rename: dict[str, str] = {}
     for value, tensor in zip(model.graph.input, spec.inputs):
         for dim, want in zip(value.type.tensor_type.shape.dim, tensor.shape):
             if isinstance(want, str) and dim.dim_param and dim.dim_param != want:
                 rename[dim.dim_param] = want
-    if not rename:
-        return
     for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in rename:
                 dim.dim_param = rename[dim.dim_param]
+    for graph in [model.graph, *(f for f in model.functions)]:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    del model.graph.metadata_props[:]
     onnx.save(model, str(path))
 
 

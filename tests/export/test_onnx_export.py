@@ -138,6 +138,9 @@ def test_export_is_deterministic(tiny_model: LegoModel, tmp_path: Path) -> None:
     for path in paths:
         onnx_from_spec(spec, tiny_model, path)
     assert paths[0].read_bytes() == paths[1].read_bytes()
+    # nor does the checkout's location leak in (the exporter's stack-trace annotations are dropped)
+    assert str(Path(__file__).resolve().parents[2]).encode() not in paths[0].read_bytes()
+    assert not any(node.metadata_props for node in onnx.load(str(paths[0])).graph.node)
 
 
 def test_unloadable_file_is_a_verification_error(tiny_model: LegoModel, tmp_path: Path) -> None:
