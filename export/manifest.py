@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from export.errors import ManifestError, ProfileError
+from lego_model.checkpoints import file_sha256
 from lego_model.configs import LegoConfig
 from lego_model.errors import ConfigError
 
@@ -60,15 +60,6 @@ KINDS = ("embedder", "brick")
 SYMBOLIC_DIMS = ("B", "H", "W")
 
 _REEXPORT = "re-export with lego-export --force"
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
