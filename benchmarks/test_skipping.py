@@ -68,3 +68,23 @@ def test_skip_savings(bench_models, report, name):
                 run_ms=ms, flop_saving=predicted, time_saving=measured,
                 saving_ratio=(measured / predicted) if predicted > 0 else float("nan"),
             )  # fmt: skip
+
+
+def test_quality_vs_cost(bench_models, report):
+    """The shipped model's trade-off table: accuracy and Fréchet distance of each plan against its FLOP cost."""
+    if SHIPPED not in bench_models:
+        pytest.skip("the shipped model is not available")
+    from lego_model.classifier import load_classifier, shipped_classifier
+    from lego_model.quality import evaluate_plan, real_reference, standard_plans
+
+    model = bench_models[SHIPPED].model.cpu()
+    classifier = load_classifier(shipped_classifier())
+    per_class = 20
+    real_feats, floor = real_reference(classifier, model.config.resolution, per_class)
+    report.notes.append(f"Fréchet distance of {per_class} real digits per class to all real digits: {floor:.2f}")
+    for name, plan in standard_plans(model.config):
+        row = evaluate_plan(model, classifier, real_feats, name, plan, per_class, num_steps=18)
+        report.add(
+            "quality", model=SHIPPED, plan=name, rule=row.rule, samples=per_class * model.config.label_dim,
+            accuracy=row.accuracy, frechet=row.frechet, relative_cost=row.relative_cost,
+        )  # fmt: skip
