@@ -71,5 +71,12 @@ def denoiser(
     with be:
         chain = BrickChain(be, cuda_graphs=backend == "torch-graphs")
         chain.begin(labels, batch=batch, height=height, width=width, cfg_scale=cfg_scale, num_steps=num_steps)
-        yield chain
+        if be.device == DEVICE:
+            yield chain
+        else:  # ONNX Runtime on the CPU of a GPU machine: hand D back where the sampler keeps x
+
+            def moved(x: Tensor, sigma: Tensor, active: tuple[int, ...]) -> Tensor:
+                return chain(x, sigma, active).to(x.device)
+
+            yield moved
         chain.end()

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# LEGO_BENCH_RESULTS redirects the results (e.g. to $OUT on a lent GPU machine).
+RESULTS_DIR = Path(os.environ.get("LEGO_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 def _sync() -> None:
@@ -155,17 +156,17 @@ def _cpu_model() -> str:
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max())
+    return float((a.double().cpu() - b.double().cpu()).abs().max())
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    ref = b.double()
-    return float((a.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+    ref = b.double().cpu()
+    return float((a.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
     """PSNR in dB of images in [-1, 1] (range 2); infinite for identical images."""
-    mse = float(((a.double() - b.double()) ** 2).mean())
+    mse = float(((a.double().cpu() - b.double().cpu()) ** 2).mean())
     return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
 
 

@@ -63,17 +63,18 @@ def test_engine_parity(bench_models, report, name, backend):
             f_prev = 0.3 * torch.randn(2, cfg.img_channels, h, w, generator=g).to(DEVICE)
             for k in range(cfg.num_bricks):
                 rows.append((f"brick{k}", k, model.bricks[k](x_in, f_prev if k else None, cond_ref)))
+            dev = be.device  # engine I/O lives where the backend runs (the CPU for ONNX Runtime CPU)
             for engine, k, ref in rows:
-                out = torch.empty_like(ref)
+                out = torch.empty_like(ref, device=dev)
                 if k is None:
-                    inputs = {"c_noise": c_noise.to(DEVICE)}
+                    inputs = {"c_noise": c_noise.to(dev)}
                     if labels is not None:
-                        inputs["class_labels"] = labels.to(DEVICE)
+                        inputs["class_labels"] = labels.to(dev)
                     be.infer(EngineCall(engine, None, None, "cond"), inputs, {"cond": out})
                 else:
-                    inputs = {"x_in": x_in, "cond": cond_ref}
+                    inputs = {"x_in": x_in.to(dev), "cond": cond_ref.to(dev)}
                     if k:
-                        inputs["f_prev"] = f_prev
+                        inputs["f_prev"] = f_prev.to(dev)
                     be.infer(EngineCall(engine, k, "f0" if k else None, "f1"), inputs, {"f": out})
                 err = rel_l2(out, ref)
                 worst = max(worst, err)
