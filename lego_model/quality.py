@@ -168,15 +168,17 @@ def markdown_table(rows: list[PlanQuality]) -> str:
     return "\n".join(lines)
 
 
-def real_reference(classifier: DigitClassifier, resolution: int) -> tuple[Tensor, float]:
-    """Features of all real digits, and the Fréchet distance between the held-out 20 % and the other 80 %
-    (the value a perfect generator would reach at this sample size, roughly)."""
-    from lego_model.data import load_digits_dataset, train_test_split
+def real_reference(classifier: DigitClassifier, resolution: int, per_class: int) -> tuple[Tensor, float]:
+    """Features of all real digits, and the Fréchet distance of ``per_class`` real digits of every class
+    (a fixed random draw) to all of them: what a generator that reproduced the data would score at this N."""
+    from lego_model.data import load_digits_dataset
 
-    images, _ = load_digits_dataset(resolution)
+    images, onehot = load_digits_dataset(resolution)
     _, feats = predict(classifier, images)
-    train_idx, test_idx = train_test_split(len(images))
-    return feats, frechet_distance(feats[test_idx], feats[train_idx])
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    targets = onehot.argmax(dim=1)[perm]
+    subset = torch.cat([perm[targets == c][:per_class] for c in range(onehot.shape[1])])
+    return feats, frechet_distance(feats[subset], feats)
 
 
 @click.command()
@@ -207,7 +209,7 @@ def main(checkpoint, classifier_path, per_class, steps, solver, cfg_scale, plan_
             torch.set_num_threads(threads)
         model = load_checkpoint(checkpoint or shipped_checkpoint())
         classifier = load_classifier(classifier_path or shipped_classifier())
-        real_feats, floor = real_reference(classifier, model.config.resolution)
+        real_feats, floor = real_reference(classifier, model.config.resolution, per_class)
         plans = standard_plans(model.config)
         if plan_names:
             known = {name for name, _ in plans}
@@ -240,7 +242,7 @@ def main(checkpoint, classifier_path, per_class, steps, solver, cfg_scale, plan_
         guidance = f"guidance {cfg_scale:g}" if cfg_scale is not None else "no guidance"
         click.echo(f"\n{model.config.name}: {per_class} samples per class, {steps} {solver} steps, {guidance}")
         click.echo(markdown_table(rows))
-        click.echo(f"Fréchet distance between real held-out and real training digits: {floor:.2f}")
+        click.echo(f"Fréchet distance of {per_class} real digits per class to all real digits: {floor:.2f}")
         if json_out:
             payload = {
                 "config": model.config.name,
