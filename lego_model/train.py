@@ -18,6 +18,7 @@ so an interruption loses no finished step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import click
 import torch
+from click.core import ParameterSource
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -380,27 +382,38 @@ def main(
             torch.set_num_threads(threads)
         out_path = Path(out)
         state_file = Path(state_path) if state_path else _default_state_path(out_path)
-        opts = TrainOptions(
+        given = dict(
             steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay, seed=seed
         )
         if resume:
-            state = load_state(state_file, opts)
-            if state.config.name != config_name:
-                raise LegoError(
-                    f"{state_file} trains {state.config.name}, not {config_name}: pass --config {state.config.name}"
-                )
+            # Options typed on this command line override the stored ones; the rest continue as they were.
+            ctx = click.get_current_context()
+            typed = {k: v for k, v in given.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+            state = load_state(state_file)
+            state.opts = dataclasses.replace(state.opts, **typed)
+            if (
+                ctx.get_parameter_source("config_name") == ParameterSource.COMMANDLINE
+                and state.config.name != config_name
+            ):
+                raise LegoError(f"{state_file} trains {state.config.name}, not {config_name}: leave out --config")
             log.info("resuming %s at step %d", state_file, state.step)
         else:
             if state_file.exists():
                 raise LegoError(f"{state_file} exists: pass --resume to continue it, or delete it to start over")
-            state = new_state(get_config(config_name), opts)
+            state = new_state(get_config(config_name), TrainOptions(**given))
         cfg = state.config
         images, labels = load_digits_dataset(cfg.resolution)
         if cfg.img_channels != images.shape[1] or cfg.label_dim not in (0, labels.shape[1]):
             raise LegoError(f"{cfg.name} does not fit the digits data (1 channel, 10 classes)")
         n_params = sum(p.numel() for p in state.model.parameters())
+        opts = state.opts
         log.info(
-            "%s: %d parameters, %d images, %d steps of batch %d", cfg.name, n_params, len(images), steps, batch_size
+            "%s: %d parameters, %d images, %d steps of batch %d",
+            cfg.name,
+            n_params,
+            len(images),
+            opts.steps,
+            opts.batch_size,
         )
         out_path.parent.mkdir(parents=True, exist_ok=True)
         train(

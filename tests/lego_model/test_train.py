@@ -205,7 +205,10 @@ def test_cli_trains_and_resumes_digits(tmp_path):
     assert result.exit_code == 0, result.output
     again = runner.invoke(main, args)  # the state file exists: refuse to start over silently
     assert again.exit_code == 1 and "--resume" in again.output
-    result = runner.invoke(main, [*args, "--resume"])
+    wrong = runner.invoke(main, ["--out", str(out), "--resume", "--config", "tiny_PG_16"])
+    assert wrong.exit_code == 1 and "leave out --config" in wrong.output
+    # Resuming with no options continues the stored run (2 steps of batch 2), not the CLI defaults.
+    result = runner.invoke(main, ["--out", str(out), "--resume"])
     assert result.exit_code == 0, result.output
     from safetensors import safe_open
 
