@@ -99,12 +99,17 @@ def _plan(cfg, name: str) -> SkipPlan:
 @pytest.mark.parametrize("backend", ENGINE_BACKENDS)
 @pytest.mark.parametrize("name", MODELS)
 def test_denoiser_parity(bench_models, report, name, backend):
-    """Whole denoiser calls with every single-brick skip, with and without guidance, at three shapes."""
+    """Whole denoiser calls with every single-brick skip, with and without guidance, at three shapes.
+
+    Every active set runs at the training size; the larger and non-square sizes
+    take the full stack and the earliest exit, which exercise the same engines.
+    """
     bm = _get(bench_models, name)
     cfg = bm.config
     worst = 0.0
     guidance = [None, 2.0] if cfg.label_dim else [None]
-    for h, w in bm.shapes().values():
+    for size, (h, w) in bm.shapes().items():
+        sets = _active_sets(cfg) if size == "train" else [tuple(range(cfg.num_bricks)), (0,)]
         g = torch.Generator().manual_seed(2)
         x = (torch.randn(2, cfg.img_channels, h, w, generator=g) * 3).double().to(DEVICE)
         sigma = torch.tensor([2.5, 2.5], dtype=torch.float64, device=DEVICE)
@@ -112,7 +117,7 @@ def test_denoiser_parity(bench_models, report, name, backend):
         for cfg_scale in guidance:
             kw = dict(batch=2, height=h, width=w, labels=labels, cfg_scale=cfg_scale)
             with denoiser(bm, "eager", **kw) as eager, denoiser(bm, backend, **kw) as engine:
-                for active in _active_sets(cfg):
+                for active in sets:
                     ref = eager(x, sigma, active).clone()
                     out = engine(x, sigma, active).clone()
                     err = rel_l2(out, ref)
@@ -132,7 +137,7 @@ def test_sampling_parity(bench_models, report, name, backend):
     bm = _get(bench_models, name)
     cfg = bm.config
     steps = 18 if name == SHIPPED else 6
-    seeds = [0, 1]
+    seeds = [0, 1] if name == SHIPPED else [0]
     worst = 0.0
     cases = [("train", None, "full"), ("non-square", None, "global@0.5"), ("train", None, "local@0.5")]
     if cfg.label_dim:
