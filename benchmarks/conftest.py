@@ -51,9 +51,15 @@ def report() -> Report:
 
 
 def _export(model: LegoModel, out: Path, checkpoint: dict) -> Path:
-    from export.pipeline import ExportOptions, export_engine_dir
+    import dataclasses
 
-    export_engine_dir(model, out, checkpoint, ExportOptions(engines="onnx", precision="fp32"), progress=log.info)
+    from export.pipeline import ExportOptions, export_engine_dir
+    from export.specs import default_profile
+
+    # Batch up to 16: the speed grid samples the shipped model 16 images at a time.
+    profile = dataclasses.replace(default_profile(model.config), batch=(1, 1, 16))
+    options = ExportOptions(engines="onnx", precision="fp32", profile=profile)
+    export_engine_dir(model, out, checkpoint, options, progress=log.info)
     return out
 
 
