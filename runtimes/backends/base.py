@@ -137,6 +137,20 @@ class Backend:
         return f"{self.name} on {self.device} ({self.precision})"
 
 
+class EngineBackend(Backend):
+    """A backend of exported engines (``entries``, by engine name): shapes are bounded by their profiles."""
+
+    entries: Mapping[str, EngineEntry]
+
+    def check_shape(self, rows: int, height: int, width: int) -> None:
+        super().check_shape(rows, height, width)
+        for entry in self.entries.values():
+            entry.profile.check(rows, height, width)
+
+    def max_rows(self) -> int | None:
+        return min(e.profile.batch[2] for e in self.entries.values())
+
+
 def require_cuda(what: str, device_index: int = 0) -> torch.device:
     """The CUDA device ``device_index`` or a BackendError saying what needs it."""
     if not torch.cuda.is_available():

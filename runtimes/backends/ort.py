@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from runtimes.backends.base import Backend, BoundShape, buffer_dtypes, check_engine_set
+from runtimes.backends.base import BoundShape, EngineBackend, buffer_dtypes, check_engine_set
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def default_threads(local_world_size: int = 1) -> int:
     return max(1, cores // max(1, local_world_size))
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(EngineBackend):
     """Runs the manifest's ONNX files with the CPU or the CUDA execution provider."""
 
     def __init__(
@@ -176,14 +176,6 @@ class OnnxRuntimeBackend(Backend):
     def close(self) -> None:
         self._bindings.clear()
         self.sessions.clear()
-
-    def check_shape(self, rows: int, height: int, width: int) -> None:
-        super().check_shape(rows, height, width)
-        for entry in self.entries.values():
-            entry.profile.check(rows, height, width)
-
-    def max_rows(self) -> int | None:
-        return min(e.profile.batch[2] for e in self.entries.values())
 
     def bind(self, shape: BoundShape) -> None:
         if shape != self.shape:

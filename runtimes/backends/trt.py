@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from runtimes.backends.base import Backend, BoundShape, buffer_dtypes, check_engine_set, require_cuda
+from runtimes.backends.base import BoundShape, EngineBackend, buffer_dtypes, check_engine_set, require_cuda
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ def _attach_scratch(ctx: Any, scratch: Tensor) -> None:
         ctx.device_memory = scratch.data_ptr()
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(EngineBackend):
     """Runs the manifest's TensorRT plans; buffers are torch CUDA tensors."""
 
     name = "tensorrt"
@@ -197,14 +197,6 @@ class TensorRTBackend(Backend):
         self.engines.clear()
         self._runtime = None
         self._scratch = None
-
-    def check_shape(self, rows: int, height: int, width: int) -> None:
-        super().check_shape(rows, height, width)
-        for entry in self.entries.values():
-            entry.profile.check(rows, height, width)
-
-    def max_rows(self) -> int | None:
-        return min(e.profile.batch[2] for e in self.entries.values())
 
     def bind(self, shape: BoundShape) -> None:
         super().bind(shape)
