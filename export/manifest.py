@@ -20,7 +20,6 @@ the directory, exists and has the recorded sha256.  Each refusal is one
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -368,11 +367,6 @@ def write_manifest(manifest: Manifest, engine_dir: str | Path) -> Path:
     tmp.write_text(manifest.to_json(), encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-def replace_engines(manifest: Manifest, engines: list[EngineEntry]) -> Manifest:
-    """A copy of ``manifest`` with another engine list."""
-    return dataclasses.replace(manifest, engines=list(engines))
 
 
 def _require_dict(d: Any, where: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lego_model.configs import LegoConfig
+from lego_model.precond import denoise_with_bricks
 
 
 def sincos_pos_table(hidden_size: int, grid: int) -> Tensor:
@@ -238,8 +239,6 @@ class LegoModel(nn.Module):
         cfg_scale: float | None = None,
     ) -> Tensor:
         """D(x; sigma, y) with the bricks in ``active`` (all when None), float32 out."""
-        from lego_model.precond import denoise_with_bricks
-
         return denoise_with_bricks(
             self.embed,
             list(self.bricks),
@@ -252,18 +251,16 @@ class LegoModel(nn.Module):
         )
 
     @torch.no_grad()
-    def reset_parameters(self, seed: int | None = None) -> None:
-        """The authors' initialisation: xavier linears, adaLN-Zero, N(0, 0.02) embedders.
+    def reset_parameters(self) -> None:
+        """The authors' initialisation: xavier linears, adaLN-Zero, N(0, 0.02) embedders (for training).
 
-        Used for training from scratch; random-weight exports re-draw it with a
-        seed so that their outputs are not trivially zero.
+        It zeroes every brick's output; random-weight exports and tests use :meth:`randomize_` instead.
         """
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
         def xavier(w: Tensor) -> None:
             fan_out, fan_in = w.shape[0], w[0].numel()
             bound = math.sqrt(6.0 / (fan_in + fan_out))
-            w.copy_(torch.rand(w.shape, generator=gen) * 2 * bound - bound)
+            w.copy_(torch.rand(w.shape) * 2 * bound - bound)
 
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -278,10 +275,10 @@ class LegoModel(nn.Module):
             brick.final_layer.linear.weight.zero_()
             brick.final_layer.linear.bias.zero_()
         for linear in [self.model.t_embedder.mlp[0], self.model.t_embedder.mlp[2]]:
-            linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen) * 0.02)
+            linear.weight.copy_(torch.randn(linear.weight.shape) * 0.02)
         if self.model.y_embedder is not None:
             w = self.model.y_embedder.embedding_table.weight
-            w.copy_(torch.randn(w.shape, generator=gen) * 0.02)
+            w.copy_(torch.randn(w.shape) * 0.02)
 
     @torch.no_grad()
     def randomize_(self, seed: int = 0) -> LegoModel:

@@ -69,10 +69,6 @@ class SkipPlan:
         assert self.num_bricks == other.num_bricks
         return SkipPlan(self.num_bricks, self.rules + other.rules)
 
-    @property
-    def is_full(self) -> bool:
-        return not self.rules
-
     def active(self, step: int, num_steps: int) -> tuple[int, ...]:
         skipped = {k for rule in self.rules if rule.covers(step, num_steps) for k in rule.bricks}
         return tuple(k for k in range(self.num_bricks) if k not in skipped)
