@@ -74,8 +74,8 @@ def test_quality_vs_cost(bench_models, report):
     """The shipped model's trade-off table: accuracy and Fréchet distance of each plan against its FLOP cost."""
     if SHIPPED not in bench_models:
         pytest.skip("the shipped model is not available")
-    from lego_model.classifier import load_classifier, shipped_classifier
-    from lego_model.quality import evaluate_plan, real_reference, standard_plans
+    from lego_model.digits.classifier import load_classifier, shipped_classifier
+    from lego_model.digits.quality import evaluate_plan, real_reference, standard_plans
 
     model = bench_models[SHIPPED].model.cpu()
     classifier = load_classifier(shipped_classifier())

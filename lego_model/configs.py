@@ -162,7 +162,7 @@ LEGO_CONFIGS: dict[str, LegoConfig] = {
         LegoConfig("tiny_PG_16", (4, 8, 16), (2, 4, 2), (1, 2, 2), 64, 4, label_dim=10),
         LegoConfig("tiny_PR_16", (16, 8, 4), (2, 4, 2), (2, 2, 1), 64, 4, label_dim=0),
         LegoConfig("tiny_U_16", (16, 8, 4, 8, 16), (2, 4, 2, 4, 2), (1, 1, 1, 1, 1), 64, 4, label_dim=10),
-        # The shipped demo models (lego_model/assets, trained by lego_model.train on 16x16 digits).
+        # The shipped demo models (lego_model/assets, trained by lego_model.digits.train on 16x16 digits).
         LegoConfig("digits_pg_16", (4, 8, 16), (2, 2, 2), (1, 2, 2), 128, 4, img_channels=1, label_dim=10),
         LegoConfig("digits_pr_16", (16, 8, 4), (2, 2, 2), (2, 2, 1), 128, 4, img_channels=1, label_dim=10),
     ]

@@ -15,71 +15,14 @@ import torch
 
 from lego_model.checkpoints import load_checkpoint
 from lego_model.configs import get_config
+from lego_model.eager import sample_images
 from lego_model.errors import LegoError
-from lego_model.images import make_grid, parse_seeds, save_image, to_uint8_nhwc
+from lego_model.images import class_row_seeds, make_grid, parse_seeds, save_image, to_uint8_nhwc
 from lego_model.model import LegoModel
-from lego_model.sampler import draw_latents, edm_sample
 from lego_model.shipped import shipped_checkpoint
 from lego_model.skip import SkipPlan
 
 log = logging.getLogger(__name__)
-
-
-def build_plan(model_cfg, skip: tuple[str, ...], presets: tuple[str, ...]) -> SkipPlan:
-    """One plan from repeated ``--skip`` rules and ``--skip-preset`` names."""
-    plan = SkipPlan.parse(skip, model_cfg.num_bricks)
-    for name in presets:
-        plan = plan + SkipPlan.preset(name, model_cfg)
-    return plan
-
-
-def sample_images(
-    model: LegoModel,
-    seeds: list[int],
-    *,
-    height: int,
-    width: int,
-    num_steps: int = 18,
-    solver: str = "heun",
-    class_idx: int | None = None,
-    cfg_scale: float | None = None,
-    plan: SkipPlan | None = None,
-    **churn: float,
-) -> torch.Tensor:
-    """Eager sampling of one batch of seeds; returns float64 images in [-1, 1]."""
-    cfg = model.config
-    cfg.check_image_size(height, width)
-    plan = plan or SkipPlan(cfg.num_bricks)
-    steps = plan.steps(num_steps)
-    latents, labels, rnd = draw_latents(seeds, cfg.img_channels, height, width, cfg.label_dim, class_idx)
-    if cfg_scale is not None and not cfg.label_dim:
-        raise LegoError(f"{cfg.name} is unconditional: leave out --cfg-scale")
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor, active: tuple[int, ...]) -> torch.Tensor:
-        return model(x, sigma, labels, active, cfg_scale)
-
-    with torch.inference_mode():
-        return edm_sample(
-            denoise,
-            latents,
-            num_steps=num_steps,
-            solver=solver,
-            randn_like=rnd.randn_like,
-            active_per_step=steps,
-            **churn,
-        )
-
-
-def class_row_seeds(seeds: list[int], label_dim: int, class_idx: int | None = None) -> list[tuple[int, list[int]]]:
-    """Deal the seeds into one row per class: [(class, seeds of that row), ...] in class order."""
-    if not label_dim:
-        raise LegoError("--class-rows needs a class-conditional model")
-    if class_idx is not None:
-        raise LegoError("--class-rows gives every class its own row: leave out --class")
-    if len(seeds) % label_dim:
-        raise LegoError(f"--class-rows needs a multiple of {label_dim} seeds (one row per class), got {len(seeds)}")
-    per_row = len(seeds) // label_dim
-    return [(c, seeds[c * per_row : (c + 1) * per_row]) for c in range(label_dim)]
 
 
 @click.command()
@@ -133,7 +76,7 @@ def main(
         height, width = height or cfg.resolution, width or cfg.resolution
         cfg.check_image_size(height, width)
         seed_list = parse_seeds(seeds)
-        plan = build_plan(cfg, skip, skip_preset)
+        plan = SkipPlan.from_text(cfg, skip, skip_preset)
         click.echo(plan.describe(cfg, steps, solver, height, width))
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -57,3 +57,15 @@ def make_grid(images: np.ndarray, rows: int | None = None, pad: int = 2) -> np.n
         r, q = divmod(i, cols)
         grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[i]
     return grid
+
+
+def class_row_seeds(seeds: list[int], label_dim: int, class_idx: int | None = None) -> list[tuple[int, list[int]]]:
+    """Deal the seeds into one row per class: [(class, seeds of that row), ...] in class order."""
+    if not label_dim:
+        raise LegoError("--class-rows needs a class-conditional model")
+    if class_idx is not None:
+        raise LegoError("--class-rows gives every class its own row: leave out --class")
+    if len(seeds) % label_dim:
+        raise LegoError(f"--class-rows needs a multiple of {label_dim} seeds (one row per class), got {len(seeds)}")
+    per_row = len(seeds) // label_dim
+    return [(c, seeds[c * per_row : (c + 1) * per_row]) for c in range(label_dim)]

@@ -1,4 +1,7 @@
-"""The models shipped inside the package (trained by ``python -m lego_model.train``, see assets/MODEL_CARD.md)."""
+"""The models shipped inside the package.
+
+Trained by ``python -m lego_model.digits.train``; see assets/MODEL_CARD.md.
+"""
 
 from __future__ import annotations
 

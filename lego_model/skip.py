@@ -46,9 +46,21 @@ class SkipPlan:
     rules: tuple[SkipRule, ...] = ()
 
     @classmethod
-    def parse(cls, rules: Sequence[str], num_bricks: int) -> SkipPlan:
-        """Plan from ``--skip`` texts such as ``2@0.6:1`` or ``top,0@0:0.25``."""
+    def parse(cls, rules: str | Sequence[str], num_bricks: int) -> SkipPlan:
+        """Plan from ``--skip`` texts such as ``2@0.6:1`` or ``top,0@0:0.25`` (one rule or a sequence of rules)."""
+        if isinstance(rules, str):
+            rules = (rules,)
         return cls(num_bricks, tuple(_parse_rule(text, num_bricks) for text in rules))
+
+    @classmethod
+    def from_text(
+        cls, config: LegoConfig, skip: str | Sequence[str] = (), presets: str | Sequence[str] = ()
+    ) -> SkipPlan:
+        """One plan from ``--skip`` rules and ``--skip-preset`` names (each a text or a sequence of texts)."""
+        plan = cls.parse(skip, config.num_bricks)
+        for name in (presets,) if isinstance(presets, str) else presets:
+            plan = plan + cls.preset(name, config)
+        return plan
 
     @classmethod
     def preset(cls, spec: str, config: LegoConfig) -> SkipPlan:

@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 from lego_model.errors import LegoError, ShapeError
-from lego_model.generate import build_plan
 from lego_model.images import make_grid, parse_seeds, save_image, to_uint8_nhwc
 from lego_model.sampler import draw_latents, edm_sample, evaluations_per_step
+from lego_model.skip import SkipPlan
 from runtimes import distributed
 from runtimes.backends import BACKENDS, Backend, open_backend
 from runtimes.backends.ort import default_threads
@@ -208,7 +208,7 @@ def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, 
             raise ShapeError(f"{cfg.name} is unconditional: leave out --class")
         if opts.class_idx >= cfg.label_dim:
             raise ShapeError(f"class {opts.class_idx} out of range: {cfg.name} has classes 0..{cfg.label_dim - 1}")
-    plan = build_plan(cfg, opts.skip, opts.skip_preset)
+    plan = SkipPlan.from_text(cfg, opts.skip, opts.skip_preset)
     steps = plan.steps(opts.steps)  # refuses a plan that leaves a step without bricks
     guided = opts.cfg_scale is not None
     chain = BrickChain(backend, cuda_graphs=opts.cuda_graphs)

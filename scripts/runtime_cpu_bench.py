@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from lego_model import LegoModel, SkipPlan, get_config
+from lego_model.eager import sample_images
 from lego_model.flops import denoiser_flops
-from lego_model.generate import sample_images
 from lego_model.sampler import draw_latents, edm_sample
 from runtimes.backends.ort import OnnxRuntimeBackend
 from runtimes.chain import BrickChain

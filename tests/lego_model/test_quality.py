@@ -7,10 +7,8 @@ import torch
 from click.testing import CliRunner
 
 from lego_model import LegoConfig, LegoModel, get_config
-from lego_model.classifier import DigitClassifier, load_classifier, predict, save_classifier, train_classifier
-from lego_model.errors import CheckpointError, LegoError
-from lego_model.generate import class_row_seeds
-from lego_model.quality import (
+from lego_model.digits.classifier import DigitClassifier, load_classifier, predict, save_classifier, train_classifier
+from lego_model.digits.quality import (
     evaluate_plan,
     feature_stats,
     frechet_distance,
@@ -18,6 +16,8 @@ from lego_model.quality import (
     sample_per_class,
     standard_plans,
 )
+from lego_model.errors import CheckpointError, LegoError
+from lego_model.images import class_row_seeds
 from lego_model.skip import SkipPlan
 
 TINY = LegoConfig("tiny_digits_16", (4, 8, 16), (2, 4, 2), (1, 1, 1), 32, 2, img_channels=1, label_dim=10)

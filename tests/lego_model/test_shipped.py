@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 
 from lego_model import get_config, load_checkpoint
-from lego_model.classifier import load_classifier, predict, shipped_classifier
-from lego_model.generate import sample_images
+from lego_model.digits.classifier import load_classifier, predict, shipped_classifier
+from lego_model.eager import sample_images
 from lego_model.shipped import ASSETS, DEFAULT_MODEL, shipped_checkpoint
 
 MAX_ASSETS_BYTES = 10 * 2**20

@@ -1,4 +1,4 @@
-"""The training objective, EMA, schedule and resumability of lego_model.train."""
+"""The training objective, EMA, schedule and resumability of lego_model.digits.train."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from lego_model import LegoConfig, LegoModel, get_config, load_checkpoint
-from lego_model.train import (
+from lego_model.digits.train import (
     TrainOptions,
     drop_labels,
     ema_decay_at,

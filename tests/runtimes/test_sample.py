@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lego_model.generate import sample_images
+from lego_model.eager import sample_images
 from lego_model.sampler import draw_latents, edm_sample
 from lego_model.skip import SkipPlan
 from runtimes.backends import open_backend

@@ -1,4 +1,4 @@
-"""Sample quality per skip plan, the paper's trade-off table on our model: ``python -m lego_model.quality``.
+"""Sample quality per skip plan, the paper's trade-off table on our model: ``python -m lego_model.digits.quality``.
 
 For each plan (full stack, every early exit, the global and local presets at a
 few break points) we sample N images per class and report
@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from lego_model.checkpoints import load_checkpoint
-from lego_model.classifier import DigitClassifier, load_classifier, predict, shipped_classifier
 from lego_model.configs import LegoConfig
+from lego_model.digits.classifier import DigitClassifier, load_classifier, predict, shipped_classifier
 from lego_model.errors import LegoError
 from lego_model.model import LegoModel
 from lego_model.skip import SkipPlan
@@ -106,7 +106,7 @@ def sample_per_class(
 
     Class c uses seeds seed_base + c * per_class + i, so every plan sees the same latents.
     """
-    from lego_model.generate import sample_images
+    from lego_model.eager import sample_images
 
     cfg = model.config
     if not cfg.label_dim:
@@ -171,7 +171,7 @@ def markdown_table(rows: list[PlanQuality]) -> str:
 def real_reference(classifier: DigitClassifier, resolution: int, per_class: int) -> tuple[Tensor, float]:
     """Features of all real digits, and the Fréchet distance of ``per_class`` real digits of every class
     (a fixed random draw) to all of them: what a generator that reproduced the data would score at this N."""
-    from lego_model.data import load_digits_dataset
+    from lego_model.digits.data import load_digits_dataset
 
     images, onehot = load_digits_dataset(resolution)
     _, feats = predict(classifier, images)

@@ -1,8 +1,8 @@
-"""A small digit classifier, the judge of the shipped models' samples: ``python -m lego_model.classifier``.
+"""A small digit classifier, the judge of the shipped models' samples: ``python -m lego_model.digits.classifier``.
 
 Two conv layers and two linears on 16x16 grey digits in [-1, 1].  Its
 64-dimensional penultimate activations are the feature space of the Fréchet
-distance in :mod:`lego_model.quality` (the role Inception-v3 plays for FID on
+distance in :mod:`lego_model.digits.quality` (the role Inception-v3 plays for FID on
 natural images).  Trained on 80 % of scikit-learn's digits; the held-out 20 %
 accuracy is stored in the file's metadata.
 """
@@ -113,7 +113,9 @@ def load_classifier(path: str | Path) -> DigitClassifier:
     """Load a classifier written by :func:`save_classifier`, in eval mode."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"classifier {path} does not exist; train one with python -m lego_model.classifier")
+        raise CheckpointError(
+            f"classifier {path} does not exist; train one with python -m lego_model.digits.classifier"
+        )
     try:
         from safetensors import safe_open
 
@@ -123,7 +125,7 @@ def load_classifier(path: str | Path) -> DigitClassifier:
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from None
     if meta.get("format") != CLASSIFIER_FORMAT:
-        raise CheckpointError(f"{path} is not a digit classifier written by lego_model.classifier")
+        raise CheckpointError(f"{path} is not a digit classifier written by lego_model.digits.classifier")
     model = DigitClassifier(int(meta["num_classes"]), int(meta["resolution"]))
     model.load_state_dict(state, strict=True)
     return model.eval()
@@ -144,7 +146,7 @@ def main(out, epochs, seed):
     """Train the digit classifier on 80 % of the digits and report its held-out accuracy."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        from lego_model.data import load_digits_dataset, train_test_split
+        from lego_model.digits.data import load_digits_dataset, train_test_split
 
         images, onehot = load_digits_dataset()
         targets = onehot.argmax(dim=1)

@@ -1,4 +1,4 @@
-"""Training a LEGO model with the paper's joint objective: ``python -m lego_model.train``.
+"""Training a LEGO model with the paper's joint objective: ``python -m lego_model.digits.train``.
 
 The objective (Zheng et al. 2024, Sec. 3; the authors' LEGOEDMLoss) is the EDM
 denoising loss (Karras et al. 2022, Sec. 5: log-normal sigma with P_mean -1.2,
@@ -205,7 +205,7 @@ def load_state(path: str | Path, opts: TrainOptions | None = None) -> TrainState
         raise CheckpointError(f"{path} is not a readable training state ({err})") from None
     if meta.get("format") != STATE_FORMAT:
         raise CheckpointError(
-            f"{path} is not a training state written by lego_model.train (format {meta.get('format')!r})"
+            f"{path} is not a training state written by lego_model.digits.train (format {meta.get('format')!r})"
         )
     config = LegoConfig.from_dict(json.loads(meta["lego_config"]))
     stored = TrainOptions(**json.loads(meta["train_options"]))
@@ -376,7 +376,7 @@ def main(
     """Train a class-conditional LEGO model on scikit-learn's digits (16x16) with the joint prefix objective."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        from lego_model.data import load_digits_dataset
+        from lego_model.digits.data import load_digits_dataset
 
         if threads:
             torch.set_num_threads(threads)
