@@ -10,16 +10,20 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from export.errors import ExportError
-from export.manifest import PRECISIONS, Profile
+from export.manifest import PRECISIONS, CheckpointRecord, Profile
 from export.onnx_export import DEFAULT_OPSET, EXPORTERS
 from export.pipeline import ENGINE_CHOICES, ExportOptions, ExportResult, export_engine_dir
 from export.specs import DEFAULT_BATCH, parse_range
 from lego_model.configs import LEGO_CONFIGS
 from lego_model.errors import LegoError
+
+if TYPE_CHECKING:
+    from lego_model.model import LegoModel
 
 RANGE_HELP = "as MIN:OPT:MAX (or one number)"
 
@@ -133,22 +137,24 @@ def main(
     click.echo(summary_table(result))
 
 
-def _load_model(checkpoint: Path | None, config_name: str | None, random_init: bool, seed: int) -> tuple:
-    from lego_model.checkpoints import file_sha256, load_checkpoint
+def _load_model(
+    checkpoint: Path | None, config_name: str | None, random_init: bool, seed: int
+) -> tuple[LegoModel, CheckpointRecord]:
+    from lego_model.checkpoints import load_checkpoint
     from lego_model.configs import get_config
     from lego_model.model import LegoModel
     from lego_model.shipped import shipped_checkpoint
 
     if random_init:
         model = LegoModel(get_config(config_name)).randomize_(seed)
-        return model.eval(), {"path": None, "sha256": None, "random_init_seed": seed}
+        return model.eval(), CheckpointRecord.random_init(seed)
     if checkpoint is None:
         try:
             checkpoint = shipped_checkpoint()
         except LegoError as err:
             raise ExportError(f"{err}; pass --checkpoint PATH or --config NAME --random-init") from None
     model = load_checkpoint(checkpoint, config_name)
-    return model, {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint), "random_init_seed": None}
+    return model, CheckpointRecord.of_file(checkpoint)
 
 
 def _profile(config, batch: str | None, height: str | None, width: str | None) -> Profile:
@@ -172,7 +178,7 @@ def summary_table(result: ExportResult) -> str:
             r.precision,
             f"{r.bytes / 1e6:.2f} MB",
             f"{r.seconds:.1f} s",
-            "-" if r.max_rel is None else f"{r.max_rel:.2e}",
+            f"{r.max_rel:.2e}",
             r.note,
         )
         for r in result.reports

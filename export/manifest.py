@@ -3,29 +3,39 @@
 An engine directory holds one file per engine (``embedder``, ``brick0``,
 ``brick1``, ... as ONNX and/or TensorRT plan) and ``manifest.json``:
 
-    {"schema_version": 1, "config": {...LegoConfig...},
+    {"schema_version": 2, "config": {...LegoConfig...},
      "checkpoint": {"path": ..., "sha256": ..., "random_init_seed": ...},
      "created": "2026-01-01T00:00:00+00:00",
      "engines": [{"name": "brick0", "kind": "brick", "brick": 0, "file": "brick0.onnx",
                   "format": "onnx", "precision": "fp32",
                   "inputs": [{"name": "x_in", "dtype": "float32", "shape": ["B", 5, "H", "W"]}, ...],
                   "outputs": [...], "profile": {"batch": [1, 1, 8], "height": [...], "width": [...]},
-                  "sha256": "...", "bytes": 123, "built_with": {...}, "verification": {...}}, ...]}
+                  "sha256": "...", "bytes": 123, "built_with": {...BuiltWith...},
+                  "verification": {...Verification...}}, ...]}
 
+Every record is a frozen dataclass read with exact keys: only lego-export
+writes manifests, in one spelling, so a missing, unknown or mistyped field
+means the directory was not written by this toolchain's exporter.
 :func:`load_manifest` is the only way the runtimes read a directory: it
-checks the schema version, every required field, that every file stays inside
-the directory, exists and has the recorded sha256.  Each refusal is one
+checks the schema version, every field, that every file stays inside the
+directory, exists and has the recorded sha256.  Each refusal is one
 :class:`ManifestError` line that says what to do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+import torch
 
 from export.errors import ManifestError, ProfileError
 from lego_model.checkpoints import file_sha256
@@ -37,28 +47,39 @@ __all__ = [
     "FORMATS",
     "MANIFEST_NAME",
     "PRECISIONS",
+    "PRECISION_DTYPES",
     "SCHEMA_VERSION",
     "SYMBOLIC_DIMS",
+    "TORCH_DTYPES",
+    "BuiltWith",
+    "CheckpointRecord",
     "EngineEntry",
     "Manifest",
     "ManifestError",
+    "MeasuredError",
     "Profile",
     "ProfileError",
     "TensorSpec",
+    "Verification",
     "file_sha256",
     "load_manifest",
     "write_manifest",
 ]
 
-SCHEMA_VERSION = 1
+# 2: checkpoint, built_with and verification became exact records (1 had free-form dicts).
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("onnx", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16")
-DTYPES = ("float32", "float16", "bfloat16")
+# Engine precision (what --precision says) -> the dtype name its half-precision weights and casts use.
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+PRECISIONS = tuple(PRECISION_DTYPES)
+# Tensor dtype names of the manifest -> torch dtypes (the runtimes' buffers, the exporter's casts).
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = tuple(TORCH_DTYPES)
 KINDS = ("embedder", "brick")
 SYMBOLIC_DIMS = ("B", "H", "W")
 
-_REEXPORT = "re-export with lego-export --force"
+_REEXPORT = "re-run lego-export --force"
 
 
 @dataclass(frozen=True)
@@ -69,12 +90,17 @@ class TensorSpec:
     dtype: str  # "float32" | "float16" | "bfloat16"
     shape: list[int | str]
 
+    def concrete(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """The shape with its symbolic dims "B", "H", "W" replaced by sizes."""
+        sizes = {"B": batch, "H": height, "W": width}
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.shape)
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> TensorSpec:
-        d = _require_dict(d, where)
+        d = _exact_keys(d, ("name", "dtype", "shape"), where)
         name = _require(d, "name", str, where)
         dtype = _require(d, "dtype", str, where)
         if dtype not in DTYPES:
@@ -134,14 +160,6 @@ class Profile:
                 "--batch/--height/--width ranges (classifier-free guidance doubles the batch)"
             )
 
-    def contains(self, batch: int, height: int, width: int) -> bool:
-        """Whether (batch, height, width) lies inside every range."""
-        try:
-            self.check(batch, height, width)
-        except ProfileError:
-            return False
-        return True
-
     def describe(self) -> str:
         """Human-readable ranges, e.g. ``batch 1..8 (opt 1), height 4..256 (opt 64), width 4..256 (opt 64)``."""
         return ", ".join(
@@ -154,7 +172,7 @@ class Profile:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "profile") -> Profile:
-        d = _require_dict(d, where)
+        d = _exact_keys(d, ("batch", "height", "width"), where)
         try:
             return cls(
                 batch=tuple(_require(d, "batch", list, where)),
@@ -163,6 +181,129 @@ class Profile:
             )
         except ProfileError as err:
             raise ManifestError(f"{where}: {err}; {_REEXPORT}") from None
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """Where the exported weights came from: a checkpoint file, or a replayable random initialisation."""
+
+    path: str | None  # absolute path of the checkpoint file, None for a random init
+    sha256: str | None  # of that file, None for a random init
+    random_init_seed: int | None  # LegoModel.randomize_ seed, None for a checkpoint file
+
+    @classmethod
+    def of_file(cls, path: str | Path) -> CheckpointRecord:
+        """The record of a checkpoint file (its absolute path and sha256)."""
+        return cls(path=str(Path(path).resolve()), sha256=file_sha256(path), random_init_seed=None)
+
+    @classmethod
+    def random_init(cls, seed: int) -> CheckpointRecord:
+        """The record of random weights that ``LegoModel(config).randomize_(seed)`` reproduces."""
+        return cls(path=None, sha256=None, random_init_seed=seed)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> CheckpointRecord:
+        record = _read_flat(cls, d, where)
+        is_file = record.path is not None and record.sha256 is not None and record.random_init_seed is None
+        is_random = record.path is None and record.sha256 is None and record.random_init_seed is not None
+        if not (is_file or is_random):
+            raise ManifestError(
+                f"{where}: needs either path and sha256 (a checkpoint file) or random_init_seed alone; {_REEXPORT}"
+            )
+        if record.sha256 is not None:
+            _check_sha256(record.sha256, where)
+        return record
+
+
+@dataclass(frozen=True)
+class BuiltWith:
+    """Software (and, for TensorRT plans, the GPU) an engine file was made with.
+
+    The TensorRT fields are None for ONNX files, which are portable, and all
+    set for plans, which only run on that TensorRT version and compute capability.
+    """
+
+    torch: str
+    onnx: str
+    onnxruntime: str | None  # None when onnxruntime was not installed
+    python: str
+    exporter: str  # "dynamo" | "torchscript"
+    opset: int
+    tensorrt: str | None = None
+    gpu: str | None = None  # torch.cuda.get_device_name() of the build GPU
+    compute_capability: str | None = None  # "major.minor", e.g. "9.0"
+    onnx_sha256: str | None = None  # of the ONNX file the plan was built from
+    engine_cache_key: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str, format: str) -> BuiltWith:
+        built = _read_flat(cls, d, where)
+        trt_fields = ("tensorrt", "gpu", "compute_capability", "onnx_sha256", "engine_cache_key")
+        given = [name for name in trt_fields if getattr(built, name) is not None]
+        if format == "onnx" and given:
+            raise ManifestError(f"{where}: an ONNX file has no {given[0]!r}; {_REEXPORT}")
+        if format == "tensorrt":
+            absent = [name for name in trt_fields if name not in given]
+            if absent:
+                raise ManifestError(f"{where}: a TensorRT plan needs {absent[0]!r}; {_REEXPORT}")
+            if not re.fullmatch(r"\d+\.\d+", built.compute_capability):
+                raise ManifestError(
+                    f"{where}: compute_capability {built.compute_capability!r} is not MAJOR.MINOR; {_REEXPORT}"
+                )
+        return built
+
+
+@dataclass(frozen=True)
+class MeasuredError:
+    """An engine output against the eager float32 model: max |out - eager|, and that over max |eager|."""
+
+    max_abs: float
+    max_rel: float
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> MeasuredError:
+        return _read_flat(cls, d, where)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How an engine file was checked at export: per shape "BxHxW" its error, the worst of each, the tolerance.
+
+    The reference is always the eager float32 model; the error is relative to
+    the output's range (max_rel = max |out - eager| / max |eager|).
+    """
+
+    runtime: str  # what ran the file: "onnxruntime-cpu", "onnxruntime-cpu-fp32-emulation", "tensorrt"
+    tolerance: float  # largest max_rel accepted
+    max_abs: float
+    max_rel: float
+    shapes: dict[str, MeasuredError]
+
+    @classmethod
+    def of(cls, shapes: dict[str, MeasuredError], tolerance: float, runtime: str) -> Verification:
+        """The record of per-shape errors: the worst of each measure over the shapes."""
+        return cls(
+            runtime=runtime,
+            tolerance=tolerance,
+            max_abs=max((e.max_abs for e in shapes.values()), default=0.0),
+            max_rel=max((e.max_rel for e in shapes.values()), default=0.0),
+            shapes=dict(shapes),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> Verification:
+        d = _exact_keys(d, tuple(f.name for f in dataclasses.fields(cls)), where)
+        shapes = _require(d, "shapes", dict, where)
+        return cls(
+            runtime=_require(d, "runtime", str, where),
+            tolerance=_require(d, "tolerance", float, where),
+            max_abs=_require(d, "max_abs", float, where),
+            max_rel=_require(d, "max_rel", float, where),
+            shapes={k: MeasuredError.from_dict(v, f"{where} shape {k}") for k, v in shapes.items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -180,11 +321,8 @@ class EngineEntry:
     profile: Profile
     sha256: str
     bytes: int
-    # versions ("torch", "onnx", "onnxruntime", "tensorrt": str|None), "exporter", "opset", "gpu" (name|None),
-    # "compute_capability" ("major.minor", e.g. "9.0", or None for ONNX files)
-    built_with: dict[str, Any] = field(default_factory=dict)
-    # "runtime", "tolerance", worst "max_abs"/"max_rel", and per shape "BxHxW": {"max_abs", "max_rel"} vs eager
-    verification: dict[str, Any] = field(default_factory=dict)
+    built_with: BuiltWith
+    verification: Verification
 
     def path(self, engine_dir: str | Path) -> Path:
         """Absolute path of the engine file inside ``engine_dir``."""
@@ -203,19 +341,19 @@ class EngineEntry:
             "profile": self.profile.to_dict(),
             "sha256": self.sha256,
             "bytes": self.bytes,
-            "built_with": dict(self.built_with),
-            "verification": dict(self.verification),
+            "built_with": dataclasses.asdict(self.built_with),
+            "verification": self.verification.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> EngineEntry:
-        d = _require_dict(d, where)
+        d = _exact_keys(d, tuple(f.name for f in dataclasses.fields(cls)), where)
         name = _require(d, "name", str, where)
         where = f"{where} ({name})"
         kind = _require(d, "kind", str, where)
         if kind not in KINDS:
             raise ManifestError(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}; {_REEXPORT}")
-        brick = d.get("brick")
+        brick = d["brick"]
         if kind == "brick" and (not isinstance(brick, int) or isinstance(brick, bool) or brick < 0):
             raise ManifestError(f"{where}: a brick engine needs a brick index >= 0, got {brick!r}; {_REEXPORT}")
         if kind == "embedder" and brick is not None:
@@ -226,9 +364,7 @@ class EngineEntry:
         precision = _require(d, "precision", str, where)
         if precision not in PRECISIONS:
             raise ManifestError(f"{where}: precision {precision!r} is not one of {', '.join(PRECISIONS)}; {_REEXPORT}")
-        sha = _require(d, "sha256", str, where)
-        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise ManifestError(f"{where}: sha256 {sha!r} is not 64 lowercase hex digits; {_REEXPORT}")
+        sha = _check_sha256(_require(d, "sha256", str, where), where)
         size = _require(d, "bytes", int, where)
         return cls(
             name=name,
@@ -242,8 +378,8 @@ class EngineEntry:
             profile=Profile.from_dict(_require(d, "profile", dict, where), f"{where} profile"),
             sha256=sha,
             bytes=size,
-            built_with=dict(d.get("built_with") or {}),
-            verification=dict(d.get("verification") or {}),
+            built_with=BuiltWith.from_dict(d["built_with"], f"{where} built_with", fmt),
+            verification=Verification.from_dict(d["verification"], f"{where} verification"),
         )
 
 
@@ -252,7 +388,7 @@ class Manifest:
     """Contents of manifest.json: model config, checkpoint identity and the engines."""
 
     config: LegoConfig
-    checkpoint: dict[str, Any]  # {"path": str|None, "sha256": str|None, "random_init_seed": int|None}
+    checkpoint: CheckpointRecord
     engines: list[EngineEntry]
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat())
     schema_version: int = SCHEMA_VERSION
@@ -271,7 +407,7 @@ class Manifest:
         return {
             "schema_version": self.schema_version,
             "config": self.config.to_dict(),
-            "checkpoint": dict(self.checkpoint),
+            "checkpoint": dataclasses.asdict(self.checkpoint),
             "created": self.created,
             "engines": [e.to_dict() for e in self.engines],
         }
@@ -284,18 +420,22 @@ class Manifest:
         """Validate the structure of a parsed manifest (files are checked by :func:`load_manifest`)."""
         d = _require_dict(d, where)
         version = d.get("schema_version")
+        if isinstance(version, int) and not isinstance(version, bool) and 0 < version < SCHEMA_VERSION:
+            raise ManifestError(
+                f"{where} was written by an older lego-export (schema version {version}, this toolchain reads "
+                f"{SCHEMA_VERSION}); {_REEXPORT}"
+            )
         if version != SCHEMA_VERSION:
             raise ManifestError(
                 f"{where} has schema version {version!r}, this toolchain reads version {SCHEMA_VERSION}; {_REEXPORT}"
             )
+        d = _exact_keys(d, ("schema_version", "config", "checkpoint", "created", "engines"), where)
         try:
             config = LegoConfig.from_dict(_require(d, "config", dict, where))
         except ConfigError as err:
             raise ManifestError(f"{where}: invalid model config ({err}); {_REEXPORT}") from None
-        checkpoint = _require(d, "checkpoint", dict, where)
-        for key in ("path", "sha256", "random_init_seed"):
-            if key not in checkpoint:
-                raise ManifestError(f"{where}: checkpoint lacks {key!r}; {_REEXPORT}")
+        checkpoint = CheckpointRecord.from_dict(d["checkpoint"], f"{where} checkpoint")
+        created = _require(d, "created", str, where)
         raw = _require(d, "engines", list, where)
         engines = [EngineEntry.from_dict(e, f"{where} engine {i}") for i, e in enumerate(raw)]
         seen: set[tuple[str, str]] = set()
@@ -310,13 +450,7 @@ class Manifest:
                 )
             if e.kind == "embedder" and e.name != "embedder":
                 raise ManifestError(f"{where}: the embedder engine must be named 'embedder', got {e.name!r}")
-        return cls(
-            config=config,
-            checkpoint=dict(checkpoint),
-            engines=engines,
-            created=str(d.get("created", "")),
-            schema_version=version,
-        )
+        return cls(config=config, checkpoint=checkpoint, engines=engines, created=created, schema_version=version)
 
 
 def load_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> Manifest:
@@ -338,7 +472,7 @@ def load_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> Manifes
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ManifestError(f"{path} is not valid JSON ({err}); re-export with lego-export --force") from None
+        raise ManifestError(f"{path} is not valid JSON ({err}); {_REEXPORT}") from None
     manifest = Manifest.from_dict(data, where=str(path))
     root = engine_dir.resolve()
     for e in manifest.engines:
@@ -375,15 +509,52 @@ def _require_dict(d: Any, where: str) -> dict[str, Any]:
     return d
 
 
-def _require(d: dict[str, Any], key: str, kind: type, where: str) -> Any:
+def _exact_keys(d: Any, keys: tuple[str, ...], where: str) -> dict[str, Any]:
+    """``d`` as a dict with exactly ``keys``: lego-export writes every field, in one spelling."""
+    d = _require_dict(d, where)
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise ManifestError(f"{where}: required field {missing[0]!r} is missing; {_REEXPORT}")
+    unknown = [k for k in d if k not in keys]
+    if unknown:
+        raise ManifestError(f"{where}: unknown field {unknown[0]!r}; {_REEXPORT}")
+    return d
+
+
+def _require(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """``d[key]``, refused unless it is of ``kind`` (bool is no int; an int is a valid float, as in JSON)."""
     if key not in d:
         raise ManifestError(f"{where}: required field {key!r} is missing; {_REEXPORT}")
     value = d[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ManifestError(
-            f"{where}: field {key!r} should be {kind.__name__}, got {type(value).__name__}; {_REEXPORT}"
-        )
-    return value
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    accepted = (*kinds, int) if float in kinds else kinds
+    if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        raise ManifestError(f"{where}: field {key!r} should be {names}, got {_json_type(value)}; {_REEXPORT}")
+    return float(value) if float in kinds and isinstance(value, int) else value
+
+
+def _read_flat(cls: type, d: Any, where: str) -> Any:
+    """An instance of dataclass ``cls`` whose fields are str, int, float or X | None, read with exact keys."""
+    hints = typing.get_type_hints(cls)
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    d = _exact_keys(d, names, where)
+    values = {}
+    for name in names:
+        hint = hints[name]
+        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        values[name] = _require(d, name, kinds, where)
+    return cls(**values)
+
+
+def _json_type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_sha256(sha: str, where: str) -> str:
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ManifestError(f"{where}: sha256 {sha!r} is not 64 lowercase hex digits; {_REEXPORT}")
+    return sha
 
 
 def _safe_relative(file: str, where: str) -> str:

@@ -10,6 +10,7 @@ earlier point removes the temporary directory and leaves the target as it was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import platform
@@ -25,10 +26,21 @@ import onnx
 import torch
 
 from export.errors import ExportError
-from export.manifest import MANIFEST_NAME, EngineEntry, Manifest, Profile, file_sha256, load_manifest, write_manifest
+from export.manifest import (
+    MANIFEST_NAME,
+    BuiltWith,
+    CheckpointRecord,
+    EngineEntry,
+    Manifest,
+    Profile,
+    Verification,
+    file_sha256,
+    load_manifest,
+    write_manifest,
+)
 from export.onnx_export import DEFAULT_OPSET, onnx_from_spec
 from export.specs import check_profile, default_profile, engine_specs
-from export.verify import verification_shapes, verify_onnx
+from export.verify import onnx_runner, verification_shapes, verify_engine
 from lego_model.model import LegoModel
 
 log = logging.getLogger(__name__)
@@ -59,7 +71,7 @@ class EngineReport:
     precision: str
     bytes: int
     seconds: float
-    max_rel: float | None
+    max_rel: float
     note: str = ""
 
 
@@ -119,33 +131,35 @@ def replace_directory(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def software_versions() -> dict[str, Any]:
-    """Versions recorded in every engine's ``built_with``."""
+def onnx_built_with(exporter: str, opset: int) -> BuiltWith:
+    """``built_with`` of an ONNX file made here: software versions, exporter and opset (no GPU: it is portable)."""
     try:
         import onnxruntime
 
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = None
-    return {
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": ort_version,
-        "python": platform.python_version(),
-    }
+    return BuiltWith(
+        torch=torch.__version__,
+        onnx=onnx.__version__,
+        onnxruntime=ort_version,
+        python=platform.python_version(),
+        exporter=exporter,
+        opset=opset,
+    )
 
 
 def export_engine_dir(
     model: LegoModel,
     out: str | Path,
-    checkpoint: dict[str, Any],
+    checkpoint: CheckpointRecord,
     options: ExportOptions,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export, verify and (for trt/all) build every engine of ``model`` into ``out``; returns manifest and summary.
 
-    ``checkpoint`` is the manifest's checkpoint record ({"path", "sha256",
-    "random_init_seed"}).  ``progress`` receives one line per step (default: the log).
+    ``checkpoint`` says where the weights came from (the manifest records it).  ``progress``
+    receives one line per step (default: the log).
     """
     say = progress or log.info
     out = Path(out)
@@ -167,7 +181,6 @@ def export_engine_dir(
         trt_env = require_tensorrt(options.engines)
     shapes = verification_shapes(config, profile)
     specs = engine_specs(config)
-    versions = software_versions()
     started = time.perf_counter()
     reports: list[EngineReport] = []
     entries: list[EngineEntry] = []
@@ -184,21 +197,21 @@ def export_engine_dir(
             say(f"[{i}/{len(specs)}] {spec.name}: ONNX export ({options.precision})")
             exporter = onnx_from_spec(spec, model, onnx_path, options.precision, options.opset, options.exporter)
             spec_shapes = _shapes_for(spec, shapes)
-            verification = verify_onnx(spec, model, onnx_path, options.precision, spec_shapes, seed=options.seed)
+            runner = onnx_runner(spec, onnx_path, options.precision)
+            verification = verify_engine(spec, model, runner, options.precision, spec_shapes, seed=options.seed)
             seconds = time.perf_counter() - t0
             say(
                 f"[{i}/{len(specs)}] {spec.name}: {onnx_path.stat().st_size / 1e6:.2f} MB, {seconds:.1f} s, "
-                f"ONNX Runtime max rel err {verification['max_rel']:.2e} (tolerance {verification['tolerance']:g})"
+                f"ONNX Runtime max rel err {verification.max_rel:.2e} (tolerance {verification.tolerance:g})"
             )
-            built_with = {**versions, "exporter": exporter, "opset": options.opset}
-            built_with.update(tensorrt=None, gpu=None, compute_capability=None)  # an ONNX file is portable
+            built_with = onnx_built_with(exporter, options.opset)
             onnx_entry = _entry(spec, onnx_path, staging, "onnx", options.precision, profile, built_with, verification)
             if want_onnx:
                 entries.append(onnx_entry)
                 reports.append(_report(onnx_entry, seconds, exporter))
             if want_trt:
                 entry, seconds, note = _tensorrt_engine(
-                    spec, model, onnx_entry, onnx_path, staging, options, profile, spec_shapes, trt_env, versions
+                    spec, model, onnx_entry, onnx_path, staging, options, profile, spec_shapes, trt_env
                 )
                 say(f"[{i}/{len(specs)}] {spec.name}: TensorRT plan {entry.bytes / 1e6:.2f} MB, {seconds:.1f} s {note}")
                 entries.append(entry)
@@ -230,8 +243,8 @@ def _entry(
     fmt: str,
     precision: str,
     profile: Profile,
-    built_with: dict[str, Any],
-    verification: dict[str, Any],
+    built_with: BuiltWith,
+    verification: Verification,
 ) -> EngineEntry:
     return EngineEntry(
         name=spec.name,
@@ -257,7 +270,7 @@ def _report(entry: EngineEntry, seconds: float, note: str) -> EngineReport:
         precision=entry.precision,
         bytes=entry.bytes,
         seconds=seconds,
-        max_rel=entry.verification.get("max_rel"),
+        max_rel=entry.verification.max_rel,
         note=note,
     )
 
@@ -272,7 +285,6 @@ def _tensorrt_engine(
     profile: Profile,
     shapes: list[tuple[int, int, int]],
     env: Any,
-    versions: dict[str, Any],
 ) -> tuple[EngineEntry, float, str]:
     """Build (or take from the engine cache) one plan, verify it on the GPU, and describe it."""
     from export.tensorrt_build import (
@@ -281,8 +293,8 @@ def _tensorrt_engine(
         engine_cache_key,
         engine_cache_parts,
         engine_from_onnx,
+        plan_runner,
         timing_cache_name,
-        verify_plan,
     )
 
     t0 = time.perf_counter()
@@ -300,16 +312,14 @@ def _tensorrt_engine(
         engine_from_onnx(spec, onnx_path, plan_path, profile, timing)
         cache.store(key, parts, plan_path)
         note = "(built)"
-    verification = verify_plan(spec, model, plan_path, options.precision, shapes, seed=options.seed)
-    built_with = {
-        **versions,
-        "exporter": onnx_entry.built_with["exporter"],
-        "opset": options.opset,
-        "onnx_sha256": onnx_entry.sha256,
-        "tensorrt": env.tensorrt_version,
-        "gpu": env.gpu_name,
-        "compute_capability": env.compute_capability,
-        "engine_cache_key": key,
-    }
+    verification = verify_engine(spec, model, plan_runner(spec, plan_path), options.precision, shapes, options.seed)
+    built_with = dataclasses.replace(
+        onnx_entry.built_with,
+        tensorrt=env.tensorrt_version,
+        gpu=env.gpu_name,
+        compute_capability=env.compute_capability,
+        onnx_sha256=onnx_entry.sha256,
+        engine_cache_key=key,
+    )
     entry = _entry(spec, plan_path, staging, "tensorrt", options.precision, profile, built_with, verification)
     return entry, time.perf_counter() - t0, note

@@ -22,12 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from export.errors import ProfileError
-from export.manifest import Profile, TensorSpec
+from export.manifest import PRECISION_DTYPES, TORCH_DTYPES, Profile, TensorSpec
 from lego_model.configs import LegoConfig
 from lego_model.model import Attention, Brick, LegoModel
 from lego_model.precond import canvas_coords
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IO_DTYPE = "float32"
 DEFAULT_BATCH = (1, 1, 8)
 
@@ -68,16 +67,10 @@ def check_profile(profile: Profile, config: LegoConfig) -> None:
             )
 
 
-def concrete_shape(shape: list[int | str], batch: int, height: int, width: int) -> tuple[int, ...]:
-    """Substitute the symbolic dims "B", "H", "W" of a TensorSpec shape."""
-    sizes = {"B": batch, "H": height, "W": width}
-    return tuple(sizes[d] if isinstance(d, str) else d for d in shape)
-
-
 def profile_shapes(spec: EngineSpec, profile: Profile) -> dict[str, tuple[tuple[int, ...], ...]]:
     """Input name -> (min, opt, max) concrete shapes, as a TensorRT optimization profile wants them."""
     corners = [(profile.batch[i], profile.height[i], profile.width[i]) for i in range(3)]
-    return {t.name: tuple(concrete_shape(t.shape, *c) for c in corners) for t in spec.inputs}
+    return {t.name: tuple(t.concrete(*c) for c in corners) for t in spec.inputs}
 
 
 # ------------------------------------------------------------------------------------ half-precision graphs
@@ -150,7 +143,7 @@ def half_precision_copy(module: nn.Module, precision: str) -> nn.Module:
     model itself (``timestep_features``) whatever the weights' dtype.  In bf16
     the patch-embedding convolution stays fp32 too (see :class:`Fp32Conv2d`).
     """
-    dtype = TORCH_DTYPES[precision]
+    dtype = TORCH_DTYPES[PRECISION_DTYPES[precision]]
     out = copy.deepcopy(module).to(dtype)
     for parent in list(out.modules()):
         for name, child in list(parent.named_children()):
@@ -197,7 +190,7 @@ class BrickGraph(nn.Module):
     def __init__(self, brick: Brick, precision: str) -> None:
         super().__init__()
         self.brick = brick if precision == "fp32" else half_precision_copy(brick, precision)
-        self.dtype = TORCH_DTYPES[precision]
+        self.dtype = TORCH_DTYPES[PRECISION_DTYPES[precision]]
 
     def forward(self, x_in: Tensor, f_prev: Tensor, cond: Tensor) -> Tensor:
         return self.brick(x_in.to(self.dtype), f_prev.to(self.dtype), cond.to(self.dtype)).float()  # (B, C, H, W)

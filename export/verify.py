@@ -1,4 +1,8 @@
-"""Export-time verification: every ONNX file against the eager module, in ONNX Runtime on the CPU.
+"""Export-time verification: every exported file against the eager module, one loop for every format.
+
+:func:`verify_engine` runs an :class:`EngineRunner` (ONNX Runtime on the CPU
+for ONNX files, :func:`export.tensorrt_build.plan_runner` on the GPU for
+TensorRT plans) at each verification shape and compares with the eager model.
 
 The error measure is ``max_rel = max |exported - eager| / max |eager|`` per
 output (relative to the output's range, not per element: f crosses zero and
@@ -16,6 +20,8 @@ the TensorRT build verifies the real thing on the GPU.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,7 @@ import onnx
 import torch
 
 from export.errors import MissingDependencyError, VerificationError
-from export.manifest import Profile
+from export.manifest import MeasuredError, Profile, Verification
 from export.specs import EngineSpec
 from lego_model.configs import LegoConfig
 from lego_model.model import LegoModel
@@ -74,69 +80,85 @@ def eager_output(spec: EngineSpec, model: LegoModel, inputs: dict[str, torch.Ten
     return out.float().numpy()
 
 
-def compare(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+def compare(out: np.ndarray, ref: np.ndarray) -> MeasuredError:
     """max_abs and max_rel (relative to max |ref|) of one output."""
     if out.shape != ref.shape:
-        return {"max_abs": float("inf"), "max_rel": float("inf")}
+        return MeasuredError(max_abs=float("inf"), max_rel=float("inf"))
     err = np.abs(out.astype(np.float64) - ref.astype(np.float64))
     max_abs = float(err.max()) if err.size else 0.0
     scale = float(np.abs(ref).max()) if ref.size else 0.0
-    return {"max_abs": max_abs, "max_rel": max_abs / max(scale, 1e-12)}
+    return MeasuredError(max_abs=max_abs, max_rel=max_abs / max(scale, 1e-12))
 
 
-def verify_onnx(
+@dataclass(frozen=True)
+class EngineRunner:
+    """One exported file, ready to run: what the verification loop needs from a format.
+
+    ``run`` takes the engine's named float32 CPU inputs and returns its one
+    output as a float32 array; when the runtime cannot run them it raises
+    :class:`VerificationError` with a one-line reason.
+    """
+
+    runtime: str  # recorded in the manifest: "onnxruntime-cpu", "tensorrt", ...
+    run: Callable[[dict[str, torch.Tensor]], np.ndarray]
+
+
+def verify_engine(
     spec: EngineSpec,
     model: LegoModel,
-    path: str | Path,
+    runner: EngineRunner,
     precision: str,
     shapes: list[Shape],
     seed: int = 0,
-) -> dict[str, Any]:
-    """Run ``path`` in ONNX Runtime (CPU) at ``shapes`` against the eager model.
+) -> Verification:
+    """Run ``runner`` at ``shapes`` on sample inputs and compare with the eager float32 model.
 
     Returns the manifest's ``verification`` record; raises :class:`VerificationError`
-    naming the engine, the shape and the error when one exceeds the tolerance.
+    naming the engine, the runtime, the shape and the error when the file cannot
+    run there, returns another shape, or exceeds the precision's tolerance.
     """
     tolerance = TOLERANCES[precision]
-    session = _ort_session(Path(path), emulate_bf16=precision == "bf16")
-    results: dict[str, dict[str, float]] = {}
+    what = f"{spec.name} ({precision}, {runner.runtime})"
+    results: dict[str, MeasuredError] = {}
     for i, (b, h, w) in enumerate(shapes):
         inputs = spec.sample_inputs(model, b, h, w, seed=seed + i)
         ref = eager_output(spec, model, inputs)
         try:
-            (out,) = session.run(spec.output_names, {k: v.numpy() for k, v in inputs.items()})
-        except Exception as err:  # onnxruntime raises its own untyped errors (Fail, InvalidArgument, ...)
-            raise VerificationError(
-                f"{spec.name} ({precision} ONNX): onnxruntime cannot run it at batch {b}, {h}x{w} "
-                f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
-            ) from None
-        err = compare(out, ref)
-        key = f"{b}x{h}x{w}"
-        results[key] = err
+            out = runner.run(inputs)
+        except VerificationError as err:
+            raise VerificationError(f"{what} cannot run at batch {b}, {h}x{w}: {err}") from None
         if out.shape != ref.shape:
             raise VerificationError(
-                f"{spec.name} ({precision} ONNX) returns shape {list(out.shape)} at batch {b}, {h}x{w}, "
-                f"the eager model {list(ref.shape)}; this is an exporter bug"
+                f"{what} returns shape {list(out.shape)} at batch {b}, {h}x{w}, the eager model "
+                f"{list(ref.shape)}; this is an exporter bug"
             )
-        if not err["max_rel"] <= tolerance:  # also catches NaN
+        err = results[f"{b}x{h}x{w}"] = compare(out, ref)
+        if not err.max_rel <= tolerance:  # also catches NaN
             raise VerificationError(
-                f"{spec.name} ({precision} ONNX) differs from the eager model at batch {b}, {h}x{w}: "
-                f"max |err| {err['max_abs']:.3g} = {err['max_rel']:.3g} of the output range, tolerance {tolerance:g}"
+                f"{what} differs from the eager model at batch {b}, {h}x{w}: max |err| {err.max_abs:.3g} = "
+                f"{err.max_rel:.3g} of the output range, tolerance {tolerance:g}"
             )
-    return summarize(results, tolerance, "onnxruntime-cpu" + ("-fp32-emulation" if precision == "bf16" else ""))
+    return Verification.of(results, tolerance, runner.runtime)
 
 
-def summarize(results: dict[str, dict[str, float]], tolerance: float, runtime: str) -> dict[str, Any]:
-    """The manifest's verification record: per-shape errors, the worst of each, tolerance and runtime."""
-    return {
-        "runtime": runtime,
-        "reference": "eager float32 PyTorch",
-        "metric": "max_rel = max|out - eager| / max|eager|",
-        "tolerance": tolerance,
-        "max_abs": max((r["max_abs"] for r in results.values()), default=0.0),
-        "max_rel": max((r["max_rel"] for r in results.values()), default=0.0),
-        "shapes": results,
-    }
+def onnx_runner(spec: EngineSpec, path: str | Path, precision: str) -> EngineRunner:
+    """ONNX Runtime on the CPU; a bf16 file runs as its fp32 emulation (see the module docstring)."""
+    emulate_bf16 = precision == "bf16"
+    session = _ort_session(Path(path), emulate_bf16=emulate_bf16)
+
+    def run(inputs: dict[str, torch.Tensor]) -> np.ndarray:
+        try:
+            (out,) = session.run(spec.output_names, {k: v.numpy() for k, v in inputs.items()})
+        except Exception as err:  # onnxruntime raises its own untyped errors (Fail, InvalidArgument, ...)
+            raise VerificationError(_first_line(err)) from None
+        return out
+
+    return EngineRunner("onnxruntime-cpu" + ("-fp32-emulation" if emulate_bf16 else ""), run)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _ort_session(path: Path, emulate_bf16: bool) -> Any:
@@ -155,8 +177,7 @@ def _ort_session(path: Path, emulate_bf16: bool) -> Any:
             model = widen_bf16(model)
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # e.g. NOT_IMPLEMENTED: a kernel this build of onnxruntime lacks for the dtype
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise VerificationError(f"onnxruntime cannot load {path.name} ({first})") from None
+        raise VerificationError(f"onnxruntime cannot load {path.name} ({_first_line(err)})") from None
 
 
 def widen_bf16(model: onnx.ModelProto) -> onnx.ModelProto:

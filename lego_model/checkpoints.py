@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from lego_model.configs import LegoConfig, get_config
 from lego_model.errors import CheckpointError, ConfigError
@@ -43,15 +43,31 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(model: LegoModel, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write weights and config as safetensors (written to a temporary name, then renamed)."""
+def read_safetensors(
+    path: str | Path, what: str = "safetensors file"
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; a :class:`CheckpointError` "PATH is not a readable WHAT" if not."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable {what} ({err})") from None
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write tensors and metadata to a temporary name beside ``path``, then rename: no half-written file."""
     path = Path(path)
-    meta = {"format": FORMAT_TAG, "lego_config": model.config.to_json(), **(metadata or {})}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
     return path
+
+
+def save_checkpoint(model: LegoModel, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write weights and config as safetensors (written to a temporary name, then renamed)."""
+    meta = {"format": FORMAT_TAG, "lego_config": model.config.to_json(), **(metadata or {})}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return write_safetensors(tensors, path, meta)
 
 
 def load_checkpoint(path: str | Path, config: str | LegoConfig | None = None) -> LegoModel:
@@ -118,14 +134,7 @@ def _load_state(model: LegoModel, state: dict[str, torch.Tensor], path: Path) ->
 
 
 def _read_safetensors(path: Path) -> tuple[LegoConfig, dict[str, torch.Tensor]]:
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from None
+    meta, state = read_safetensors(path)
     if "lego_config" not in meta:
         raise CheckpointError(f"{path} has no 'lego_config' metadata: it was not written by lego_model.save_checkpoint")
     try:

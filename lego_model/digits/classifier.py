@@ -17,10 +17,9 @@ from pathlib import Path
 import click
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lego_model.checkpoints import read_safetensors, write_safetensors
 from lego_model.errors import CheckpointError, LegoError
 
 log = logging.getLogger(__name__)
@@ -103,10 +102,7 @@ def save_classifier(model: DigitClassifier, path: str | Path, metadata: dict[str
         "resolution": str(model.resolution),
         **(metadata or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, path, meta)
 
 
 def load_classifier(path: str | Path) -> DigitClassifier:
@@ -116,14 +112,7 @@ def load_classifier(path: str | Path) -> DigitClassifier:
         raise CheckpointError(
             f"classifier {path} does not exist; train one with python -m lego_model.digits.classifier"
         )
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from None
+    meta, state = read_safetensors(path)
     if meta.get("format") != CLASSIFIER_FORMAT:
         raise CheckpointError(f"{path} is not a digit classifier written by lego_model.digits.classifier")
     model = DigitClassifier(int(meta["num_classes"]), int(meta["resolution"]))

@@ -33,11 +33,9 @@ from pathlib import Path
 import click
 import torch
 from click.core import ParameterSource
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lego_model.checkpoints import save_checkpoint
+from lego_model.checkpoints import read_safetensors, save_checkpoint, write_safetensors
 from lego_model.configs import LegoConfig, get_config
 from lego_model.errors import CheckpointError, LegoError
 from lego_model.model import LegoModel
@@ -184,10 +182,7 @@ def save_state(state: TrainState, path: str | Path) -> Path:
         "step": str(state.step),
         "wall_time_s": repr(state.wall_time_s),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return write_safetensors(tensors, path, meta)
 
 
 def load_state(path: str | Path, opts: TrainOptions | None = None) -> TrainState:
@@ -195,14 +190,7 @@ def load_state(path: str | Path, opts: TrainOptions | None = None) -> TrainState
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no training state at {path}: start without --resume, or point --state at the file")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable training state ({err})") from None
+    meta, tensors = read_safetensors(path, "training state")
     if meta.get("format") != STATE_FORMAT:
         raise CheckpointError(
             f"{path} is not a training state written by lego_model.digits.train (format {meta.get('format')!r})"

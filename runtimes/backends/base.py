@@ -22,14 +22,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from export.manifest import TORCH_DTYPES
 from lego_model.configs import LegoConfig
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
     from export.manifest import EngineEntry
     from runtimes.chain import EngineCall
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def manifest_checkpoint_path(manifest: Manifest, engine_dir: str | Path) -> Path | None:
     """The checkpoint file a manifest names, looked up as written, then inside the engine directory."""
-    recorded = manifest.checkpoint.get("path")
+    recorded = manifest.checkpoint.path
     if not recorded:
         return None
     for candidate in (Path(recorded), Path(engine_dir) / recorded, Path(engine_dir) / Path(recorded).name):
@@ -42,15 +42,14 @@ def manifest_checkpoint_path(manifest: Manifest, engine_dir: str | Path) -> Path
 def model_from_manifest(manifest: Manifest, engine_dir: str | Path) -> LegoModel:
     """The eager model the engines were exported from: verified checkpoint, or replayed random init."""
     ckpt = manifest.checkpoint
-    if ckpt.get("random_init_seed") is not None:
-        return LegoModel(manifest.config).randomize_(int(ckpt["random_init_seed"])).eval()
+    if ckpt.random_init_seed is not None:
+        return LegoModel(manifest.config).randomize_(ckpt.random_init_seed).eval()
     path = manifest_checkpoint_path(manifest, engine_dir)
     if path is None or not path.is_file():
         raise CheckpointError(
-            f"the manifest in {engine_dir} names checkpoint {ckpt.get('path')!r}, which is not here; "
-            "pass it with --checkpoint"
+            f"the manifest in {engine_dir} names checkpoint {ckpt.path!r}, which is not here; pass it with --checkpoint"
         )
-    if ckpt.get("sha256") and file_sha256(path) != ckpt["sha256"]:
+    if file_sha256(path) != ckpt.sha256:
         raise CheckpointError(
             f"checkpoint {path} is not the one the engines in {engine_dir} were exported from (sha256 differs); "
             "pass the right file with --checkpoint or re-export"

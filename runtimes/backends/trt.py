@@ -28,7 +28,7 @@ from runtimes.backends.base import BoundShape, EngineBackend, buffer_dtypes, che
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
-    from export.manifest import EngineEntry, Manifest
+    from export.manifest import BuiltWith, EngineEntry, Manifest
     from runtimes.chain import EngineCall
 
 log = logging.getLogger(__name__)
@@ -46,30 +46,8 @@ def import_tensorrt() -> Any:
     return tensorrt
 
 
-def _capability(value: Any) -> str | None:
-    """'8.9' from '8.9', [8, 9], (8, 9), 'sm_89' or '89'; None when absent."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return f"{int(value[0])}.{int(value[1])}"
-    text = str(value).strip().lower().removeprefix("sm_")
-    if "." in text:
-        return text
-    if text.isdigit() and len(text) >= 2:
-        return f"{text[:-1]}.{text[-1]}"
-    return text
-
-
-def built_with_fields(built_with: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:
-    """(tensorrt version, GPU name, compute capability) recorded for an engine, whatever the key spelling."""
-    version = built_with.get("tensorrt") or built_with.get("tensorrt_version")
-    gpu = built_with.get("gpu") or built_with.get("gpu_name") or built_with.get("device")
-    cap = built_with.get("compute_capability") or built_with.get("capability") or built_with.get("sm")
-    return (None if version is None else str(version), None if gpu is None else str(gpu), _capability(cap))
-
-
 def check_engine_compat(
-    engine: str, built_with: Mapping[str, Any], trt_version: str, gpu_name: str, capability: str
+    engine: str, built_with: BuiltWith, trt_version: str, gpu_name: str, capability: str
 ) -> list[str]:
     """Refuse an engine built for another TensorRT version or GPU architecture; returns warnings.
 
@@ -77,24 +55,24 @@ def check_engine_compat(
     capability they were tuned for (unless built version-/hardware-compatible,
     which lego-export does not do).  A different GPU model of the same
     capability loads, but its tactics were timed elsewhere: that is a warning.
+    ``capability`` is "major.minor", as the exporter records it.
     """
-    version, gpu, cap = built_with_fields(built_with)
     fix = "rebuild the engines here with lego-export --engines trt --force"
-    if version is None or cap is None:
+    if built_with.tensorrt != trt_version:
         raise BackendError(
-            f"engine {engine}: the manifest does not record the TensorRT version and GPU it was built with; {fix}"
+            f"engine {engine} was built with TensorRT {built_with.tensorrt}, this machine has TensorRT {trt_version}; "
+            f"{fix}"
         )
-    if version != trt_version:
+    if built_with.compute_capability != capability:
         raise BackendError(
-            f"engine {engine} was built with TensorRT {version}, this machine has TensorRT {trt_version}; {fix}"
+            f"engine {engine} was built for compute capability {built_with.compute_capability} ({built_with.gpu}), "
+            f"this GPU ({gpu_name}) is {capability}; {fix}"
         )
-    if cap != _capability(capability):
-        raise BackendError(
-            f"engine {engine} was built for compute capability {cap} ({gpu or 'unknown GPU'}), this GPU "
-            f"({gpu_name}) is {_capability(capability)}; {fix}"
-        )
-    if gpu and gpu != gpu_name:
-        return [f"engine {engine} was built on {gpu}, running on {gpu_name} (same architecture): speed may differ"]
+    if built_with.gpu != gpu_name:
+        return [
+            f"engine {engine} was built on {built_with.gpu}, running on {gpu_name} (same architecture): "
+            "speed may differ"
+        ]
     return []
 
 
@@ -203,10 +181,7 @@ class TensorRTBackend(EngineBackend):
         for name, entry in self.entries.items():
             ctx = self.contexts[name]
             for spec in entry.inputs:
-                dims = tuple(
-                    {"B": shape.rows, "H": shape.height, "W": shape.width}.get(d, d) if isinstance(d, str) else d
-                    for d in spec.shape
-                )
+                dims = spec.concrete(shape.rows, shape.height, shape.width)
                 if not ctx.set_input_shape(spec.name, dims):
                     raise BackendError(
                         f"TensorRT refused shape {dims} for {name}.{spec.name}; check the engine profile"

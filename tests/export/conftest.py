@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from export.manifest import CheckpointRecord, Verification
 from export.onnx_export import onnx_from_spec
 from export.pipeline import ExportOptions, ExportResult, export_engine_dir
 from export.specs import engine_specs
-from export.verify import verify_onnx
+from export.verify import onnx_runner, verify_engine
 from lego_model.configs import get_config
 from lego_model.model import LegoModel
 
-RANDOM_INIT = {"path": None, "sha256": None, "random_init_seed": 0}
+RANDOM_INIT = CheckpointRecord.random_init(0)
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +30,7 @@ def fp32_export(tiny_model: LegoModel, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
-def fp16_files(tiny_model: LegoModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+def fp16_files(tiny_model: LegoModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Verification]]:
     """fp16 ONNX of the embedder and brick1 (enough for the structure tests): name -> (path, verification)."""
     out = tmp_path_factory.mktemp("fp16")
     specs = {s.name: s for s in engine_specs(tiny_model.config)}
@@ -38,7 +39,8 @@ def fp16_files(tiny_model: LegoModel, tmp_path_factory: pytest.TempPathFactory) 
         path = out / f"{name}.onnx"
         onnx_from_spec(specs[name], tiny_model, path, precision="fp16")
         shapes = [(1, 1, 1), (2, 1, 1)] if name == "embedder" else [(1, 16, 16), (2, 16, 32)]
-        files[name] = (path, verify_onnx(specs[name], tiny_model, path, "fp16", shapes))
+        runner = onnx_runner(specs[name], path, "fp16")
+        files[name] = (path, verify_engine(specs[name], tiny_model, runner, "fp16", shapes))
     return files
 
 

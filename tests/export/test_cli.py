@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from export import cli, tensorrt_build
-from export.manifest import file_sha256, load_manifest
+from export.manifest import CheckpointRecord, file_sha256, load_manifest
 from lego_model import shipped
 from lego_model.checkpoints import save_checkpoint
 from lego_model.configs import get_config
@@ -48,11 +48,9 @@ def test_default_checkpoint_export_and_summary(
     assert all(" onnx " in line and " fp32 " in line and " MB " in line for line in table[2:6])
     manifest = load_manifest(out)
     assert manifest.config.name == "tiny_PR_16"
-    assert manifest.checkpoint == {
-        "path": str(shipped_tiny.resolve()),
-        "sha256": file_sha256(shipped_tiny),
-        "random_init_seed": None,
-    }
+    assert manifest.checkpoint == CheckpointRecord(
+        path=str(shipped_tiny.resolve()), sha256=file_sha256(shipped_tiny), random_init_seed=None
+    )
     entry = manifest.engines_for("onnx")["embedder"]
     assert [t.name for t in entry.inputs] == ["c_noise"]
     assert entry.profile.batch == (1, 2, 4) and entry.profile.width == (16, 32, 48)
@@ -119,6 +117,6 @@ def test_help_mentions_guidance_doubling() -> None:
 
 def test_random_init_record() -> None:
     model, record = cli._load_model(None, "tiny_PG_16", True, 5)
-    assert record == {"path": None, "sha256": None, "random_init_seed": 5}
+    assert record == CheckpointRecord.random_init(5)
     reference = LegoModel(get_config("tiny_PG_16")).randomize_(5)
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), reference.state_dict().values()))

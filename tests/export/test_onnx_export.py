@@ -12,11 +12,11 @@ import torch
 
 from export import onnx_export
 from export.errors import VerificationError
-from export.manifest import load_manifest
+from export.manifest import Verification, load_manifest
 from export.onnx_export import check_onnx, onnx_from_spec, op_input_dtypes
 from export.pipeline import ExportResult
 from export.specs import engine_specs
-from export.verify import TOLERANCES, eager_output, verify_onnx, widen_bf16
+from export.verify import TOLERANCES, eager_output, onnx_runner, verify_engine, widen_bf16
 from lego_model.model import LegoModel
 
 from .conftest import onnx_file
@@ -43,11 +43,13 @@ def test_manifest_of_export(fp32_export: ExportResult) -> None:
     manifest = load_manifest(fp32_export.out)
     assert manifest == fp32_export.manifest
     entry = manifest.engines_for("onnx")["brick1"]
-    assert entry.built_with["exporter"] == "dynamo" and entry.built_with["torch"] == torch.__version__
-    assert entry.built_with["compute_capability"] is None and entry.built_with["tensorrt"] is None
-    shapes = entry.verification["shapes"]
+    assert entry.built_with.exporter == "dynamo" and entry.built_with.torch == torch.__version__
+    assert entry.built_with.compute_capability is None and entry.built_with.tensorrt is None
+    shapes = entry.verification.shapes
     assert len(shapes) >= 2 and "2x16x32" in shapes and "1x32x32" in shapes  # non-square, larger than training
-    assert 0 < entry.verification["max_rel"] < TOLERANCES["fp32"]
+    assert 0 < entry.verification.max_rel < TOLERANCES["fp32"]
+    assert entry.verification.max_rel == max(e.max_rel for e in shapes.values())
+    assert entry.verification.runtime == "onnxruntime-cpu"
     assert sorted(p.name for p in fp32_export.out.iterdir()) == sorted(
         [f"{n}.onnx" for n in ENGINES] + ["manifest.json"]
     )
@@ -85,13 +87,17 @@ def test_verification_failure_names_brick_shape_and_error(fp32_export: ExportRes
     other = LegoModel(tiny_model.config).randomize_(1).eval()  # the file no longer matches this model
     spec = engine_specs(tiny_model.config)[2]
     with pytest.raises(VerificationError) as info:
-        verify_onnx(spec, other, onnx_file(fp32_export, "brick1"), "fp32", [(2, 16, 32)])
+        verify_engine(spec, other, onnx_runner(spec, onnx_file(fp32_export, "brick1"), "fp32"), "fp32", [(2, 16, 32)])
     message = str(info.value)
-    assert "brick1" in message and "batch 2, 16x32" in message and "tolerance 0.0001" in message
+    assert (
+        "brick1 (fp32, onnxruntime-cpu) differs" in message
+        and "batch 2, 16x32" in message
+        and "tolerance 0.0001" in message
+    )
     assert "\n" not in message
 
 
-def test_fp16_structure(fp16_files: dict[str, tuple[Path, dict]]) -> None:
+def test_fp16_structure(fp16_files: dict[str, tuple[Path, Verification]]) -> None:
     brick = op_input_dtypes(fp16_files["brick1"][0])
     assert brick["LayerNormalization"] == {"float32"}
     assert brick["Softmax"] == {"float32"}
@@ -110,10 +116,10 @@ def test_fp16_structure(fp16_files: dict[str, tuple[Path, dict]]) -> None:
         assert elements.get(onnx.TensorProto.FLOAT, 0) < 0.01 * elements[onnx.TensorProto.FLOAT16], path.name
 
 
-def test_fp16_errors(fp16_files: dict[str, tuple[Path, dict]]) -> None:
+def test_fp16_errors(fp16_files: dict[str, tuple[Path, Verification]]) -> None:
     for path, verification in fp16_files.values():
         # really computed in half precision (error well above fp32's) and still within tolerance
-        assert 1e-5 < verification["max_rel"] < TOLERANCES["fp16"], path.name
+        assert 1e-5 < verification.max_rel < TOLERANCES["fp16"], path.name
 
 
 def test_bf16_structure_and_emulated_verification(tiny_model: LegoModel, tmp_path: Path) -> None:
@@ -126,9 +132,9 @@ def test_bf16_structure_and_emulated_verification(tiny_model: LegoModel, tmp_pat
     assert ops["Conv"] == {"float32"}  # ONNX Conv has no bf16 before opset 22
     widened = widen_bf16(onnx.load(str(path)))
     assert not any(t.data_type == onnx.TensorProto.BFLOAT16 for t in widened.graph.initializer)
-    result = verify_onnx(spec, tiny_model, path, "bf16", [(1, 16, 16), (2, 16, 32)])
-    assert result["runtime"] == "onnxruntime-cpu-fp32-emulation"
-    assert 1e-5 < result["max_rel"] < TOLERANCES["bf16"]
+    result = verify_engine(spec, tiny_model, onnx_runner(spec, path, "bf16"), "bf16", [(1, 16, 16), (2, 16, 32)])
+    assert result.runtime == "onnxruntime-cpu-fp32-emulation"
+    assert 1e-5 < result.max_rel < TOLERANCES["bf16"]
 
 
 def test_export_is_deterministic(tiny_model: LegoModel, tmp_path: Path) -> None:
@@ -147,5 +153,5 @@ def test_unloadable_file_is_a_verification_error(tiny_model: LegoModel, tmp_path
     path = tmp_path / "brick0.onnx"
     path.write_bytes(b"not an onnx file")
     with pytest.raises(VerificationError, match=r"^onnxruntime cannot load brick0\.onnx \(") as info:
-        verify_onnx(engine_specs(tiny_model.config)[1], tiny_model, path, "fp32", [(1, 16, 16)])
+        onnx_runner(engine_specs(tiny_model.config)[1], path, "fp32")
     assert "\n" not in str(info.value)

@@ -37,7 +37,7 @@ def test_failure_mid_export_leaves_old_directory(
     old_dir: Path, tiny_model: LegoModel, monkeypatch: pytest.MonkeyPatch, failure: BaseException
 ) -> None:
     before = _snapshot(old_dir)
-    real_verify = pipeline.verify_onnx
+    real_verify = pipeline.verify_engine
     calls: list[str] = []
 
     def verify_then_fail(spec, *args, **kwargs):
@@ -46,7 +46,7 @@ def test_failure_mid_export_leaves_old_directory(
             raise failure
         return real_verify(spec, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "verify_onnx", verify_then_fail)
+    monkeypatch.setattr(pipeline, "verify_engine", verify_then_fail)
     with pytest.raises(type(failure)):
         export_engine_dir(tiny_model, old_dir, RANDOM_INIT, ExportOptions(force=True))
     assert calls == ["embedder", "brick0"]

@@ -6,7 +6,7 @@ import pytest
 
 from export.errors import ProfileError
 from export.manifest import Profile
-from export.specs import check_profile, concrete_shape, default_profile, engine_specs, parse_range, profile_shapes
+from export.specs import check_profile, default_profile, engine_specs, parse_range, profile_shapes
 from export.verify import verification_shapes
 from lego_model.configs import get_config
 
@@ -65,7 +65,6 @@ def test_profile_shapes() -> None:
         "c_noise": ((1,), (2,), (8,)),
         "class_labels": ((1, 10), (2, 10), (8, 10)),
     }
-    assert concrete_shape(["B", 5, "H", "W"], 3, 16, 32) == (3, 5, 16, 32)
 
 
 def test_verification_shapes_cover_non_square_batch_and_large() -> None:

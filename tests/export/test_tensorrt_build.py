@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import pytest
 
 from export import tensorrt_build
-from export.errors import MissingDependencyError
+from export.errors import MissingDependencyError, VerificationError
 from export.manifest import Profile, load_manifest
 from export.pipeline import ExportOptions, export_engine_dir
 from export.tensorrt_build import (
@@ -19,6 +20,7 @@ from export.tensorrt_build import (
     require_tensorrt,
     timing_cache_name,
 )
+from export.verify import onnx_runner
 
 from .conftest import RANDOM_INIT
 
@@ -87,6 +89,78 @@ def test_require_tensorrt_without_the_package(monkeypatch: pytest.MonkeyPatch) -
         require_tensorrt("trt")
 
 
+# ------------------------------------------------------------- the TensorRT path of the pipeline, faked
+
+
+FAKE_ENV = tensorrt_build.TrtEnvironment("10.9.0", "Fake GPU", "9.0")
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """No TensorRT needed: a builder that writes a stand-in plan, and a runner that runs its ONNX file in ORT.
+
+    Returns the list of engines "built" (cache hits do not build).
+    """
+    built: list[str] = []
+
+    def build(spec, onnx_path, plan_path, profile, timing_cache, workspace_bytes=None) -> None:
+        built.append(spec.name)
+        Path(plan_path).write_bytes(b"plan of " + Path(onnx_path).read_bytes())
+
+    def runner(spec, plan_path):  # the plan computes what its ONNX file (beside it in the staging dir) does
+        return dataclasses.replace(onnx_runner(spec, Path(plan_path).with_suffix(".onnx"), "fp32"), runtime="tensorrt")
+
+    monkeypatch.setattr(tensorrt_build, "require_tensorrt", lambda requested="trt": FAKE_ENV)
+    monkeypatch.setattr(tensorrt_build, "engine_from_onnx", build)
+    monkeypatch.setattr(tensorrt_build, "plan_runner", runner)
+    return built
+
+
+def test_tensorrt_records_and_engine_cache(fake_tensorrt: list[str], tiny_model, tmp_path: Path) -> None:
+    options = ExportOptions(engines="all", exporter="torchscript", cache_dir=tmp_path / "cache")
+    first = export_engine_dir(tiny_model, tmp_path / "a", RANDOM_INIT, options)
+    manifest = load_manifest(tmp_path / "a")
+    files, plans = manifest.engines_for("onnx"), manifest.engines_for("tensorrt")
+    assert list(plans) == list(files) == ["embedder", "brick0", "brick1", "brick2"]
+    assert fake_tensorrt == list(plans)
+    for name, plan in plans.items():
+        onnx_entry = files[name]
+        assert plan.file == f"{name}.plan" and plan.profile == onnx_entry.profile
+        assert plan.built_with == dataclasses.replace(
+            onnx_entry.built_with,
+            tensorrt="10.9.0",
+            gpu="Fake GPU",
+            compute_capability="9.0",
+            onnx_sha256=onnx_entry.sha256,
+            engine_cache_key=engine_cache_key(onnx_entry.sha256, "fp32", plan.profile, "10.9.0", "9.0"),
+        )
+        assert plan.verification.runtime == "tensorrt" and onnx_entry.verification.runtime == "onnxruntime-cpu"
+        assert plan.verification.shapes.keys() == onnx_entry.verification.shapes.keys()
+        assert plan.verification.max_rel == onnx_entry.verification.max_rel  # the same file ran, the same loop
+    assert [r.note for r in first.reports if r.format == "tensorrt"] == ["(built)"] * 4
+    second = export_engine_dir(tiny_model, tmp_path / "b", RANDOM_INIT, options)
+    assert [r.note for r in second.reports if r.format == "tensorrt"] == ["(engine cache hit)"] * 4
+    assert len(fake_tensorrt) == 4  # nothing rebuilt
+    assert load_manifest(tmp_path / "b").engines_for("tensorrt")["brick1"].built_with == plans["brick1"].built_with
+
+
+def test_tensorrt_plan_that_differs_is_refused(
+    fake_tensorrt: list[str], tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def off_by_a_percent(spec, plan_path):
+        inner = onnx_runner(spec, Path(plan_path).with_suffix(".onnx"), "fp32")
+        return dataclasses.replace(inner, runtime="tensorrt", run=lambda inputs: inner.run(inputs) * 1.01)
+
+    monkeypatch.setattr(tensorrt_build, "plan_runner", off_by_a_percent)
+    out = tmp_path / "engines"
+    options = ExportOptions(engines="all", exporter="torchscript", cache_dir=tmp_path / "cache")
+    with pytest.raises(
+        VerificationError, match=r"^embedder \(fp32, tensorrt\) differs from the eager model at batch 1"
+    ):
+        export_engine_dir(tiny_model, out, RANDOM_INIT, options)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".engines")]
+
+
 # ------------------------------------------------------------------------------------------ real builds
 
 
@@ -106,8 +180,8 @@ def test_build_verify_and_cache(trt_env, tiny_model, tmp_path: Path, precision: 
     first = export_engine_dir(tiny_model, tmp_path / "a", RANDOM_INIT, options)
     plans = load_manifest(tmp_path / "a").engines_for("tensorrt")
     assert list(plans) == ["embedder", "brick0", "brick1", "brick2"]
-    assert plans["brick1"].built_with["compute_capability"] == trt_env.compute_capability
-    assert plans["brick1"].verification["runtime"] == "tensorrt"
+    assert plans["brick1"].built_with.compute_capability == trt_env.compute_capability
+    assert plans["brick1"].verification.runtime == "tensorrt"
     assert all(r.note == "(built)" for r in first.reports if r.format == "tensorrt")
     assert (tmp_path / "cache" / timing_cache_name(trt_env.tensorrt_version, trt_env.compute_capability)).is_file()
     second = export_engine_dir(tiny_model, tmp_path / "b", RANDOM_INIT, options)

@@ -13,17 +13,27 @@ from lego_model import LegoModel, get_config
 SEED = 0  # random-init seed of every tiny model here
 
 
-def export_onnx_dir(
-    model: LegoModel, out: Path, *, seed: int | None = SEED, record: dict | None = None, batch=(1, 1, 8), side=None
-) -> Path:
+def export_onnx_dir(model: LegoModel, out: Path, *, checkpoint=None, batch=(1, 1, 8), side=None) -> Path:
     """Write one ONNX file per engine and a manifest for ``model`` into ``out`` (the engine contract).
 
     Uses export's own functions (engine specs, onnx_from_spec, manifest
-    writer) without the verification pass of lego-export, to keep the tests fast.
+    writer) without the verification pass of lego-export, to keep the tests fast
+    (and to let a test export a model whose outputs are broken on purpose): the
+    verification records say so.  ``checkpoint`` defaults to random init seed SEED.
     """
-    from export.manifest import EngineEntry, Manifest, Profile, file_sha256, write_manifest
-    from export.onnx_export import onnx_from_spec
+    from export.manifest import (
+        CheckpointRecord,
+        EngineEntry,
+        Manifest,
+        Profile,
+        Verification,
+        file_sha256,
+        write_manifest,
+    )
+    from export.onnx_export import DEFAULT_OPSET, onnx_from_spec
+    from export.pipeline import onnx_built_with
     from export.specs import engine_specs
+    from export.verify import TOLERANCES
 
     cfg = model.config
     m, res = cfg.size_multiple, cfg.resolution
@@ -48,12 +58,13 @@ def export_onnx_dir(
                 profile=profile,
                 sha256=file_sha256(path),
                 bytes=path.stat().st_size,
-                built_with={"torch": torch.__version__},
+                built_with=onnx_built_with("torchscript", DEFAULT_OPSET),
+                verification=Verification.of({}, TOLERANCES["fp32"], "unverified (test fixture)"),
             )
         )
     manifest = Manifest(
         config=cfg,
-        checkpoint={"path": None, "sha256": None, **(record or {}), "random_init_seed": seed},
+        checkpoint=checkpoint or CheckpointRecord.random_init(SEED),
         engines=entries,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
     )

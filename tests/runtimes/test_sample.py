@@ -192,7 +192,8 @@ def test_torch_backend_from_checkpoint_without_engines(tmp_path):
 
 @pytest.fixture(scope="session")
 def shipped_engines(tmp_path_factory) -> Path:
-    from lego_model.checkpoints import file_sha256, load_checkpoint
+    from export.manifest import CheckpointRecord
+    from lego_model.checkpoints import load_checkpoint
     from lego_model.errors import CheckpointError
     from lego_model.shipped import shipped_checkpoint
 
@@ -200,8 +201,8 @@ def shipped_engines(tmp_path_factory) -> Path:
         path = shipped_checkpoint()
     except CheckpointError as err:
         pytest.skip(f"shipped model not available yet: {err}")
-    record = {"path": str(path), "sha256": file_sha256(path)}
-    return export_onnx_dir(load_checkpoint(path), tmp_path_factory.mktemp("shipped"), seed=None, record=record)
+    checkpoint = CheckpointRecord.of_file(path)
+    return export_onnx_dir(load_checkpoint(path), tmp_path_factory.mktemp("shipped"), checkpoint=checkpoint)
 
 
 def test_cli_end_to_end_on_the_shipped_model(shipped_engines, tmp_path):
