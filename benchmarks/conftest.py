@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from benchmarks.harness import Report, format_table
+from export.manifest import CheckpointRecord
 from lego_model import LegoModel, get_config
-from lego_model.checkpoints import file_sha256, load_checkpoint
+from lego_model.checkpoints import load_checkpoint
 from lego_model.errors import CheckpointError
 from lego_model.shipped import shipped_checkpoint
 
@@ -50,7 +51,7 @@ def report() -> Report:
     return _REPORT
 
 
-def _export(model: LegoModel, out: Path, checkpoint: dict) -> Path:
+def _export(model: LegoModel, out: Path, checkpoint: CheckpointRecord) -> Path:
     import dataclasses
 
     from export.pipeline import ExportOptions, export_engine_dir
@@ -74,16 +75,14 @@ def bench_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BenchMod
             raise CheckpointError("left out by LEGO_BENCH_MODELS")
         path = shipped_checkpoint()
         model = load_checkpoint(path)
-        ckpt = {"path": str(path), "sha256": file_sha256(path), "random_init_seed": None}
-        models[SHIPPED] = BenchModel(SHIPPED, model, _export(model, root / SHIPPED, ckpt))
+        models[SHIPPED] = BenchModel(SHIPPED, model, _export(model, root / SHIPPED, CheckpointRecord.of_file(path)))
     except CheckpointError as err:
         _REPORT.notes.append(f"shipped model not benchmarked: {err}")
     for name in RANDOM_MODELS:
         if _ONLY and name not in _ONLY:
             continue
         model = LegoModel(get_config(name)).randomize_(0).eval()
-        ckpt = {"path": None, "sha256": None, "random_init_seed": 0}
-        models[name] = BenchModel(name, model, _export(model, root / name, ckpt))
+        models[name] = BenchModel(name, model, _export(model, root / name, CheckpointRecord.random_init(0)))
     return models
 
 

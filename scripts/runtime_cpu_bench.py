@@ -41,13 +41,13 @@ def rss_mib() -> float:
 
 
 def export(model: LegoModel, out: Path) -> Path:
-    from export.manifest import load_manifest
+    from export.manifest import CheckpointRecord, load_manifest
     from export.pipeline import ExportOptions, export_engine_dir
 
     if (out / "manifest.json").is_file():
         load_manifest(out)
         return out
-    record = {"path": None, "sha256": None, "random_init_seed": 0}
+    record = CheckpointRecord.random_init(0)
     export_engine_dir(model, out, record, ExportOptions(engines="onnx", precision="fp32"), progress=print)
     return out
 
