@@ -7,16 +7,21 @@ directory without loading onnx, onnxruntime or tensorrt.
 from export.errors import ExportError, ManifestError, MissingDependencyError, ProfileError, VerificationError
 from export.manifest import (
     SCHEMA_VERSION,
+    BuiltWith,
+    CheckpointRecord,
     EngineEntry,
     Manifest,
     Profile,
     TensorSpec,
+    Verification,
     load_manifest,
     write_manifest,
 )
 
 __all__ = [
     "SCHEMA_VERSION",
+    "BuiltWith",
+    "CheckpointRecord",
     "EngineEntry",
     "ExportError",
     "Manifest",
@@ -25,6 +30,7 @@ __all__ = [
     "Profile",
     "ProfileError",
     "TensorSpec",
+    "Verification",
     "VerificationError",
     "load_manifest",
     "write_manifest",
