@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.backends import DEVICE, available_backends, denoiser
+from benchmarks.backends import DEVICE, available_backends, denoiser, open_engines, run_engine
 from benchmarks.conftest import SHIPPED
 from benchmarks.harness import max_abs, psnr, rel_l2
 from lego_model import SkipPlan, draw_latents, edm_sample
@@ -40,16 +40,12 @@ def _labels(cfg, batch, seed=0):
 @pytest.mark.parametrize("name", MODELS)
 def test_engine_parity(bench_models, report, name, backend):
     """Embedder and every brick alone, on the same inputs as the eager modules, at three shapes (batch 2)."""
-    from runtimes.backends import open_backend
     from runtimes.backends.base import BoundShape
-    from runtimes.chain import EngineCall
 
     bm = _get(bench_models, name)
     cfg, model = bm.config, bm.model.to(DEVICE)
-    kind = {"torch-graphs": "torch"}.get(backend, backend)
-    be, _ = open_backend(kind, engine_dir=bm.engine_dir)
     worst = 0.0
-    with be, torch.inference_mode():
+    with open_engines(bm, {"torch-graphs": "torch"}.get(backend, backend)) as be, torch.inference_mode():
         for shape_name, (h, w) in bm.shapes().items():
             be.bind(BoundShape(2, h, w))
             g = torch.Generator().manual_seed(1)
@@ -70,12 +66,12 @@ def test_engine_parity(bench_models, report, name, backend):
                     inputs = {"c_noise": c_noise.to(dev)}
                     if labels is not None:
                         inputs["class_labels"] = labels.to(dev)
-                    be.infer(EngineCall(engine, None, None, "cond"), inputs, {"cond": out})
+                    run_engine(be, engine, inputs, {"cond": out})
                 else:
                     inputs = {"x_in": x_in.to(dev), "cond": cond_ref.to(dev)}
                     if k:
                         inputs["f_prev"] = f_prev.to(dev)
-                    be.infer(EngineCall(engine, k, "f0" if k else None, "f1"), inputs, {"f": out})
+                    run_engine(be, engine, inputs, {"f": out})
                 err = rel_l2(out, ref)
                 worst = max(worst, err)
                 report.add(

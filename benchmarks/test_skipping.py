@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import functools
-import time
+import statistics
 
 import pytest
 import torch
 
 from benchmarks.backends import DEVICE, available_backends, denoiser
 from benchmarks.conftest import SHIPPED
+from benchmarks.harness import time_ms
 from lego_model import SkipPlan, draw_latents, edm_sample
 
 pytestmark = pytest.mark.benchmark
 
 MODELS = [SHIPPED, "lego_S_PG_64", "lego_S_PR_64"]
+REPEATS = 3  # whole runs per plan and backend; the median is reported
 
 
 def plans(cfg) -> dict[str, SkipPlan]:
@@ -29,7 +31,7 @@ def plans(cfg) -> dict[str, SkipPlan]:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_skip_savings(bench_models, report, name):
-    """Each plan's whole-run time against the full stack's, per backend, next to its predicted FLOP saving."""
+    """Each plan's whole-run time (median of REPEATS) against the full stack's, per backend, next to its FLOP saving."""
     if name not in bench_models:
         pytest.skip(f"{name} is not available on this machine")
     bm = bench_models[name]
@@ -39,11 +41,16 @@ def test_skip_savings(bench_models, report, name):
     h = w = cfg.resolution
     latents, labels, _ = draw_latents(list(range(batch)), cfg.img_channels, h, w, cfg.label_dim)
     latents = latents.to(DEVICE)
+    x, sigma = latents * 2.5, torch.full((batch,), 2.5, dtype=torch.float64, device=DEVICE)
     for backend in [b for b in available_backends() if b != "compile"]:
         kw = dict(batch=batch, height=h, width=w, labels=labels, num_steps=steps)
         with denoiser(bm, backend, **kw) as fn:
-            times: dict[str, float] = {}
-            for repeat in range(3):  # the first pass warms every active set up (bindings, graphs)
+            # Warm-up: one call per active set any plan uses (bindings, graphs), then whole runs, plans
+            # interleaved within each repeat so that machine load hits every plan alike.
+            for active in {a for plan in plans(cfg).values() for a in plan.steps(steps)}:
+                fn(x, sigma, active)
+            samples: dict[str, list[float]] = {}
+            for _ in range(REPEATS):
                 for plan_name, plan in plans(cfg).items():
                     run = functools.partial(
                         edm_sample,
@@ -53,19 +60,15 @@ def test_skip_savings(bench_models, report, name):
                         active_per_step=plan.steps(steps),
                         randn_like=torch.zeros_like,
                     )
-                    t0 = time.perf_counter()
-                    run()
-                    if DEVICE.type == "cuda":
-                        torch.cuda.synchronize()
-                    ms = (time.perf_counter() - t0) * 1e3
-                    if repeat:
-                        times[plan_name] = min(times.get(plan_name, ms), ms)
+                    stats = time_ms(run, warmup=0, repeats=1)
+                    samples.setdefault(plan_name, []).append(stats["median_ms"])
+        times = {plan_name: statistics.median(ms) for plan_name, ms in samples.items()}
         for plan_name, plan in plans(cfg).items():
             predicted = 1 - plan.relative_cost(cfg, steps, "heun", h, w)
             measured = 1 - times[plan_name] / times["full"]
             report.add(
                 "skipping", model=name, backend=backend, plan=plan_name, steps=steps, batch=batch,
-                run_ms=times[plan_name], flop_saving=predicted, time_saving=measured,
+                run_ms=times[plan_name], repeats=REPEATS, flop_saving=predicted, time_saving=measured,
                 saving_ratio=(measured / predicted) if predicted > 0 else float("nan"),
             )  # fmt: skip
 

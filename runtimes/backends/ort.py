@@ -12,7 +12,7 @@ optimizer in memory (it fuses the tanh-GELU into FastGelu and the LayerNorms;
 it finds no attention pattern, since attention inside tiles is not BERT-shaped).
 Both keep every brick within 2e-6 of the unoptimized graph on lego_S_PG_64;
 the parity tests run the default.  ``"fusions"`` costs seconds of load time per
-brick for a few percent per call (scripts/runtime_cpu_bench.py), so it is opt-in.
+brick for a few percent per call (benchmarks/test_runtime.py, table "ort settings"), so it is opt-in.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class OnnxRuntimeBackend(EngineBackend):
             opts.log_severity_level = 3
             # Spinning worker threads cut wake-up latency between small ops, but on cores shared with other
             # processes they burn the time slices the work needs: lego_S_PG_64, 2 threads on a loaded 2-core
-            # machine ran 472 ms per call without spinning and 788 ms with it (scripts/runtime_cpu_bench.py).
+            # machine ran 472 ms per call without spinning and 788 ms with it (benchmarks/test_runtime.py).
             opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
             path = entry.path(self.engine_dir)
             try:
