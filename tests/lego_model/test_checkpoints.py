@@ -83,7 +83,9 @@ def test_missing_file(tmp_path):
 # --------------------------------------------------------------------------- authors' snapshots
 
 
-def _write_snapshot(model: LegoModel, path: Path, module_src: str, model_type: str = "tiny_PG_16") -> None:
+def _write_snapshot(
+    model: LegoModel, path: Path, module_src: str, model_type: str = "tiny_PG_16", resolution: int = 16
+) -> None:
     """Write a pickle laid out like the authors' network-snapshot-*.pkl.
 
     Their torch_utils.persistence stores the EDMPrecondLEGO as a call of
@@ -115,13 +117,13 @@ def _write_snapshot(model: LegoModel, path: Path, module_src: str, model_type: s
     state = {k: v for k, v in model.__dict__.items() if k != "config"}
     state["_init_args"] = ()
     state["_init_kwargs"] = dict(
-        img_resolution=16, img_channels=3, label_dim=10, model_type=model_type, use_fp16=False, augment_dim=0
+        img_resolution=resolution, img_channels=3, label_dim=10, model_type=model_type, use_fp16=False, augment_dim=0
     )
     data = dict(
         ema=Persistent("EDMPrecondLEGO", state),
         loss_fn=Persistent("LEGOEDMLoss", {"P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.5}),
         augment_pipe=None,
-        dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="/data", resolution=16),
+        dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="/data", resolution=resolution),
     )
     path.write_bytes(pickle.dumps(data))
 
