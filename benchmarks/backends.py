@@ -128,16 +128,14 @@ def chain_batch(
     from runtimes.chain import BrickChain
 
     chain = BrickChain(backend, cuda_graphs=cuda_graphs)
-    chain.begin(
-        labels, batch=batch, height=height, width=width, cfg_scale=cfg_scale, num_steps=num_steps, solver=solver
-    )
-    yield chain, chain
-    chain.end()
+    kw = dict(batch=batch, height=height, width=width, cfg_scale=cfg_scale, num_steps=num_steps, solver=solver)
+    with chain.batch(labels, **kw) as denoise:
+        yield chain, denoise
 
 
 def run_engine(backend: Backend, engine: str, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> None:
     """One engine (``embedder`` or ``brick<k>``) alone on caller-made tensors: the backend's call, in one place."""
-    from runtimes.chain import EngineCall
+    from runtimes.backends.base import EngineCall
 
     if engine == "embedder":
         call = EngineCall(engine, None, None, "cond")

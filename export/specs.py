@@ -25,7 +25,7 @@ from export.errors import ProfileError
 from export.manifest import PRECISION_DTYPES, TORCH_DTYPES, Profile, TensorSpec
 from lego_model.configs import LegoConfig
 from lego_model.model import Attention, Brick, LegoModel
-from lego_model.precond import canvas_coords
+from lego_model.precond import prepare_inputs
 
 IO_DTYPE = "float32"
 DEFAULT_BATCH = (1, 1, 8)
@@ -240,25 +240,23 @@ class EngineSpec:
         gen = torch.Generator().manual_seed(seed)
         config = model.config
         sigma = torch.exp(torch.randn(batch, generator=gen) * 1.2 - 1.2).clamp(0.002, 80.0)  # EDM's P_mean, P_std
-        c_noise = sigma.log() / 4  # (B,)
         labels = None
         if config.label_dim:
             idx = torch.randint(config.label_dim, (batch,), generator=gen)
             labels = F.one_hot(idx, config.label_dim).float()  # (B, label_dim)
             if batch > 1:
                 labels[batch // 2 :] = 0  # null rows, as classifier-free guidance sends them
+        C = config.img_channels
+        x = torch.randn(batch, C, height, width, generator=gen) * sigma.reshape(-1, 1, 1, 1)
+        call = prepare_inputs(x, sigma, sigma_data=config.sigma_data, guided=False)  # x_in, c_noise (B,)
         if self.kind == "embedder":
-            out = {"c_noise": c_noise}
+            out = {"c_noise": call.c_noise}
             if labels is not None:
                 out["class_labels"] = labels
             return out
         with torch.no_grad():
-            cond = model.embed(c_noise, labels).float()  # (B, D)
-        C = config.img_channels
-        x = torch.randn(batch, C, height, width, generator=gen) * sigma.reshape(-1, 1, 1, 1)
-        c_in = 1 / (config.sigma_data**2 + sigma**2).sqrt()
-        x_in = torch.cat([x * c_in.reshape(-1, 1, 1, 1), canvas_coords(height, width).expand(batch, -1, -1, -1)], 1)
-        out = {"x_in": x_in}
+            cond = model.embed(call.c_noise, labels).float()  # (B, D)
+        out = {"x_in": call.x_in}
         if self.brick > 0:
             out["f_prev"] = torch.randn(batch, C, height, width, generator=gen) * 0.5
         out["cond"] = cond

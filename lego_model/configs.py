@@ -19,6 +19,21 @@ from typing import Any
 from lego_model.errors import ConfigError, ShapeError
 
 
+def refuse_unconditional(model: str, label_dim: int, what: str) -> None:
+    """The one refusal of class conditioning (guidance, a class, labels) on an unconditional model."""
+    if not label_dim:
+        raise ShapeError(f"{model} is unconditional: {what} needs a class-conditional model; leave it out")
+
+
+def check_class_index(model: str, label_dim: int, class_idx: int | None) -> None:
+    """The one class-range check: ``class_idx`` must be one of the model's classes (None passes)."""
+    if class_idx is None:
+        return
+    refuse_unconditional(model, label_dim, f"class {class_idx}")
+    if not 0 <= class_idx < label_dim:
+        raise ShapeError(f"class {class_idx} out of range: {model} has classes 0..{label_dim - 1}")
+
+
 @dataclass(frozen=True)
 class LegoConfig:
     """Architecture of one LEGO model; bricks are listed in stacking order."""
@@ -92,6 +107,15 @@ class LegoConfig:
                 f"positive multiples of {m} (brick sizes {list(self.brick_sizes)})"
             )
 
+    def check_guidance(self, cfg_scale: float | None) -> None:
+        """Refuse classifier-free guidance (``cfg_scale`` not None) on an unconditional model."""
+        if cfg_scale is not None:
+            refuse_unconditional(self.name, self.label_dim, "guidance (--cfg-scale)")
+
+    def check_class(self, class_idx: int | None) -> None:
+        """Refuse a class index this model does not have (None, a random class per seed, always passes)."""
+        check_class_index(self.name, self.label_dim, class_idx)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -114,7 +138,8 @@ class LegoConfig:
             raise ConfigError(f"incomplete config: {err}") from None
 
 
-# The authors' brick types: name -> (hidden size, patch size, heads).
+# The authors' model widths: S/L/XL -> (hidden size, heads), shared by every brick of a model.
+# Patch sizes are per brick (_PG, _PR, _U below); depths are per config.
 _WIDTHS = {"S": (384, 6), "L": (1024, 16), "XL": (1152, 16)}
 
 

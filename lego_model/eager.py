@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from lego_model.errors import LegoError
 from lego_model.model import LegoModel
 from lego_model.sampler import draw_latents, edm_sample
 from lego_model.skip import SkipPlan
@@ -23,19 +22,24 @@ def sample_images(
     plan: SkipPlan | None = None,
     **churn: float,
 ) -> torch.Tensor:
-    """Eager sampling of one batch of seeds; returns float64 images in [-1, 1]."""
+    """Eager sampling of one batch of seeds; returns float64 images in [-1, 1].
+
+    Runs under ``torch.no_grad()`` (not inference mode, whose tensors cannot
+    enter a later autograd computation): no autograd graph is recorded,
+    whatever the caller's grad mode.
+    """
     cfg = model.config
     cfg.check_image_size(height, width)
+    cfg.check_class(class_idx)
+    cfg.check_guidance(cfg_scale)
     plan = plan or SkipPlan(cfg.num_bricks)
     steps = plan.steps(num_steps)
     latents, labels, rnd = draw_latents(seeds, cfg.img_channels, height, width, cfg.label_dim, class_idx)
-    if cfg_scale is not None and not cfg.label_dim:
-        raise LegoError(f"{cfg.name} is unconditional: leave out --cfg-scale")
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, active: tuple[int, ...]) -> torch.Tensor:
         return model(x, sigma, labels, active, cfg_scale)
 
-    with torch.inference_mode():
+    with torch.no_grad():
         return edm_sample(
             denoise,
             latents,

@@ -75,6 +75,8 @@ def main(
         cfg = model.config
         height, width = height or cfg.resolution, width or cfg.resolution
         cfg.check_image_size(height, width)
+        cfg.check_class(class_idx)
+        cfg.check_guidance(cfg_scale)
         seed_list = parse_seeds(seeds)
         plan = SkipPlan.from_text(cfg, skip, skip_preset)
         click.echo(plan.describe(cfg, steps, solver, height, width))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lego_model.configs import refuse_unconditional
 from lego_model.errors import LegoError
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
@@ -61,8 +62,7 @@ def make_grid(images: np.ndarray, rows: int | None = None, pad: int = 2) -> np.n
 
 def class_row_seeds(seeds: list[int], label_dim: int, class_idx: int | None = None) -> list[tuple[int, list[int]]]:
     """Deal the seeds into one row per class: [(class, seeds of that row), ...] in class order."""
-    if not label_dim:
-        raise LegoError("--class-rows needs a class-conditional model")
+    refuse_unconditional("this model", label_dim, "--class-rows")
     if class_idx is not None:
         raise LegoError("--class-rows gives every class its own row: leave out --class")
     if len(seeds) % label_dim:

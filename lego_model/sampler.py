@@ -18,6 +18,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from lego_model.configs import check_class_index
 from lego_model.errors import LegoError
 
 Solver = Literal["heun", "euler"]
@@ -70,15 +71,12 @@ def draw_latents(
     rnd = StackedRandomGenerator(seeds, device)
     latents = rnd.randn([len(seeds), img_channels, height, width], device=device)
     labels = None
+    check_class_index("this model", label_dim, class_idx)
     if label_dim:
-        if class_idx is not None and not 0 <= class_idx < label_dim:
-            raise LegoError(f"class {class_idx} out of range: this model has classes 0..{label_dim - 1}")
         idx = rnd.randint(label_dim, size=[len(seeds)], device=device)
         if class_idx is not None:
             idx = torch.full_like(idx, class_idx)
         labels = torch.eye(label_dim, device=device)[idx]
-    elif class_idx is not None:
-        raise LegoError("this model is unconditional: leave out the class")
     return latents, labels, rnd
 
 
@@ -99,6 +97,7 @@ def evaluations_per_step(num_steps: int, solver: Solver) -> list[int]:
     return [2] * (num_steps - 1) + [1]
 
 
+@torch.no_grad()  # inference: no autograd graph through 2N denoiser calls, whatever the caller's grad mode
 def edm_sample(
     denoise: Denoiser,
     latents: Tensor,
@@ -114,16 +113,24 @@ def edm_sample(
     S_noise: float = 1.0,
     randn_like: Callable[[Tensor], Tensor] = torch.randn_like,
     active_per_step: Sequence[tuple[int, ...]] | None = None,
-    all_bricks: tuple[int, ...] = (),
+    all_bricks: tuple[int, ...] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> Tensor:
     """Sample from ``latents`` (unit-variance noise); returns float64 images in [-1, 1] units.
 
     ``active_per_step[i]`` is the brick set of step i (a skip plan's
-    ``steps(num_steps)``); without it every step uses ``all_bricks``.
+    ``steps(num_steps)``); without it every step uses ``all_bricks``.  One of
+    the two is required: the sampler does not know how many bricks the
+    denoiser has.  Runs under ``torch.no_grad()``: the result has no autograd
+    history whatever the caller's grad mode.
     """
     if solver not in ("heun", "euler"):
         raise LegoError(f"unknown solver {solver!r}; choose heun or euler")
+    if active_per_step is None and not all_bricks:
+        raise LegoError(
+            "edm_sample needs the bricks to run: pass active_per_step (a SkipPlan's steps(num_steps)) "
+            "or all_bricks (e.g. tuple(range(config.num_bricks)))"
+        )
     if active_per_step is not None and len(active_per_step) != num_steps:
         raise LegoError(f"skip plan covers {len(active_per_step)} steps, sampler runs {num_steps}")
     # Python floats (float64) keep the schedule on the host: no device sync per step.

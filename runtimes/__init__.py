@@ -4,7 +4,8 @@ Heavy optional libraries (onnxruntime, tensorrt) are imported only inside the ba
 """
 
 from runtimes.backends import BACKENDS, Backend, open_backend
-from runtimes.chain import BrickChain, EngineCall, binding_plan
+from runtimes.backends.base import EngineCall
+from runtimes.chain import BrickChain, binding_plan
 from runtimes.errors import BackendError, NonFiniteError, OutputError
 
 __all__ = [

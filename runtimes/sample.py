@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lego_model.errors import LegoError, ShapeError
+from lego_model.errors import LegoError
 from lego_model.images import make_grid, parse_seeds, save_image, to_uint8_nhwc
 from lego_model.sampler import draw_latents, edm_sample, evaluations_per_step
 from lego_model.skip import SkipPlan
@@ -187,9 +187,26 @@ def make_randn_like(rnd, device: torch.device, churn: bool) -> Callable[[torch.T
     return lambda x: rnd.randn(x.shape, dtype=x.dtype).to(x.device, non_blocking=True)
 
 
-def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, progress: bool = True) -> SampleReport:
-    """Validate everything, then sample this rank's share of the seeds; returns this rank's report."""
-    info = info or distributed.rank_info()
+@dataclass
+class SamplingRun:
+    """A run that passed every check: the opened backend, its chain, and what this rank samples where."""
+
+    opts: SampleOptions
+    info: distributed.RankInfo
+    backend: Backend
+    chain: BrickChain
+    height: int
+    width: int
+    seeds: list[int]  # every seed of the run (rank 0 assembles the grid and npz from all of them)
+    groups: list[list[int]]  # this rank's batches
+    steps: list[tuple[int, ...]]  # active bricks per sampling step
+    out: Path
+    npz: Path | None
+    report: SampleReport
+
+
+def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
+    """Every refusal, before any compute: backend, sizes, class, guidance, plan, profiles, output paths."""
     threads = opts.threads or default_threads(info.local_world_size)
     backend, why = open_backend(
         opts.backend,
@@ -202,17 +219,13 @@ def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, 
     cfg = backend.config
     height, width = opts.height or cfg.resolution, opts.width or cfg.resolution
     cfg.check_image_size(height, width)
+    cfg.check_class(opts.class_idx)
+    cfg.check_guidance(opts.cfg_scale)
     seeds = parse_seeds(opts.seeds)
-    if opts.class_idx is not None:
-        if not cfg.label_dim:
-            raise ShapeError(f"{cfg.name} is unconditional: leave out --class")
-        if opts.class_idx >= cfg.label_dim:
-            raise ShapeError(f"class {opts.class_idx} out of range: {cfg.name} has classes 0..{cfg.label_dim - 1}")
     plan = SkipPlan.from_text(cfg, opts.skip, opts.skip_preset)
     steps = plan.steps(opts.steps)  # refuses a plan that leaves a step without bricks
-    guided = opts.cfg_scale is not None
     chain = BrickChain(backend, cuda_graphs=opts.cuda_graphs)
-    batch = opts.batch or default_batch(backend, guided)
+    batch = opts.batch or default_batch(backend, opts.cfg_scale is not None)
     out = Path(opts.out)
     npz = Path(opts.npz) if opts.npz else None
     todo = distributed.shard(seeds, info.rank, info.world_size)
@@ -222,7 +235,7 @@ def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, 
         skipped, todo = len(todo) - len(remaining), remaining
     groups = batches(todo, batch)
     for size in sorted({len(g) for g in groups} | {batch}):
-        chain.check(size, height, width, opts.cfg_scale)  # profile ranges, guidance on unconditional models
+        chain.check(size, height, width, opts.cfg_scale)  # the engines' profile ranges
     check_writable(out)
     if npz is not None:
         check_writable(npz.parent)
@@ -230,7 +243,6 @@ def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, 
         torch.set_num_threads(threads)
     else:  # CUDA graph capture and the libraries' handles follow the current device
         torch.cuda.set_device(backend.device)
-
     report = SampleReport(
         backend=backend.name,
         why=why,
@@ -240,58 +252,83 @@ def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, 
         plan_text=plan.describe(cfg, opts.steps, opts.solver, height, width),
         skipped_existing=skipped,
     )
+    return SamplingRun(opts, info, backend, chain, height, width, seeds, groups, steps, out, npz, report)
+
+
+def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Sample this rank's batches: (seeds, uint8 NHWC images) per batch; timing goes into ``run.report``.
+
+    Call it inside ``with run.backend``.
+    """
+    opts, info, cfg, report = run.opts, run.info, run.backend.config, run.report
     calls_per_batch = sum(evaluations_per_step(opts.steps, opts.solver))
     churn = dict(S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise)
-    with backend, torch.no_grad():
-        for i, group in enumerate(groups):
-            latents, labels, rnd = draw_latents(group, cfg.img_channels, height, width, cfg.label_dim, opts.class_idx)
-            chain.begin(
-                labels,
-                batch=len(group),
-                height=height,
-                width=width,
-                cfg_scale=opts.cfg_scale,
-                num_steps=opts.steps,
-                solver=opts.solver,
-            )
-            bar = tqdm(
-                total=opts.steps,
-                desc=f"rank {info.rank} batch {i + 1}/{len(groups)}"
-                if info.distributed
-                else f"batch {i + 1}/{len(groups)}",
-                unit="step",
-                leave=False,
-                disable=not progress,
-                position=info.rank,
-            )
-            t0 = time.perf_counter()
+    for i, group in enumerate(run.groups):
+        latents, labels, rnd = draw_latents(
+            group, cfg.img_channels, run.height, run.width, cfg.label_dim, opts.class_idx
+        )
+        where = f"batch {i + 1}/{len(run.groups)}"
+        bar = tqdm(
+            total=opts.steps,
+            desc=f"rank {info.rank} {where}" if info.distributed else where,
+            unit="step",
+            leave=False,
+            disable=not progress,
+            position=info.rank,
+        )
+        t0 = time.perf_counter()
+        with run.chain.batch(
+            labels,
+            batch=len(group),
+            height=run.height,
+            width=run.width,
+            cfg_scale=opts.cfg_scale,
+            num_steps=opts.steps,
+            solver=opts.solver,
+        ) as denoise:
             images = edm_sample(
-                chain,
-                latents.to(backend.device),
+                denoise,
+                latents.to(run.backend.device),
                 num_steps=opts.steps,
                 solver=opts.solver,
-                randn_like=make_randn_like(rnd, backend.device, opts.S_churn > 0),
-                active_per_step=steps,
+                randn_like=make_randn_like(rnd, run.backend.device, opts.S_churn > 0),
+                active_per_step=run.steps,
                 on_step=lambda _, bar=bar: bar.update(),
                 **churn,
             )
-            chain.end()
-            arr = to_uint8_nhwc(images)  # copies to the host: the clock below reads finished work
-            elapsed = time.perf_counter() - t0
-            bar.close()
-            for seed, img in zip(group, arr):
-                write_png(img, seed_png(out, seed))
-            report.images += len(group)
-            report.calls += calls_per_batch
-            report.seconds_total += elapsed
-            if i > 0 or len(groups) == 1:
-                report.seconds += elapsed
-                report.steady_calls += calls_per_batch
-                report.steady_images += len(group)
+        arr = to_uint8_nhwc(images)  # copies to the host: the clock below reads finished work
+        elapsed = time.perf_counter() - t0
+        bar.close()
+        report.images += len(group)
+        report.calls += calls_per_batch
+        report.seconds_total += elapsed
+        if i > 0 or len(run.groups) == 1:
+            report.seconds += elapsed
+            report.steady_calls += calls_per_batch
+            report.steady_images += len(group)
+        yield group, arr
+
+
+def write_batch(run: SamplingRun, group: list[int], images: np.ndarray) -> None:
+    """One PNG per seed of a batch, each written whole (a rename), so that --resume can trust what it finds."""
+    for seed, img in zip(group, images):
+        write_png(img, seed_png(run.out, seed))
+
+
+def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, progress: bool = True) -> SampleReport:
+    """Check everything, sample this rank's share of the seeds, write them; returns this rank's report.
+
+    Rank 0 then assembles grid.png (and the npz) from every rank's PNGs.
+    """
+    info = info or distributed.rank_info()
+    run = prepare_run(opts, info)
+    with run.backend:
+        for group, images in sample_batches(run, progress):
+            write_batch(run, group, images)
     distributed.barrier(info)
     if info.is_main:
-        report.files = assemble(out, seeds, npz)
-    return report
+        run.report.files = assemble(run.out, run.seeds, run.npz)
+    return run.report
 
 
 def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:

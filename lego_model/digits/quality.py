@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lego_model.checkpoints import load_checkpoint
-from lego_model.configs import LegoConfig
+from lego_model.configs import LegoConfig, refuse_unconditional
 from lego_model.digits.classifier import DigitClassifier, load_classifier, predict, shipped_classifier
 from lego_model.errors import LegoError
 from lego_model.model import LegoModel
@@ -109,8 +109,7 @@ def sample_per_class(
     from lego_model.eager import sample_images
 
     cfg = model.config
-    if not cfg.label_dim:
-        raise LegoError(f"{cfg.name} is unconditional: the per-class quality measure needs a class-conditional model")
+    refuse_unconditional(cfg.name, cfg.label_dim, "the per-class quality measure")
     images, classes = [], []
     for c in range(cfg.label_dim):
         seeds = list(range(seed_base + c * per_class, seed_base + (c + 1) * per_class))

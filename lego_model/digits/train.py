@@ -39,7 +39,7 @@ from lego_model.checkpoints import read_safetensors, save_checkpoint, write_safe
 from lego_model.configs import LegoConfig, get_config
 from lego_model.errors import CheckpointError, LegoError
 from lego_model.model import LegoModel
-from lego_model.precond import canvas_coords, edm_scalings, model_input
+from lego_model.precond import combine_output, prepare_inputs
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +85,17 @@ def prefix_losses(model: LegoModel, images: Tensor, labels: Tensor | None, sigma
     chain's output after brick k (shared/DESIGN.md, "One denoiser call").
     """
     cfg = model.config
-    H, W = images.shape[-2:]
     sd = cfg.sigma_data
     s = sigma.reshape(-1, 1, 1, 1)
     weight = (s**2 + sd**2) / (s * sd) ** 2  # (B, 1, 1, 1): EDM lambda(sigma)
     x = images + noise * s  # (B, C, H, W)
-    c_skip, c_out, c_in, c_noise = edm_scalings(sigma, sd)
-    x_in = model_input(x, c_in, canvas_coords(H, W, device=x.device))  # (B, C+2, H, W)
-    cond = model.embed(c_noise, labels)  # (B, D)
+    inputs = prepare_inputs(x, sigma, sigma_data=sd, guided=False)  # x_in (B, C+2, H, W), c_noise (B,)
+    cond = model.embed(inputs.c_noise, labels)  # (B, D)
     losses = []
     f = None
     for brick in model.bricks:
-        f = brick(x_in, f, cond)  # (B, C, H, W)
-        D = c_skip * x + c_out * f  # (B, C, H, W): the early exit after this brick
+        f = brick(inputs.x_in, f, cond)  # (B, C, H, W)
+        D = combine_output(inputs, f)  # (B, C, H, W): the early exit after this brick
         losses.append((weight * (D - images) ** 2).mean())
     return torch.stack(losses)  # (K,)
 

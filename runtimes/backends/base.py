@@ -28,7 +28,23 @@ from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
     from export.manifest import EngineEntry
-    from runtimes.chain import EngineCall
+
+
+@dataclass(frozen=True)
+class EngineCall:
+    """One engine run inside a denoiser call: which engine, where f_prev comes from, where the output goes.
+
+    ``src`` is None for engines without ``f_prev`` (the embedder, brick 0),
+    ``"zeros"`` for the first active brick when brick 0 is skipped, else the
+    ping-pong buffer ``"f0"``/``"f1"`` the previous active brick wrote.  The
+    chain hands the same call object with the same tensors every time, so a
+    backend may key per-call state (I/O bindings) by it.
+    """
+
+    engine: str
+    brick: int | None
+    src: str | None
+    dst: str
 
 
 @dataclass(frozen=True)
@@ -130,10 +146,6 @@ class Backend:
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         """Run engine ``call.engine`` reading ``inputs`` and writing into ``outputs`` (no allocation of I/O)."""
         raise NotImplementedError
-
-    def describe(self) -> str:
-        """One line for the summary: backend, device, precision."""
-        return f"{self.name} on {self.device} ({self.precision})"
 
 
 class EngineBackend(Backend):

@@ -27,12 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from runtimes.backends.base import BoundShape, EngineBackend, buffer_dtypes, check_engine_set
+from runtimes.backends.base import BoundShape, EngineBackend, EngineCall, buffer_dtypes, check_engine_set
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
     from export.manifest import EngineEntry, Manifest
-    from runtimes.chain import EngineCall
 
 log = logging.getLogger(__name__)
 

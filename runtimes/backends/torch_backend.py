@@ -19,11 +19,10 @@ from torch import Tensor
 from lego_model.checkpoints import file_sha256, load_checkpoint
 from lego_model.errors import CheckpointError
 from lego_model.model import LegoModel
-from runtimes.backends.base import Backend
+from runtimes.backends.base import Backend, EngineCall
 
 if TYPE_CHECKING:
     from export.manifest import Manifest
-    from runtimes.chain import EngineCall
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from runtimes.backends.base import BoundShape, EngineBackend, buffer_dtypes, check_engine_set, require_cuda
+from runtimes.backends.base import BoundShape, EngineBackend, EngineCall, buffer_dtypes, check_engine_set, require_cuda
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
     from export.manifest import BuiltWith, EngineEntry, Manifest
-    from runtimes.chain import EngineCall
 
 log = logging.getLogger(__name__)
 

@@ -76,16 +76,17 @@ def test_buffer_dtypes_read_from_specs_and_refuse_disagreement(engines_pg):
 
 
 def test_graph_keys_separate_everything_a_capture_bakes_in():
-    base = GraphKey.of(4, 64, 64, (0, 1, 2), None)
-    assert GraphKey.of(4, 64, 64, [2, 1, 0, 0], None) == base  # same set, any order
+    base = GraphKey.of(4, 64, 64, (0, 1, 2), False)
+    assert GraphKey.of(4, 64, 64, [2, 1, 0, 0], False) == base  # same set, any order
     others = [
-        GraphKey.of(2, 64, 64, (0, 1, 2), None),
-        GraphKey.of(4, 64, 128, (0, 1, 2), None),
-        GraphKey.of(4, 64, 64, (0, 1), None),
-        GraphKey.of(4, 64, 64, (0, 1, 2), 1.5),
+        GraphKey.of(2, 64, 64, (0, 1, 2), False),
+        GraphKey.of(4, 64, 128, (0, 1, 2), False),
+        GraphKey.of(4, 64, 64, (0, 1), False),
+        GraphKey.of(4, 64, 64, (0, 1, 2), True),
     ]
     assert len({base, *others}) == 5
-    assert GraphKey.of(4, 64, 64, (0, 1, 2), 2).cfg_scale == 2.0 and GraphKey.of(4, 64, 64, (0,), 2).guided
+    # The guidance scale is a buffer the graph reads, not part of what a capture bakes in.
+    assert "cfg_scale" not in {f.name for f in dataclasses.fields(GraphKey)}
 
 
 def test_rank_shares_cover_all_seeds_once():

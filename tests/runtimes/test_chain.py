@@ -54,12 +54,11 @@ def test_torch_backend_chain_equals_eager_for_every_skip_pattern(cfg_scale):
     model = tiny_model("tiny_U_16")
     x, sigma, labels = inputs(2, 16, 32, 10)
     with TorchBackend(model, device=CPU) as backend, torch.no_grad():
-        chain = BrickChain(backend)
-        chain.begin(labels, batch=2, height=16, width=32, cfg_scale=cfg_scale)
-        for act in all_patterns(5):
-            got = chain(x, sigma, act)
-            want = model(x, sigma, labels, act, cfg_scale)
-            torch.testing.assert_close(got, want, atol=0, rtol=0, msg=f"active {act}")
+        with BrickChain(backend).batch(labels, batch=2, height=16, width=32, cfg_scale=cfg_scale) as denoise:
+            for act in all_patterns(5):
+                got = denoise(x, sigma, act)
+                want = model(x, sigma, labels, act, cfg_scale)
+                torch.testing.assert_close(got, want, atol=0, rtol=0, msg=f"active {act}")
 
 
 @pytest.mark.parametrize("cfg_scale", [None, 1.5])
@@ -68,12 +67,11 @@ def test_onnxruntime_chain_equals_eager_for_every_skip_pattern(engines_pg, cfg_s
     x, sigma, labels = inputs(2, 32, 16, 10)
     backend, _ = open_backend("onnxruntime-cpu", engine_dir=engines_pg, threads=1)
     with backend, torch.no_grad():
-        chain = BrickChain(backend)
-        chain.begin(labels, batch=2, height=32, width=16, cfg_scale=cfg_scale)
-        for act in all_patterns(3):
-            got = chain(x, sigma, act)
-            want = model(x, sigma, labels, act, cfg_scale)
-            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5, msg=f"active {act}")
+        with BrickChain(backend).batch(labels, batch=2, height=32, width=16, cfg_scale=cfg_scale) as denoise:
+            for act in all_patterns(3):
+                got = denoise(x, sigma, act)
+                want = model(x, sigma, labels, act, cfg_scale)
+                torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5, msg=f"active {act}")
 
 
 def test_unconditional_engines_match_eager(engines_pr):
@@ -82,10 +80,10 @@ def test_unconditional_engines_match_eager(engines_pr):
     backend, _ = open_backend("onnxruntime-cpu", engine_dir=engines_pr, threads=1)
     with backend, torch.no_grad():
         chain = BrickChain(backend)
-        chain.begin(None, batch=3, height=16, width=16)
-        for act in all_patterns(3):
-            torch.testing.assert_close(chain(x, sigma, act), model(x, sigma, None, act), atol=2e-5, rtol=1e-5)
-        with pytest.raises(ShapeError, match="unconditional"):
+        with chain.batch(None, batch=3, height=16, width=16) as denoise:
+            for act in all_patterns(3):
+                torch.testing.assert_close(denoise(x, sigma, act), model(x, sigma, None, act), atol=2e-5, rtol=1e-5)
+        with pytest.raises(ShapeError, match="guidance .* needs a class-conditional model"):
             chain.check(3, 16, 16, cfg_scale=2.0)
 
 
@@ -94,14 +92,13 @@ def test_buffers_are_reused_across_calls_and_shapes():
     x, sigma, labels = inputs(2, 16, 16, 10)
     with TorchBackend(model, device=CPU) as backend, torch.no_grad():
         chain = BrickChain(backend)
-        chain.begin(labels, batch=2, height=16, width=16)
-        first = chain(x, sigma, (0, 1, 2))
-        ptr = first.data_ptr()
-        assert chain(x, sigma, (1,)).data_ptr() == ptr  # the output buffer, reused
-        chain.begin(labels[:1], batch=1, height=32, width=16)
-        chain(x[:1, :, :, :].repeat(1, 1, 2, 1), sigma[:1], (0, 2))
-        chain.begin(labels, batch=2, height=16, width=16)
-        assert chain(x, sigma, (0, 1, 2)).data_ptr() == ptr  # back to the first shape: same buffers
+        with chain.batch(labels, batch=2, height=16, width=16) as denoise:
+            ptr = denoise(x, sigma, (0, 1, 2)).data_ptr()
+            assert denoise(x, sigma, (1,)).data_ptr() == ptr  # the output buffer, reused
+        with chain.batch(labels[:1], batch=1, height=32, width=16) as denoise:
+            denoise(x[:1, :, :, :].repeat(1, 1, 2, 1), sigma[:1], (0, 2))
+        with chain.batch(labels, batch=2, height=16, width=16) as denoise:
+            assert denoise(x, sigma, (0, 1, 2)).data_ptr() == ptr  # back to the first shape: same buffers
         assert len(chain._buffers) == 2
 
 
@@ -115,12 +112,12 @@ def test_nonfinite_output_names_brick_and_step(brick):
         model.bricks[brick].final_layer.linear.bias.fill_(float("inf"))
     with TorchBackend(model, device=CPU) as backend, torch.no_grad():
         chain = BrickChain(backend)
-        chain.begin(labels, batch=2, height=16, width=16, num_steps=4, solver="heun")
         steps = [(0, 1), (0, 1), (0, 1, 2), (0, 1, 2)]  # brick 2 first runs at step 2
         with pytest.raises(
             NonFiniteError, match=f"brick {brick} produced NaN/Inf at sampling step {0 if brick == 0 else 2} of 4"
         ):
-            edm_sample(chain, x, num_steps=4, active_per_step=steps)
+            with chain.batch(labels, batch=2, height=16, width=16, num_steps=4, solver="heun") as denoise:
+                edm_sample(denoise, x, num_steps=4, active_per_step=steps)
 
 
 def test_nonfinite_embedder_is_named():
@@ -130,9 +127,9 @@ def test_nonfinite_embedder_is_named():
         model.model.t_embedder.mlp[2].bias.fill_(float("nan"))
     with TorchBackend(model, device=CPU) as backend, torch.no_grad():
         chain = BrickChain(backend)
-        chain.begin(labels, batch=1, height=16, width=16)
         with pytest.raises(NonFiniteError, match="the embedder produced NaN/Inf at denoiser call 1"):
-            chain(x, sigma, (0,))
+            with chain.batch(labels, batch=1, height=16, width=16) as denoise:
+                denoise(x, sigma, (0,))
 
 
 def test_nonfinite_detection_through_onnxruntime(tmp_path):
@@ -144,10 +141,10 @@ def test_nonfinite_detection_through_onnxruntime(tmp_path):
     backend, _ = open_backend("onnxruntime-cpu", engine_dir=engine_dir, threads=1)
     with backend, torch.no_grad():
         chain = BrickChain(backend)
-        chain.begin(None, batch=1, height=16, width=16, num_steps=3, solver="euler")
-        chain(x, sigma, (0,))
         with pytest.raises(NonFiniteError, match="brick 1 produced NaN/Inf at sampling step 1 of 3"):
-            chain(x, sigma, (0, 1, 2))
+            with chain.batch(None, batch=1, height=16, width=16, num_steps=3, solver="euler") as denoise:
+                denoise(x, sigma, (0,))
+                denoise(x, sigma, (0, 1, 2))
 
 
 def test_onnxruntime_transformer_fusions_keep_parity(engines_pg):
@@ -158,10 +155,9 @@ def test_onnxruntime_transformer_fusions_keep_parity(engines_pg):
     x, sigma, labels = inputs(2, 16, 16, 10)
     backend = OnnxRuntimeBackend(load_manifest(engines_pg), engines_pg, device=CPU, threads=1, optimization="fusions")
     with backend, torch.no_grad():
-        chain = BrickChain(backend)
-        chain.begin(labels, batch=2, height=16, width=16)
-        for act in [(0, 1, 2), (1, 2)]:
-            torch.testing.assert_close(chain(x, sigma, act), model(x, sigma, labels, act), atol=2e-5, rtol=1e-5)
+        with BrickChain(backend).batch(labels, batch=2, height=16, width=16) as denoise:
+            for act in [(0, 1, 2), (1, 2)]:
+                torch.testing.assert_close(denoise(x, sigma, act), model(x, sigma, labels, act), atol=2e-5, rtol=1e-5)
 
 
 def test_cuda_graphs_are_off_without_cuda_or_for_backends_that_cannot_be_captured(engines_pg):
@@ -170,3 +166,66 @@ def test_cuda_graphs_are_off_without_cuda_or_for_backends_that_cannot_be_capture
     backend, _ = open_backend("onnxruntime-cpu", engine_dir=engines_pg, threads=1)
     assert not backend.supports_cuda_graphs
     assert BrickChain(backend, cuda_graphs=True).graphs is None
+
+
+class ReplayingGraphs:
+    """A CPU stand-in for CudaGraphCache: the first call of a key is kept and replayed for every later call.
+
+    A replay runs the closure recorded at capture, as a CUDA graph replays its kernels: whatever the
+    call reads must come from buffers, not from Python values of the call that captured it.
+    """
+
+    def __init__(self) -> None:
+        self.recorded: dict = {}
+        self.captures = 0
+
+    def run(self, key, step) -> None:
+        if key not in self.recorded:
+            self.recorded[key] = step
+            self.captures += 1
+        self.recorded[key]()
+
+
+def test_new_guidance_scale_needs_no_new_capture():
+    model = tiny_model("tiny_PG_16")
+    x, sigma, labels = inputs(2, 16, 16, 10)
+    with TorchBackend(model, device=CPU) as backend, torch.no_grad():
+        chain = BrickChain(backend)
+        chain.graphs = ReplayingGraphs()
+        for scale in (1.5, 3.0, 0.3):
+            with chain.batch(labels, batch=2, height=16, width=16, cfg_scale=scale) as denoise:
+                got = denoise(x, sigma, (0, 2))
+                torch.testing.assert_close(got, model(x, sigma, labels, (0, 2), scale), atol=0, rtol=0)
+        assert chain.graphs.captures == 1
+
+
+def test_batch_block_checks_nonfinite_even_when_sampling_raises():
+    model = tiny_model("tiny_PG_16")
+    x, sigma, labels = inputs(1, 16, 16, 10)
+    with torch.no_grad():
+        model.bricks[1].final_layer.linear.bias.fill_(float("nan"))
+    with TorchBackend(model, device=CPU) as backend:
+        chain = BrickChain(backend)
+        chain.check_each_call = False  # as on CUDA: no read per call, only the one at the block's end
+        with pytest.raises(NonFiniteError, match="brick 1 produced NaN/Inf at denoiser call 1"):
+            with chain.batch(labels, batch=1, height=16, width=16) as denoise:
+                denoise(x, sigma, (0, 1))
+        # An error inside the block stays the error raised; the NaN/Inf found afterwards is a note on it.
+        with pytest.raises(KeyError) as raised:
+            with chain.batch(labels, batch=1, height=16, width=16) as denoise:
+                denoise(x, sigma, (0, 1))
+                raise KeyError("interrupted")
+        assert any("brick 1 produced NaN/Inf" in note for note in raised.value.__notes__)
+        with pytest.raises(AssertionError, match="finished"):
+            denoise(x, sigma, (0,))
+
+
+def test_chain_builds_no_autograd_graph_in_grad_mode():
+    model = tiny_model("tiny_PG_16").requires_grad_(True)
+    x, sigma, labels = inputs(1, 16, 16, 10)
+    assert torch.is_grad_enabled()
+    with TorchBackend(model, device=CPU) as backend:
+        model.requires_grad_(True)  # load() froze the weights; the chain must not rely on that
+        with BrickChain(backend).batch(labels, batch=1, height=16, width=16) as denoise:
+            out = denoise(x.requires_grad_(True), sigma, (0, 1, 2))
+    assert not out.requires_grad and out.grad_fn is None

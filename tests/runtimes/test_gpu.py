@@ -22,10 +22,9 @@ needs_trt = pytest.mark.skipif(
 def sample(chain: BrickChain, seeds, steps: int, plan: SkipPlan, cfg_scale=None, height=16, width=32):
     cfg = chain.config
     latents, labels, _ = draw_latents(seeds, cfg.img_channels, height, width, cfg.label_dim)
-    chain.begin(labels, batch=len(seeds), height=height, width=width, cfg_scale=cfg_scale, num_steps=steps)
-    out = edm_sample(chain, latents.to(chain.device), num_steps=steps, active_per_step=plan.steps(steps))
-    chain.end()
-    return out
+    kw = dict(batch=len(seeds), height=height, width=width, cfg_scale=cfg_scale, num_steps=steps)
+    with chain.batch(labels, **kw) as denoise:
+        return edm_sample(denoise, latents.to(chain.device), num_steps=steps, active_per_step=plan.steps(steps))
 
 
 @pytest.mark.gpu
@@ -50,6 +49,21 @@ def test_cuda_graphs_equal_eager_chain_and_capture_once_per_key(cfg_scale):
         del again
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated(device) <= before  # no growth across a replayed run
+    torch.testing.assert_close(graphed, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_new_guidance_scale_replays_the_captured_graphs():
+    model = tiny_model("tiny_PG_16")
+    plan = SkipPlan.parse(["2@0.5:1"], 3)
+    with TorchBackend(model, device=torch.device("cuda", 0)) as backend:
+        chain = BrickChain(backend, cuda_graphs=True)
+        sample(chain, [0, 1], 6, plan, 2.0)
+        captures = chain.graphs.captures
+        graphed = sample(chain, [0, 1], 6, plan, 3.5)
+        assert chain.graphs.captures == captures  # the scale is read from a device tensor
+        plain = sample(BrickChain(backend, cuda_graphs=False), [0, 1], 6, plan, 3.5)
     torch.testing.assert_close(graphed, plain, atol=1e-5, rtol=1e-5)
 
 
@@ -84,11 +98,11 @@ def test_tensorrt_chain_matches_eager(tmp_path):
     labels = torch.eye(10)[[2, 5]]
     with backend, torch.no_grad():
         chain = BrickChain(backend, cuda_graphs=True)
-        chain.begin(labels.cuda(), batch=2, height=16, width=32)
-        for act in [(0, 1, 2), (1, 2), (0,), (0, 2)]:
-            for _ in range(2):  # first call captures, second replays
-                got = chain(x.cuda(), sigma.cuda(), act).cpu()
-            torch.testing.assert_close(got, model(x, sigma, labels, act), atol=1e-3, rtol=1e-3)
+        with chain.batch(labels.cuda(), batch=2, height=16, width=32) as denoise:
+            for act in [(0, 1, 2), (1, 2), (0,), (0, 2)]:
+                for _ in range(2):  # first call captures, second replays
+                    got = denoise(x.cuda(), sigma.cuda(), act).cpu()
+                torch.testing.assert_close(got, model(x, sigma, labels, act), atol=1e-3, rtol=1e-3)
 
 
 def _ort_cuda() -> bool:
@@ -109,8 +123,8 @@ def test_onnxruntime_cuda_chain_matches_eager(engines_pg):
     labels = torch.eye(10)[[2, 5]]
     with backend, torch.no_grad():
         chain = BrickChain(backend)
-        chain.begin(labels.cuda(), batch=2, height=16, width=32, cfg_scale=1.5)
-        for act in [(0, 1, 2), (1, 2), (0,)]:
-            got = chain(x.cuda(), sigma.cuda(), act).cpu()
-            # TF32 convolutions and matmuls on the GPU: looser than the CPU parity.
-            torch.testing.assert_close(got, model(x, sigma, labels, act, 1.5), atol=2e-3, rtol=2e-3)
+        with chain.batch(labels.cuda(), batch=2, height=16, width=32, cfg_scale=1.5) as denoise:
+            for act in [(0, 1, 2), (1, 2), (0,)]:
+                got = denoise(x.cuda(), sigma.cuda(), act).cpu()
+                # TF32 convolutions and matmuls on the GPU: looser than the CPU parity.
+                torch.testing.assert_close(got, model(x, sigma, labels, act, 1.5), atol=2e-3, rtol=2e-3)

@@ -30,14 +30,13 @@ def chain_images(backend, seeds, height, width, steps, plan, cfg_scale=None, cla
     """Images of the runtime path: BrickChain driven by the model package's sampler, seeds as the CLI draws them."""
     cfg = backend.config
     latents, labels, rnd = draw_latents(seeds, cfg.img_channels, height, width, cfg.label_dim, class_idx)
-    with backend, torch.no_grad():
+    with backend:
         chain = BrickChain(backend)
-        chain.begin(labels, batch=len(seeds), height=height, width=width, cfg_scale=cfg_scale, num_steps=steps)
-        out = edm_sample(
-            chain, latents, num_steps=steps, randn_like=rnd.randn_like, active_per_step=plan.steps(steps), **churn
-        )
-        chain.end()
-    return out
+        kw = dict(batch=len(seeds), height=height, width=width, cfg_scale=cfg_scale, num_steps=steps)
+        with chain.batch(labels, **kw) as denoise:
+            return edm_sample(
+                denoise, latents, num_steps=steps, randn_like=rnd.randn_like, active_per_step=plan.steps(steps), **churn
+            )
 
 
 CASES = {
