@@ -6,10 +6,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.manifest import Profile, load_manifest
+from export.manifest import CheckpointRecord, Profile, load_manifest
 from export.pipeline import ExportOptions, export_engine_dir
 from lego_model.precond import denoise_with_bricks
-from tests.conftest import official_model
+from tests.conftest import FIXTURE_TENSORS, official_model
 
 ATOL = 1e-4  # the same bound the eager model meets against these fixtures
 
@@ -20,7 +20,7 @@ def official_pg(official, tmp_path_factory: pytest.TempPathFactory):
     model = official_model(official, "tiny_PG_16")
     out = tmp_path_factory.mktemp("official") / "engines"
     profile = Profile(batch=(1, 2, 4), height=(16, 16, 32), width=(16, 16, 32))
-    record = {"path": "shared/fixtures/official_tiny.safetensors", "sha256": None, "random_init_seed": None}
+    record = CheckpointRecord.of_file(FIXTURE_TENSORS)  # the weights came from the fixture file
     export_engine_dir(model, out, record, ExportOptions(profile=profile))
     engines = load_manifest(out).engines_for("onnx")
     sessions = {
