@@ -9,8 +9,8 @@ One batch is one ``with chain.batch(labels, batch=..., ...) as denoise:``
 block; ``denoise`` is a :class:`lego_model.sampler.Denoiser` the sampler of
 ``lego_model`` drives unchanged.  Everything it touches is allocated once per
 (batch, H, W, guidance) in :class:`ChainBuffers` and reused at every step:
-the coordinate channels of ``x_in``, the label rows and the guidance scale are
-written once per batch, ``f`` ping-pongs between two buffers (a brick never
+the coordinate channels of ``x_in`` are written once per shape, the label rows
+and the guidance scale once per batch, ``f`` ping-pongs between two buffers (a brick never
 reads and writes the same one), and a skipped brick is simply absent from the
 step's call list.  Both halves of the call around the engines are
 ``lego_model.precond``'s (prepare_inputs, combine_output) on these buffers,

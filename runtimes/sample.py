@@ -189,7 +189,7 @@ def make_randn_like(rnd, device: torch.device, churn: bool) -> Callable[[torch.T
 
 @dataclass
 class SamplingRun:
-    """A run that passed every check: the opened backend, its chain, and what this rank samples where."""
+    """A run that passed every check: its backend (loaded by ``with run.backend``), chain, and this rank's work."""
 
     opts: SampleOptions
     info: distributed.RankInfo
