@@ -7,17 +7,20 @@ lego-export --checkpoint run/network-snapshot.pkl --engines all --precision fp16
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from export.errors import ExportError
-from export.manifest import PRECISIONS, CheckpointRecord, Profile
+from export.manifest import PRECISIONS, PROFILE_LIMITS, CheckpointRecord, Profile
 from export.onnx_export import DEFAULT_OPSET, EXPORTERS
-from export.pipeline import ENGINE_CHOICES, ExportOptions, ExportResult, export_engine_dir
+from export.pipeline import ENGINE_CHOICES, ExportOptions, ExportResult, check_target, export_engine_dir
 from export.specs import DEFAULT_BATCH, parse_range
 from lego_model.configs import LEGO_CONFIGS
 from lego_model.errors import LegoError
@@ -47,20 +50,21 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
     show_default=True,
     help="onnx: ONNX files; trt: TensorRT plans (needs the gpu extra and a GPU); all: both.",
 )
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"), show_default=True)
+# A plain path: lego-export checks it (and says what is wrong in one line) before loading anything.
+@click.option("--out", type=click.Path(path_type=Path), default=Path("engines"), show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option(
     "--batch",
     metavar="MIN:OPT:MAX",
-    help=f"Batch range {RANGE_HELP}; default {':'.join(map(str, DEFAULT_BATCH))}. "
+    help=f"Batch range {RANGE_HELP}, MAX <= {PROFILE_LIMITS['batch']}; default {':'.join(map(str, DEFAULT_BATCH))}. "
     "Classifier-free guidance runs conditional and null rows together, doubling the batch: "
     "8 images with guidance need MAX >= 16.",
 )
 @click.option(
     "--height",
     metavar="MIN:OPT:MAX",
-    help=f"Image height range {RANGE_HELP}, multiples of the lcm of the brick sizes; "
-    "default: smallest legal size : training resolution : 4x training resolution.",
+    help=f"Image height range {RANGE_HELP}, multiples of the lcm of the brick sizes, "
+    f"MAX <= {PROFILE_LIMITS['height']}; default: smallest legal size : training resolution : 4x training resolution.",
 )
 @click.option("--width", metavar="MIN:OPT:MAX", help=f"Image width range {RANGE_HELP}; default as --height.")
 @click.option(
@@ -82,7 +86,12 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
     type=click.Path(file_okay=False, path_type=Path),
     help="TensorRT timing and engine caches (default: $LEGO_CACHE_DIR or ~/.cache/lego-deploy).",
 )
-@click.option("--force", is_flag=True, help="Replace an existing engine directory (atomically, at the end).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing engine directory (atomically, at the end; through a symlink, its target). "
+    "Only a directory that holds nothing but what a previous lego-export wrote (its manifest lists it).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Only the summary table.")
 def main(
     checkpoint: Path | None,
@@ -112,29 +121,46 @@ def main(
     if config_name is not None and checkpoint is None and not random_init:
         raise click.UsageError("--config without --checkpoint needs --random-init (or pass the --checkpoint)")
     progress = None if quiet else (lambda line: click.echo(line, err=True))
-    try:
-        if engines in ("trt", "all"):
-            # Refuse before loading anything heavy or touching --out.
-            from export.tensorrt_build import require_tensorrt
+    with _sigterm_unwinds():  # a plain kill cleans up like Ctrl-C: no staging directory stays behind
+        try:
+            if engines in ("trt", "all"):
+                # Refuse before loading anything heavy or touching --out.
+                from export.tensorrt_build import require_tensorrt
 
-            require_tensorrt(engines)
-        model, record = _load_model(checkpoint, config_name, random_init, seed)
-        profile = _profile(model.config, batch, height, width)
-        options = ExportOptions(
-            engines=engines,
-            precision=precision,
-            profile=profile,
-            opset=opset,
-            force=force,
-            exporter=exporter,
-            cache_dir=cache_dir,
-            seed=seed,
-        )
-        result = export_engine_dir(model, out, record, options, progress=progress)
-    except LegoError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
+                require_tensorrt(engines)
+            # Before loading or computing anything; the cache directory only matters to TensorRT builds.
+            check_target(out, force, [checkpoint, cache_dir if engines != "onnx" else None])
+            model, record = _load_model(checkpoint, config_name, random_init, seed)
+            profile = _profile(model.config, batch, height, width)
+            options = ExportOptions(
+                engines=engines,
+                precision=precision,
+                profile=profile,
+                opset=opset,
+                force=force,
+                exporter=exporter,
+                cache_dir=cache_dir,
+                seed=seed,
+            )
+            result = export_engine_dir(model, out, record, options, progress=progress)
+        except LegoError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(1)
     click.echo(summary_table(result))
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises SystemExit (unwinding ``finally`` blocks) while inside; the previous handler after."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _load_model(

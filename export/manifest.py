@@ -18,19 +18,34 @@ writes manifests, in one spelling, so a missing, unknown or mistyped field
 means the directory was not written by this toolchain's exporter.
 :func:`load_manifest` is the only way the runtimes read a directory: it
 checks the schema version, every field, that every file stays inside the
-directory, exists and has the recorded sha256.  Each refusal is one
-:class:`ManifestError` line that says what to do.
+directory, exists and has the recorded sha256, and that every file is the
+engine its entry says it is: an ONNX file carries identity metadata props
+(:func:`engine_identity`: engine name, kind, brick, precision, fingerprints of
+the model config and the checkpoint, written by lego-export before the file is
+hashed) and graph inputs/outputs that must equal the entry's, and the entry's
+I/O must be the engine contract of the manifest's config
+(:func:`contract_io`).  A file copied into another engine's slot, or a config
+that disagrees with the files, is refused before any session is created.
+TensorRT plans are opaque here: the TensorRT backend compares their I/O
+(:func:`check_engine_io`) and the identity lego-export gives their network
+name (:func:`plan_name`, :func:`check_plan_identity`) when it deserializes them.  Each refusal is
+one :class:`ManifestError` line that says what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
+import math
+import mmap
 import os
 import re
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -45,15 +60,18 @@ from lego_model.errors import ConfigError
 __all__ = [
     "DTYPES",
     "FORMATS",
+    "IO_DTYPE",
     "MANIFEST_NAME",
     "PRECISIONS",
     "PRECISION_DTYPES",
+    "PROFILE_LIMITS",
     "SCHEMA_VERSION",
     "SYMBOLIC_DIMS",
     "TORCH_DTYPES",
     "BuiltWith",
     "CheckpointRecord",
     "EngineEntry",
+    "FileTensor",
     "Manifest",
     "ManifestError",
     "MeasuredError",
@@ -61,8 +79,19 @@ __all__ = [
     "ProfileError",
     "TensorSpec",
     "Verification",
+    "check_engine_io",
+    "check_identity",
+    "check_onnx_identity",
+    "check_plan_identity",
+    "config_fingerprint",
+    "contract_io",
+    "engine_identity",
+    "entry_identity",
     "file_sha256",
     "load_manifest",
+    "onnx_declaration",
+    "plan_name",
+    "read_manifest_json",
     "write_manifest",
 ]
 
@@ -76,8 +105,15 @@ PRECISIONS = tuple(PRECISION_DTYPES)
 # Tensor dtype names of the manifest -> torch dtypes (the runtimes' buffers, the exporter's casts).
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPES = tuple(TORCH_DTYPES)
-KINDS = ("embedder", "brick")
 SYMBOLIC_DIMS = ("B", "H", "W")
+# Engine I/O is float32 at every precision (export/specs.py says why).
+IO_DTYPE = "float32"
+# Largest MAX of a profile range lego-export writes and the runtimes accept.  A TensorRT engine sizes its
+# scratch memory for the profile's largest shape, and the runtimes allocate it once at load: a batch of
+# 999999999 or a 100000-pixel side would be recorded as a promise no GPU keeps (and try to allocate it).
+PROFILE_LIMITS = {"batch": 4096, "height": 8192, "width": 8192}
+# manifest.json is a few KB per engine; anything near this is not one of ours.
+MAX_MANIFEST_BYTES = 16 << 20
 
 _REEXPORT = "re-run lego-export --force"
 
@@ -140,6 +176,11 @@ class Profile:
             lo, opt, hi = value
             if not 0 < lo <= opt <= hi:
                 raise ProfileError(f"{axis} range {lo}:{opt}:{hi} must satisfy 0 < MIN <= OPT <= MAX")
+            if hi > PROFILE_LIMITS[axis]:
+                raise ProfileError(
+                    f"{axis} range {lo}:{opt}:{hi} exceeds the supported maximum {PROFILE_LIMITS[axis]} "
+                    f"(lego-export's bound on --{axis} MAX); choose a smaller MAX"
+                )
             object.__setattr__(self, axis, (lo, opt, hi))
 
     def check(self, batch: int, height: int, width: int) -> None:
@@ -306,6 +347,136 @@ class Verification:
         )
 
 
+# ------------------------------------------------------------------------- engine contract and identity
+
+
+def _embedder_io(config: LegoConfig, brick: int | None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    inputs = [TensorSpec("c_noise", IO_DTYPE, ["B"])]
+    if config.label_dim:
+        inputs.append(TensorSpec("class_labels", IO_DTYPE, ["B", config.label_dim]))
+    return inputs, [TensorSpec("cond", IO_DTYPE, ["B", config.hidden_size])]
+
+
+def _brick_io(config: LegoConfig, brick: int | None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    C, D = config.img_channels, config.hidden_size
+    inputs = [TensorSpec("x_in", IO_DTYPE, ["B", C + 2, "H", "W"])]
+    if brick:  # brick 0 has no previous f
+        inputs.append(TensorSpec("f_prev", IO_DTYPE, ["B", C, "H", "W"]))
+    inputs.append(TensorSpec("cond", IO_DTYPE, ["B", D]))
+    return inputs, [TensorSpec("f", IO_DTYPE, ["B", C, "H", "W"])]
+
+
+# Engine kind -> (config, brick index) -> (inputs, outputs) of the engine contract (shared/DESIGN.md).
+# The exporter's specs and the loader's checks both read this table; a new engine kind adds one function.
+ENGINE_CONTRACTS: dict[str, Callable[[LegoConfig, int | None], tuple[list[TensorSpec], list[TensorSpec]]]] = {
+    "embedder": _embedder_io,
+    "brick": _brick_io,
+}
+KINDS = tuple(ENGINE_CONTRACTS)
+
+
+def contract_io(config: LegoConfig, kind: str, brick: int | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) that engine ``kind`` (brick index ``brick``) of a ``config`` model must have."""
+    return ENGINE_CONTRACTS[kind](config, brick)
+
+
+def config_fingerprint(config: LegoConfig) -> str:
+    """sha256 of the config's canonical JSON: which model an engine file belongs to."""
+    return hashlib.sha256(config.to_json().encode()).hexdigest()
+
+
+def engine_identity(
+    name: str, kind: str, brick: int | None, precision: str, config: LegoConfig, checkpoint: CheckpointRecord
+) -> dict[str, str]:
+    """The ONNX metadata props that say which engine of which model a file is.
+
+    lego-export writes them into each ONNX file before hashing it; :func:`load_manifest`
+    compares them with the file's manifest entry, so a file copied into another
+    engine's slot (with its hash fixed in the manifest) is refused.  The checkpoint
+    is named by its sha256 (not its path) or random-init seed, so the same model
+    exported twice gives the same bytes (and the same TensorRT engine-cache key).
+    """
+    weights = f"sha256:{checkpoint.sha256}" if checkpoint.sha256 else f"random_init_seed:{checkpoint.random_init_seed}"
+    return {
+        "lego.engine": name,
+        "lego.kind": kind,
+        "lego.brick": "" if brick is None else str(brick),
+        "lego.precision": precision,
+        "lego.config_sha256": config_fingerprint(config),
+        "lego.checkpoint": weights,
+    }
+
+
+_IDENTITY_LABELS = {
+    "lego.engine": "engine",
+    "lego.kind": "engine kind",
+    "lego.brick": "brick index",
+    "lego.precision": "precision",
+    "lego.config_sha256": "model config fingerprint",
+    "lego.checkpoint": "weights",
+}
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    """An input or output as an engine file declares it; a dim is an int, or a str / None when dynamic."""
+
+    name: str
+    dtype: str  # "float32", "float16", "bfloat16", or the file's own name of another type ("int64", ...)
+    shape: tuple[int | str | None, ...]
+
+
+def check_engine_io(
+    where: str,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    file_inputs: list[FileTensor],
+    file_outputs: list[FileTensor],
+) -> None:
+    """Refuse an engine file whose declared I/O differs from its manifest entry's, naming the first difference.
+
+    Compared: the set of names, and per tensor the dtype, the rank and every
+    dim (a symbolic "B"/"H"/"W" of the entry must be dynamic in the file, a
+    number must be that number: channels C+2 and C, hidden size D, label_dim).
+    Pure, so that the TensorRT backend's plan descriptions are checked by the
+    same code that the CPU tests exercise.
+    """
+    fix = f"the file belongs to another engine or model; {_REEXPORT}"
+    for role, want, got in (("input", inputs, file_inputs), ("output", outputs, file_outputs)):
+        want_names, got_names = [t.name for t in want], [t.name for t in got]
+        if sorted(want_names) != sorted(got_names):
+            raise ManifestError(f"{where}: the file has {role}s {got_names}, the manifest says {want_names}; {fix}")
+        declared = {t.name: t for t in got}
+        for spec in want:
+            t = declared[spec.name]
+            if t.dtype != spec.dtype:
+                raise ManifestError(
+                    f"{where}: {role} {spec.name!r} is {t.dtype} in the file, {spec.dtype} in the manifest; {fix}"
+                )
+            if len(t.shape) != len(spec.shape):
+                raise ManifestError(
+                    f"{where}: {role} {spec.name!r} has rank {len(t.shape)} in the file, {len(spec.shape)} "
+                    f"({spec.shape}) in the manifest; {fix}"
+                )
+            for i, (have, need) in enumerate(zip(t.shape, spec.shape)):
+                dynamic = not isinstance(have, int) or have < 0
+                if (isinstance(need, str) and not dynamic) or (isinstance(need, int) and have != need):
+                    shown = "dynamic" if dynamic else have
+                    raise ManifestError(
+                        f"{where}: {role} {spec.name!r} dim {i} is {shown} in the file, {need} in the manifest "
+                        f"(shape {spec.shape}); {fix}"
+                    )
+
+
+def _first_contract_difference(want: list[TensorSpec], got: list[TensorSpec]) -> str | None:
+    if [t.name for t in want] != [t.name for t in got]:
+        return f"tensors {[t.name for t in got]} where the contract has {[t.name for t in want]}"
+    for w, g in zip(want, got):
+        if w != g:
+            return f"{g.name} {g.dtype} {g.shape} where the contract has {w.dtype} {w.shape}"
+    return None
+
+
 @dataclass(frozen=True)
 class EngineEntry:
     """One engine file and everything a runtime needs to bind it."""
@@ -450,6 +621,24 @@ class Manifest:
                 )
             if e.kind == "embedder" and e.name != "embedder":
                 raise ManifestError(f"{where}: the embedder engine must be named 'embedder', got {e.name!r}")
+            for role, want, got in zip(
+                ("inputs", "outputs"), contract_io(config, e.kind, e.brick), (e.inputs, e.outputs)
+            ):
+                difference = _first_contract_difference(want, got)
+                if difference:
+                    raise ManifestError(
+                        f"{where}: engine {e.name!r} ({e.format}) {role} do not fit the manifest's config "
+                        f"{config.name} (img_channels {config.img_channels}, hidden_size {config.hidden_size}, "
+                        f"label_dim {config.label_dim}): {difference}; {_REEXPORT}"
+                    )
+        onnx_sha = {e.name: e.sha256 for e in engines if e.format == "onnx"}
+        for e in engines:
+            source = e.built_with.onnx_sha256
+            if e.format == "tensorrt" and e.name in onnx_sha and source != onnx_sha[e.name]:
+                raise ManifestError(
+                    f"{where}: TensorRT plan {e.name!r} was built from another ONNX file than the directory's "
+                    f"{e.name} (onnx_sha256 differs); {_REEXPORT}"
+                )
         return cls(config=config, checkpoint=checkpoint, engines=engines, created=created, schema_version=version)
 
 
@@ -457,9 +646,13 @@ def load_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> Manifes
     """Read and validate ``engine_dir/manifest.json`` and every file it lists.
 
     Refuses (with one-line :class:`ManifestError`) a missing directory or
-    manifest, corrupt JSON, an unknown schema version, missing or malformed
-    fields, a file path that is absolute or leaves the directory, a missing
-    file, and a file whose size or sha256 differs from the manifest.
+    manifest, corrupt, oversized or absurdly nested JSON, an unknown schema
+    version, missing or malformed fields, engine I/O that does not fit the
+    config, a file path that is absolute or leaves the directory, a missing
+    file, a file whose size or sha256 differs from the manifest, and an ONNX
+    file whose identity metadata or declared I/O is not its entry's (each
+    ONNX file is read once: hashed and parsed from the same bytes).
+    ``verify_hashes=False`` skips only the hashes.
     """
     engine_dir = Path(engine_dir)
     path = engine_dir / MANIFEST_NAME
@@ -469,10 +662,7 @@ def load_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> Manifes
         )
     if not path.is_file():
         raise ManifestError(f"{engine_dir} has no {MANIFEST_NAME}; export into it with lego-export --out {engine_dir}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ManifestError(f"{path} is not valid JSON ({err}); {_REEXPORT}") from None
+    data = read_manifest_json(path)
     manifest = Manifest.from_dict(data, where=str(path))
     root = engine_dir.resolve()
     for e in manifest.engines:
@@ -482,14 +672,212 @@ def load_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> Manifes
             raise ManifestError(f"{path}: engine {e.name!r} file {e.file!r} resolves outside {engine_dir}; refusing it")
         if not target.is_file():
             raise ManifestError(f"{path}: engine file {e.file} is missing; {_REEXPORT}")
-        if verify_hashes:
-            size = target.stat().st_size
-            if size != e.bytes or file_sha256(target) != e.sha256:
-                raise ManifestError(
-                    f"{engine_dir / e.file} does not match its sha256 in {MANIFEST_NAME} (modified or truncated); "
-                    f"{_REEXPORT}"
-                )
+        where = f"{engine_dir / e.file} (engine {e.name})"
+        if e.format == "onnx":
+            with _mapped(target) as content:  # read once: hashed and its declaration cut out of the same pages
+                if verify_hashes:
+                    _check_hash(e, len(content), hashlib.sha256(content).hexdigest(), engine_dir)
+                check_onnx_identity(content, e, manifest, where)
+        elif verify_hashes:
+            _check_hash(e, target.stat().st_size, file_sha256(target), engine_dir)
     return manifest
+
+
+def read_manifest_json(path: Path) -> Any:
+    """The parsed JSON of a manifest file; one-line :class:`ManifestError` for anything that is not one."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(
+                f"{path} is {size} bytes, no manifest.json lego-export writes is over {MAX_MANIFEST_BYTES}; {_REEXPORT}"
+            )
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, and ints beyond Python's digit limit
+        raise ManifestError(f"{path} is not valid JSON ({str(err).splitlines()[0]}); {_REEXPORT}") from None
+    except RecursionError:
+        raise ManifestError(f"{path} is nested too deeply to be a manifest; {_REEXPORT}") from None
+    except OSError as err:
+        raise ManifestError(f"{path} cannot be read ({err.strerror or err}); check its permissions") from None
+
+
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[Any]:
+    """The file's bytes as a read-only mmap (b"" when empty): pages are read once and never copied."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            yield mapped
+
+
+def _check_hash(entry: EngineEntry, size: int, sha: str, engine_dir: Path) -> None:
+    if size != entry.bytes or sha != entry.sha256:
+        raise ManifestError(
+            f"{engine_dir / entry.file} does not match its sha256 in {MANIFEST_NAME} (modified or truncated); "
+            f"{_REEXPORT}"
+        )
+
+
+# ONNX TensorProto element types of the engine I/O dtypes (TensorProto.FLOAT, FLOAT16, BFLOAT16).
+_ONNX_DTYPE_NAMES = {1: "float32", 10: "float16", 16: "bfloat16"}
+
+
+def onnx_declaration(content: Any, where: str) -> tuple[dict[str, str], list[FileTensor], list[FileTensor]]:
+    """(metadata props, inputs, outputs) an ONNX file declares, read from its bytes (any buffer, e.g. an mmap).
+
+    Only the small messages are parsed: the ModelProto's metadata props and the
+    graph's inputs and outputs are cut out of the protobuf wire format, every
+    other field (the weights above all) is stepped over by its length without
+    being copied, so a 1 GB brick costs a few thousand field headers.
+    """
+    import onnx  # here, not at the top: reading a manifest of TensorRT plans needs no onnx
+    from google.protobuf.message import DecodeError
+
+    props: dict[str, str] = {}
+    values: dict[int, list[Any]] = {_GRAPH_INPUT: [], _GRAPH_OUTPUT: []}
+    initializers: set[str] = set()  # IR < 4 lists weights among the inputs
+    problem = None
+    # Views released on the way out, error or not: the caller's mmap can only close without live exports.
+    with memoryview(content) as view, view.cast("B") as buf:
+        try:
+            for number, a, b in _fields(buf, 0, len(buf)):
+                if number == _MODEL_METADATA_PROPS:
+                    entry = onnx.StringStringEntryProto.FromString(bytes(buf[a:b]))
+                    props[entry.key] = entry.value
+                elif number == _MODEL_GRAPH:
+                    for field_number, c, d in _fields(buf, a, b):
+                        if field_number in values:
+                            values[field_number].append(onnx.ValueInfoProto.FromString(bytes(buf[c:d])))
+                        elif field_number == _GRAPH_INITIALIZER:
+                            names = (bytes(buf[e:f]).decode() for n, e, f in _fields(buf, c, d) if n == _TENSOR_NAME)
+                            initializers.update(names)
+        except (DecodeError, ValueError, RuntimeError) as err:  # UnicodeDecodeError is a ValueError
+            problem = str(err)
+    if problem is not None:
+        raise ManifestError(f"{where} is not an ONNX file ({problem}); {_REEXPORT}")
+
+    def tensors(declared: list[Any]) -> list[FileTensor]:
+        out = []
+        for v in declared:
+            if v.name in initializers:
+                continue
+            if v.type.WhichOneof("value") != "tensor_type":
+                out.append(FileTensor(v.name, "non-tensor", ()))
+                continue
+            elem = v.type.tensor_type.elem_type
+            try:
+                dtype = _ONNX_DTYPE_NAMES.get(elem) or onnx.TensorProto.DataType.Name(elem).lower()
+            except ValueError:
+                dtype = f"onnx type {elem}"
+            dims = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in v.type.tensor_type.shape.dim
+            )
+            out.append(FileTensor(v.name, dtype, dims))
+        return out
+
+    return props, tensors(values[_GRAPH_INPUT]), tensors(values[_GRAPH_OUTPUT])
+
+
+# Field numbers of onnx.proto (ModelProto.graph, .metadata_props; GraphProto.initializer, .input, .output;
+# TensorProto.name): stable since ONNX 1.0.
+_MODEL_GRAPH, _MODEL_METADATA_PROPS = 7, 14
+_GRAPH_INITIALIZER, _GRAPH_INPUT, _GRAPH_OUTPUT = 5, 11, 12
+_TENSOR_NAME = 8
+
+
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the protobuf message in ``buf[start:end]``.
+
+    Fields of the other wire types (varints, fixed 32/64) are stepped over.
+    """
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos, end)
+            continue
+        if wire == 2:
+            length, pos = _varint(buf, pos, end)
+            stop = pos + length
+        elif wire in (1, 5):
+            stop = pos + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"unknown protobuf wire type {wire} at byte {pos}")
+        if stop > end:
+            raise ValueError(f"field {number} runs past the end of its message (truncated file?)")
+        if wire == 2:
+            yield number, pos, stop
+        pos = stop
+
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ValueError(f"malformed protobuf varint at byte {pos}")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def check_onnx_identity(content: bytes, entry: EngineEntry, manifest: Manifest, where: str) -> None:
+    """Refuse an ONNX file that is not ``entry``'s engine of ``manifest``'s model, or whose I/O is not the entry's."""
+    props, inputs, outputs = onnx_declaration(content, where)
+    want = entry_identity(entry, manifest)
+    if not any(key in props for key in want):
+        raise ManifestError(
+            f"{where} carries no lego-export identity metadata (written by an older lego-export or another tool); "
+            f"{_REEXPORT}"
+        )
+    check_identity(where, props, want)
+    check_engine_io(where, entry.inputs, entry.outputs, inputs, outputs)
+
+
+def entry_identity(entry: EngineEntry, manifest: Manifest) -> dict[str, str]:
+    """:func:`engine_identity` of a manifest entry: what its file must say about itself."""
+    return engine_identity(entry.name, entry.kind, entry.brick, entry.precision, manifest.config, manifest.checkpoint)
+
+
+def check_identity(where: str, found: dict[str, str], want: dict[str, str]) -> None:
+    """Refuse identity metadata ``found`` in a file that differs from ``want``, naming the first difference."""
+    for key, value in want.items():
+        have = found.get(key)
+        if have != value:
+            raise ManifestError(
+                f"{where}: the file says {_IDENTITY_LABELS[key]} {have!r}, the manifest's {want['lego.engine']} "
+                f"entry needs {value!r} (a file of another engine or export in this slot); {_REEXPORT}"
+            )
+
+
+_PLAN_NAME_PREFIX = "lego-identity:"
+
+
+def plan_name(identity: dict[str, str]) -> str:
+    """The TensorRT network name that carries an engine's identity into its plan (``ICudaEngine.name``)."""
+    return _PLAN_NAME_PREFIX + json.dumps(identity, sort_keys=True, separators=(",", ":"))
+
+
+def check_plan_identity(where: str, name: str | None, want: dict[str, str]) -> str | None:
+    """Refuse a TensorRT plan whose network name holds another engine's identity; returns a warning, or None.
+
+    A plan without one (built by an older lego-export) cannot be checked
+    beyond its I/O: that is a warning, not a refusal.
+    """
+    if not name or not name.startswith(_PLAN_NAME_PREFIX):
+        return f"{where} carries no identity (built by an older lego-export); rebuild with lego-export --force"
+    try:
+        found = json.loads(name[len(_PLAN_NAME_PREFIX) :])
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        raise ManifestError(f"{where}: its identity {name[:80]!r} is unreadable; {_REEXPORT}")
+    check_identity(where, found, want)
+    return None
 
 
 def write_manifest(manifest: Manifest, engine_dir: str | Path) -> Path:
@@ -531,6 +919,8 @@ def _require(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: 
     if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in kinds):
         names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
         raise ManifestError(f"{where}: field {key!r} should be {names}, got {_json_type(value)}; {_REEXPORT}")
+    if float in kinds and isinstance(value, (int, float)) and not math.isfinite(value):
+        raise ManifestError(f"{where}: field {key!r} is {value}, expected a finite number; {_REEXPORT}")
     return float(value) if float in kinds and isinstance(value, int) else value
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import onnx
@@ -47,12 +47,16 @@ def onnx_from_spec(
     precision: str = "fp32",
     opset: int = DEFAULT_OPSET,
     exporter: str = "dynamo",
+    identity: Mapping[str, str] | None = None,
 ) -> str:
     """Export one engine's forward to ``path``; returns the exporter that produced it.
 
     ``exporter="dynamo"`` falls back to TorchScript (with a warning in the
-    log) when the dynamo exporter raises; ``"torchscript"`` forces it.  The
-    file is checked (:func:`check_onnx`) before this returns.
+    log) when the dynamo exporter raises; ``"torchscript"`` forces it.
+    ``identity`` (:func:`export.manifest.engine_identity`) is written as the
+    file's metadata props; an engine directory's files need it (load_manifest
+    refuses a file without), a file made for a structural test may go without.
+    The file is checked (:func:`check_onnx`) before this returns.
     """
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
@@ -72,7 +76,7 @@ def onnx_from_spec(
             used = "torchscript"
     if used == "torchscript":
         _export_torchscript(module, args, spec, path, opset)
-    _name_dims(path, spec)
+    _name_dims(path, spec, identity or {})
     check_onnx(path, spec)
     return used
 
@@ -125,8 +129,9 @@ def _quiet_exporter() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _name_dims(path: Path, spec: EngineSpec) -> None:
-    """Give the dynamic dims the contract's names B, H, W (dynamo calls them e.g. ``8*nh``) and drop debug metadata.
+def _name_dims(path: Path, spec: EngineSpec, identity: Mapping[str, str]) -> None:
+    """Give the dynamic dims the contract's names B, H, W (dynamo calls them e.g. ``8*nh``), drop debug metadata,
+    and write the engine's identity as the model's metadata props.
 
     The dynamo exporter annotates every node with its Python stack trace, which
     holds absolute paths of this checkout: the same model exported from two
@@ -148,6 +153,8 @@ def _name_dims(path: Path, spec: EngineSpec) -> None:
             del node.metadata_props[:]
             node.doc_string = ""
     del model.graph.metadata_props[:]
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, dict(identity))
     onnx.save(model, str(path))
 
 

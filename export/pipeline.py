@@ -10,16 +10,22 @@ earlier point removes the temporary directory and leaves the target as it was.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import datetime
+import errno
+import fcntl
+import functools
 import logging
+import os
 import platform
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import onnx
@@ -32,10 +38,13 @@ from export.manifest import (
     CheckpointRecord,
     EngineEntry,
     Manifest,
+    ManifestError,
     Profile,
     Verification,
+    engine_identity,
     file_sha256,
     load_manifest,
+    read_manifest_json,
     write_manifest,
 )
 from export.onnx_export import DEFAULT_OPSET, onnx_from_spec
@@ -83,52 +92,290 @@ class ExportResult:
     seconds: float = 0.0
 
 
-def check_target(out: Path, force: bool) -> None:
-    """Refuse an existing target without ``force``, and anything that is not an engine directory even with it."""
-    if not out.exists() and not out.is_symlink():
-        return
+# Temporary directories beside the target: ".NAME.partial-PID-XXXXXXXX" while an export builds (and, after the
+# swap, holding the replaced directory until it is deleted); ".NAME.old-PID-XXXXXXXX" only where the file system
+# cannot exchange two directories and the old one is set aside for a moment.
+_TEMP_DIR = re.compile(r"\.(?P<name>.+)\.(?P<what>partial|old)-(?P<pid>[0-9]+)-[a-z0-9_]+")
+_MOVE_OUT = "move them elsewhere or choose another --out"
+
+
+def export_target(out: str | Path) -> Path:
+    """The directory an export into ``out`` replaces: ``out``, or the directory it links to when it is a symlink.
+
+    Replacing the link's target (not the link) keeps the user's link, and the
+    engines on the file system the link points at.
+    """
+    out = Path(out).absolute()  # "." or "engines/" still name a directory with a parent to build beside
+    if not out.is_symlink():
+        return out
+    target = out.resolve()
+    if not target.exists():
+        raise ExportError(f"{out} is a symbolic link to {target}, which does not exist; create it or remove the link")
+    return target
+
+
+def check_target(out: str | Path, force: bool, inputs: Sequence[str | Path | None] = ()) -> Path:
+    """Refuse a target an export must not replace or cannot write; returns :func:`export_target`.
+
+    Checked before any compute: the parent of the target must be a writable
+    directory (or creatable in one); an existing target needs ``force`` and
+    may hold only what a previous export wrote (the files its manifest lists);
+    none of ``inputs`` (the checkpoint, the cache directory) may lie inside it.
+    Temporaries that killed exports left beside the target are cleaned up first
+    (:func:`remove_stale_temporaries`).
+    """
+    shown = Path(out)
+    real = export_target(out)
+    if real.parent.is_dir():
+        remove_stale_temporaries(real)  # first: a set-aside directory moved back is an existing target
+    for path in inputs:
+        if path is not None and Path(path).absolute().resolve().is_relative_to(real.resolve()):
+            raise ExportError(f"{path} lies inside --out {shown}, which the export replaces; {_MOVE_OUT}")
+    check_writable(real)
+    if not real.exists():
+        return real
     if not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out")
-    if out.is_symlink() or not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory; remove it or choose another --out")
-    if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise ExportError(f"{shown} already exists; pass --force to replace it or choose another --out")
+    if not real.is_dir():
+        raise ExportError(f"{shown} exists and is not a directory; remove it or choose another --out")
+    foreign = foreign_files(real)
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        what = "files no lego-export wrote" if (real / MANIFEST_NAME).is_file() else f"files and no {MANIFEST_NAME}"
         raise ExportError(
-            f"refusing to replace {out}: it is not an engine directory (no {MANIFEST_NAME}); choose another --out"
+            f"refusing to replace {shown}: it is not an engine directory of lego-export, it holds {what} "
+            f"({', '.join(foreign[:5])}{more}); {_MOVE_OUT}"
         )
+    return real
+
+
+def check_writable(target: Path) -> None:
+    """Refuse a target whose parent cannot be created or written (a file on the way, read-only, no permission)."""
+    probe = target.parent
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ExportError(f"--out {target}: {probe} is not a directory; choose another --out")
+    try:  # the truest test (root ignores file modes, /proc and /sys have their own rules): make a folder there
+        os.rmdir(tempfile.mkdtemp(prefix=".lego-export-probe-", dir=probe))
+        problem = None if not target.is_dir() or os.access(target, os.W_OK | os.X_OK) else "no permission"
+    except OSError as err:
+        problem = err.strerror or str(err)
+    if problem:
+        where = target if probe == target.parent and target.is_dir() and problem == "no permission" else probe
+        raise ExportError(f"--out {target}: cannot write in {where} ({problem}); choose another --out")
+
+
+def previous_export_files(engine_dir: Path) -> set[str]:
+    """Relative paths a previous export wrote into ``engine_dir``: its manifest and every file the manifest lists.
+
+    Read leniently (any schema version, hashes not checked): a directory whose
+    engines were tampered with or that an older lego-export wrote may still be
+    replaced, but only a manifest says what is ours.
+    """
+    manifest = engine_dir / MANIFEST_NAME
+    try:
+        data = read_manifest_json(manifest)
+    except ManifestError as err:
+        raise ExportError(
+            f"cannot tell which files in {engine_dir} a previous export wrote ({err}); remove the directory yourself "
+            "or choose another --out"
+        ) from None
+    engines = data.get("engines") if isinstance(data, dict) else None
+    files = {MANIFEST_NAME}
+    for entry in engines if isinstance(engines, list) else []:
+        file = entry.get("file") if isinstance(entry, dict) else None
+        if isinstance(file, str) and file:
+            files.add(PurePosixPath(file).as_posix())
+    return files
+
+
+def foreign_files(engine_dir: Path) -> list[str]:
+    """Everything inside ``engine_dir`` that a previous export did not write (relative paths, sorted)."""
+    if not (engine_dir / MANIFEST_NAME).is_file():
+        return sorted(p.name for p in engine_dir.iterdir())
+    ours = previous_export_files(engine_dir)
+    folders = {PurePosixPath(f).parent.as_posix() for f in ours}
+    folders |= {parent.as_posix() for f in ours for parent in PurePosixPath(f).parents}
+    foreign = []
+    for root, dirs, files in os.walk(engine_dir):  # symlinked folders are listed, not followed
+        base = Path(root).relative_to(engine_dir)
+        for name in dirs:
+            rel = (base / name).as_posix()
+            if rel not in folders or (Path(root) / name).is_symlink():
+                foreign.append(rel + "/")
+        dirs[:] = [d for d in dirs if (base / d).as_posix() in folders]
+        foreign += [(base / name).as_posix() for name in files if (base / name).as_posix() not in ours]
+    return sorted(foreign)
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete the temporary directories that killed exports into ``target`` left beside it.
+
+    Only ours (``.NAME.partial-PID-*`` and ``.NAME.old-PID-*`` of this NAME) and
+    only where no live export holds them (:func:`_in_use`).  A set-aside old
+    directory whose target is missing (killed between the two renames of the
+    fallback swap) is moved back instead.
+    """
+    try:
+        candidates = sorted(target.parent.iterdir())
+    except OSError:
+        return  # an unreadable parent: check_writable says so
+    for path in candidates:
+        m = _TEMP_DIR.fullmatch(path.name)
+        if not m or m["name"] != target.name or path.is_symlink() or not path.is_dir() or _in_use(path, int(m["pid"])):
+            continue
+        try:
+            if m["what"] == "old" and not target.exists() and not target.is_symlink():
+                log.warning("restoring %s from %s (an export was killed while replacing it)", target, path.name)
+                path.rename(target)
+            else:
+                log.info("removing %s, left by a killed export", path)
+                shutil.rmtree(path)
+        except OSError as err:  # not ours to fix (permissions): the export itself may still succeed
+            log.warning("could not clean up %s: %s", path, err)
+
+
+def _in_use(path: Path, pid: int) -> bool:
+    """Whether an export may still be writing ``path``: its lock is held, or the PID in its name runs.
+
+    Both, because an export creates its directory a moment before it locks it;
+    a PID reused by another process only delays the cleanup.
+    """
+    if _pid_alive(pid):
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return True  # cannot look: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True  # an export on another host or PID namespace holds it
+    except OSError:
+        return False  # no flock on this file system: the dead PID decides
+    finally:
+        os.close(fd)  # releases the probe's lock too
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on directory ``path`` (None where the file system has no locks)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p ``folder``; returns the folders it created, outermost first (to remove again on failure)."""
+    missing = []
+    while not folder.exists() and not folder.is_symlink():
+        missing.append(folder)
+        folder = folder.parent
+    created = []
+    for path in reversed(missing):
+        path.mkdir()
+        created.append(path)
+    return created
 
 
 @contextlib.contextmanager
-def staged_directory(out: str | Path, force: bool) -> Iterator[Path]:
-    """Yield a fresh directory beside ``out``; on normal exit it replaces ``out``, on any exception it vanishes."""
-    out = Path(out).absolute()  # "." or "engines/" still name a directory with a parent to build beside
-    check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output directory
+def staged_directory(out: str | Path, force: bool, inputs: Sequence[str | Path | None] = ()) -> Iterator[Path]:
+    """Yield a fresh directory beside ``out``; on normal exit it replaces ``out``, on any exception it vanishes.
+
+    The replacement is one atomic exchange where the file system has one
+    (Linux renameat2 RENAME_EXCHANGE): at every instant ``out`` is the old or
+    the new directory.  Temporaries of killed earlier exports are removed first,
+    and folders created for ``out``'s parent are removed again on failure.
+    """
+    target = check_target(out, force, inputs)
+    created: list[Path] = []
+    staging: Path | None = None
+    lock = None
     try:
+        created = _make_parents(target.parent)
+        remove_stale_temporaries(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+        lock = _lock(staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output directory
         yield staging
-    except BaseException:  # KeyboardInterrupt included: nothing half-written stays behind
-        shutil.rmtree(staging, ignore_errors=True)
+        replace_directory(staging, target)
+        staging = None
+    except BaseException as err:  # KeyboardInterrupt included: nothing half-written stays behind
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(err, OSError):
+            where = f" ({err.filename})" if err.filename else ""
+            raise ExportError(f"writing {out} failed: {err.strerror or err}{where}; nothing was replaced") from None
         raise
-    replace_directory(staging, out)
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def replace_directory(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is set aside first and deleted only after the move."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
+    """Move directory ``new`` to ``out``, atomically replacing an existing ``out``; the old content is deleted."""
+    if not out.exists():
+        new.rename(out)
+        return
+    if exchange(new, out):  # ``new`` now holds the old directory, under a name remove_stale_temporaries knows
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    # No atomic exchange here: set the old one aside for a moment (remove_stale_temporaries moves it back
+    # if a kill lands between the two renames).
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
     try:
         new.rename(out)
     except OSError:
-        if old is not None:
-            old.rename(out)
-        shutil.rmtree(new, ignore_errors=True)
+        old.rename(out)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (renameat2 with RENAME_EXCHANGE); False where the system or file system cannot."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def onnx_built_with(exporter: str, opset: int) -> BuiltWith:
@@ -171,14 +418,16 @@ def export_engine_dir(
         raise ExportError(f"--engines must be one of {', '.join(ENGINE_CHOICES)}, got {options.engines!r}")
     profile = options.profile or default_profile(config)
     check_profile(profile, config)
-    check_target(out, options.force)  # before any work: an existing target is an error
     want_onnx = options.engines in ("onnx", "all")
     want_trt = options.engines in ("trt", "all")
+    inputs = [checkpoint.path]
     trt_env = None
     if want_trt:
-        from export.tensorrt_build import require_tensorrt  # raises before anything is written
+        from export.tensorrt_build import default_cache_dir, require_tensorrt  # raises before anything is written
 
         trt_env = require_tensorrt(options.engines)
+        inputs.append(options.cache_dir or default_cache_dir())
+    check_target(out, options.force, inputs)  # before any work: the target must be ours to replace and writable
     shapes = verification_shapes(config, profile)
     specs = engine_specs(config)
     started = time.perf_counter()
@@ -188,14 +437,17 @@ def export_engine_dir(
         f"exporting {len(specs)} engines of {config.name} ({options.precision}, {options.engines}) to {out}; "
         f"profile {profile.describe()}; verifying at {', '.join(f'{b}x{h}x{w}' for b, h, w in shapes)}"
     )
-    with staged_directory(out, options.force) as staging:
+    with staged_directory(out, options.force, inputs) as staging:
         onnx_dir = staging if want_onnx else staging / ".onnx-build"
         onnx_dir.mkdir(exist_ok=True)
         for i, spec in enumerate(specs, 1):
             t0 = time.perf_counter()
             onnx_path = onnx_dir / f"{spec.name}.onnx"
             say(f"[{i}/{len(specs)}] {spec.name}: ONNX export ({options.precision})")
-            exporter = onnx_from_spec(spec, model, onnx_path, options.precision, options.opset, options.exporter)
+            identity = engine_identity(spec.name, spec.kind, spec.brick, options.precision, config, checkpoint)
+            exporter = onnx_from_spec(
+                spec, model, onnx_path, options.precision, options.opset, options.exporter, identity=identity
+            )
             spec_shapes = _shapes_for(spec, shapes)
             runner = onnx_runner(spec, onnx_path, options.precision)
             verification = verify_engine(spec, model, runner, options.precision, spec_shapes, seed=options.seed)
@@ -211,7 +463,7 @@ def export_engine_dir(
                 reports.append(_report(onnx_entry, seconds, exporter))
             if want_trt:
                 entry, seconds, note = _tensorrt_engine(
-                    spec, model, onnx_entry, onnx_path, staging, options, profile, spec_shapes, trt_env
+                    spec, model, checkpoint, onnx_entry, onnx_path, staging, options, profile, spec_shapes, trt_env
                 )
                 say(f"[{i}/{len(specs)}] {spec.name}: TensorRT plan {entry.bytes / 1e6:.2f} MB, {seconds:.1f} s {note}")
                 entries.append(entry)
@@ -278,6 +530,7 @@ def _report(entry: EngineEntry, seconds: float, note: str) -> EngineReport:
 def _tensorrt_engine(
     spec: Any,
     model: LegoModel,
+    checkpoint: CheckpointRecord,
     onnx_entry: EngineEntry,
     onnx_path: Path,
     staging: Path,
@@ -309,7 +562,8 @@ def _tensorrt_engine(
         note = "(engine cache hit)"
     else:
         timing = cache_dir / timing_cache_name(env.tensorrt_version, env.compute_capability)
-        engine_from_onnx(spec, onnx_path, plan_path, profile, timing)
+        identity = engine_identity(spec.name, spec.kind, spec.brick, options.precision, model.config, checkpoint)
+        engine_from_onnx(spec, onnx_path, plan_path, profile, timing, identity=identity)
         cache.store(key, parts, plan_path)
         note = "(built)"
     verification = verify_engine(spec, model, plan_runner(spec, plan_path), options.precision, shapes, options.seed)

@@ -15,6 +15,7 @@ tensors of C+2 channels, negligible next to the transformer blocks.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from export.errors import ProfileError
-from export.manifest import PRECISION_DTYPES, TORCH_DTYPES, Profile, TensorSpec
+from export.manifest import IO_DTYPE, PRECISION_DTYPES, PROFILE_LIMITS, TORCH_DTYPES, Profile, TensorSpec, contract_io
 from lego_model.configs import LegoConfig
 from lego_model.model import Attention, Brick, LegoModel
 from lego_model.precond import prepare_inputs
 
-IO_DTYPE = "float32"
+__all__ = ["DEFAULT_BATCH", "IO_DTYPE", "EngineSpec", "check_profile", "default_profile", "engine_specs", "parse_range"]
+
 DEFAULT_BATCH = (1, 1, 8)
 
 
@@ -39,8 +41,12 @@ def parse_range(text: str, what: str = "range") -> tuple[int, int, int]:
     parts = text.strip().split(":")
     if len(parts) == 1:
         parts = parts * 3
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+    # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
+    if len(parts) != 3 or not all(re.fullmatch(r"[0-9]+", p.strip()) for p in parts):
         raise ProfileError(f"{what} {text!r} must be MIN:OPT:MAX (or one integer), e.g. 1:1:8")
+    if any(len(p.strip()) > 9 for p in parts):  # far above every limit, and int() refuses > 4300 digits
+        limits = ", ".join(f"{axis} {n}" for axis, n in PROFILE_LIMITS.items())
+        raise ProfileError(f"{what} {text!r} is out of range; the largest MAX lego-export accepts is {limits}")
     lo, opt, hi = (int(p) for p in parts)
     if not 0 < lo <= opt <= hi:
         raise ProfileError(f"{what} {text!r} must satisfy 0 < MIN <= OPT <= MAX")
@@ -283,34 +289,11 @@ class EngineSpec:
 
 
 def engine_specs(config: LegoConfig) -> list[EngineSpec]:
-    """The embedder and one spec per brick, in stacking order."""
-    C, D = config.img_channels, config.hidden_size
-    embed_inputs = [TensorSpec("c_noise", IO_DTYPE, ["B"])]
-    if config.label_dim:
-        embed_inputs.append(TensorSpec("class_labels", IO_DTYPE, ["B", config.label_dim]))
-    specs = [
-        EngineSpec(
-            name="embedder",
-            kind="embedder",
-            brick=None,
-            inputs=embed_inputs,
-            outputs=[TensorSpec("cond", IO_DTYPE, ["B", D])],
-            tile=1,
-        )
-    ]
-    for k, r in enumerate(config.brick_sizes):
-        inputs = [TensorSpec("x_in", IO_DTYPE, ["B", C + 2, "H", "W"])]
-        if k > 0:
-            inputs.append(TensorSpec("f_prev", IO_DTYPE, ["B", C, "H", "W"]))
-        inputs.append(TensorSpec("cond", IO_DTYPE, ["B", D]))
-        specs.append(
-            EngineSpec(
-                name=f"brick{k}",
-                kind="brick",
-                brick=k,
-                inputs=inputs,
-                outputs=[TensorSpec("f", IO_DTYPE, ["B", C, "H", "W"])],
-                tile=r,
-            )
-        )
+    """The embedder and one spec per brick, in stacking order; I/O from the engine contract (contract_io)."""
+    engines = [("embedder", "embedder", None, 1)]
+    engines += [(f"brick{k}", "brick", k, r) for k, r in enumerate(config.brick_sizes)]
+    specs = []
+    for name, kind, brick, tile in engines:
+        inputs, outputs = contract_io(config, kind, brick)
+        specs.append(EngineSpec(name=name, kind=kind, brick=brick, inputs=inputs, outputs=outputs, tile=tile))
     return specs

@@ -28,14 +28,14 @@ from typing import Any
 import numpy as np
 
 from export.errors import ExportError, MissingDependencyError, VerificationError
-from export.manifest import Profile, file_sha256
+from export.manifest import Profile, file_sha256, plan_name
 from export.specs import EngineSpec, profile_shapes
 from export.verify import EngineRunner
 
 log = logging.getLogger(__name__)
 
 # Bump when the builder settings below change, so that cached plans built with the old settings are not reused.
-BUILD_RECIPE = 1
+BUILD_RECIPE = 2  # 2: the network name carries the engine identity
 INSTALL_HINT = "install the gpu extra on a machine with an NVIDIA GPU: pip install -e '.[gpu]'"
 
 
@@ -154,8 +154,13 @@ def engine_from_onnx(
     profile: Profile,
     timing_cache: str | Path,
     workspace_bytes: int | None = None,
+    identity: dict[str, str] | None = None,
 ) -> None:
-    """Build one strongly typed TensorRT plan from an ONNX file with one optimization profile."""
+    """Build one strongly typed TensorRT plan from an ONNX file with one optimization profile.
+
+    ``identity`` (:func:`export.manifest.engine_identity`) becomes the network's
+    name, which the plan keeps (``ICudaEngine.name``) and the TensorRT backend checks.
+    """
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -167,6 +172,8 @@ def engine_from_onnx(
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"{spec.name}: TensorRT cannot parse {Path(onnx_path).name}: {errors}")
+    if identity:
+        network.name = plan_name(identity)
     config = builder.create_builder_config()
     # fp32 means fp32: TF32 matmuls would make fp32 engines differ from eager by ~1e-3.
     if hasattr(trt.BuilderFlag, "TF32"):

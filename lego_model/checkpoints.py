@@ -130,7 +130,29 @@ def _load_state(model: LegoModel, state: dict[str, torch.Tensor], path: Path) ->
                 f"{path}: tensor {key} has shape {list(tensor.shape)}, {model.config.name} needs "
                 f"{list(expected[key].shape)}"
             )
+        check_weights(key, tensor, path)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+
+# Weights are stored in these and widened to float32; an integer, bool or complex tensor is not a weight
+# (casting int64 to float would silently load a wrong model).
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_weights(key: str, tensor: torch.Tensor, path: str | Path) -> None:
+    """Refuse a checkpoint tensor that is not floating point or holds NaN/Inf, naming it."""
+    if tensor.dtype not in WEIGHT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_DTYPES)
+        raise CheckpointError(
+            f"{path}: tensor {key} has dtype {str(tensor.dtype).removeprefix('torch.')}, weights must be one of "
+            f"{names}: not a model checkpoint, or a damaged one"
+        )
+    bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+    if bad:
+        raise CheckpointError(
+            f"{path}: tensor {key} holds {bad} non-finite values (NaN/Inf): training diverged or the file is "
+            "damaged; use another checkpoint"
+        )
 
 
 def _read_safetensors(path: Path) -> tuple[LegoConfig, dict[str, torch.Tensor]]:
@@ -139,8 +161,10 @@ def _read_safetensors(path: Path) -> tuple[LegoConfig, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{path} has no 'lego_config' metadata: it was not written by lego_model.save_checkpoint")
     try:
         cfg = LegoConfig.from_dict(json.loads(meta["lego_config"]))
-    except (json.JSONDecodeError, ConfigError) as err:
-        raise CheckpointError(f"{path}: bad config metadata ({err})") from None
+    except (ValueError, ConfigError) as err:  # JSONDecodeError is a ValueError, as is an int of > 4300 digits
+        raise CheckpointError(f"{path}: bad config metadata ({str(err).splitlines()[0]})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: bad config metadata (nested too deeply)") from None
     return cfg, state
 
 
@@ -305,16 +329,19 @@ def _read_snapshot(path: Path) -> tuple[LegoConfig, dict[str, torch.Tensor]]:
     except ConfigError as err:
         raise CheckpointError(f"{path}: model_type {model_type!r} is not supported ({err})") from None
     resolution = kwargs.get("img_resolution", attrs.get("img_resolution", base.resolution))
-    cfg = LegoConfig.from_dict(
-        {
-            **base.to_dict(),
-            "img_channels": int(kwargs.get("img_channels", attrs.get("img_channels", base.img_channels))),
-            "label_dim": int(kwargs.get("label_dim", attrs.get("label_dim", 0)) or 0),
-            "sigma_data": float(kwargs.get("sigma_data", attrs.get("sigma_data", 0.5))),
-            "augment_dim": int(kwargs.get("augment_dim", 0) or 0),
-            "resolution": int(resolution) if isinstance(resolution, int) else base.resolution,
-        }
-    )
+    try:  # the values are the snapshot's as they are: LegoConfig checks their types and ranges
+        cfg = LegoConfig.from_dict(
+            {
+                **base.to_dict(),
+                "img_channels": kwargs.get("img_channels", attrs.get("img_channels", base.img_channels)),
+                "label_dim": kwargs.get("label_dim", attrs.get("label_dim", 0)) or 0,
+                "sigma_data": kwargs.get("sigma_data", attrs.get("sigma_data", 0.5)),
+                "augment_dim": kwargs.get("augment_dim", 0) or 0,
+                "resolution": resolution if isinstance(resolution, int) else base.resolution,
+            }
+        )
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: the snapshot's network settings are not a valid config ({err})") from None
     state: dict[str, torch.Tensor] = {}
     _collect_tensors(ema, "", state)
     return cfg, state

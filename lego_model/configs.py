@@ -18,6 +18,23 @@ from typing import Any
 
 from lego_model.errors import ConfigError, ShapeError
 
+# Bounds of a config read from a file: far above every published LEGO model (XL: 1152 wide, 1.4e9 parameters,
+# 64-pixel bricks), far below what would exhaust a machine before any other check could run.
+MAX_PARAMETERS = 10_000_000_000
+MAX_BRICKS = 64
+MAX_DEPTH = 1024
+MAX_SIDE = 8192
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(where: str, key: str, value: Any, low: int, high: int | None = None) -> None:
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"{low} to {high}"
+        raise ConfigError(f"{where}: {key} must be an integer {bound}, got {value!r}")
+
 
 def refuse_unconditional(model: str, label_dim: int, what: str) -> None:
     """The one refusal of class conditioning (guidance, a class, labels) on an unconditional model."""
@@ -53,29 +70,73 @@ class LegoConfig:
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
 
     def __post_init__(self) -> None:
+        # Configs also come from checkpoint metadata and manifests: every field is checked for type and range,
+        # and the model's size is bounded, before anything allocates (a hidden size of 2**20 would ask for TBs).
+        where = f"config {self.name!r}"
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"config name must be a non-empty string, got {self.name!r}")
+        for key in ("brick_sizes", "patch_sizes", "depths"):
+            value = getattr(self, key)
+            if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
+                raise ConfigError(f"{where}: {key} must be a list of integers, got {value!r}")
+            object.__setattr__(self, key, tuple(value))
         n = len(self.brick_sizes)
-        if n == 0 or len(self.patch_sizes) != n or len(self.depths) != n:
+        if not 0 < n <= MAX_BRICKS or len(self.patch_sizes) != n or len(self.depths) != n:
             raise ConfigError(
-                f"config {self.name!r}: brick_sizes, patch_sizes and depths need one entry per brick "
+                f"{where}: brick_sizes, patch_sizes and depths need one entry per brick, 1 to {MAX_BRICKS} bricks "
                 f"(got {len(self.brick_sizes)}, {len(self.patch_sizes)}, {len(self.depths)})"
             )
         for k, (r, p, d) in enumerate(zip(self.brick_sizes, self.patch_sizes, self.depths)):
-            if r <= 0 or p <= 0 or d < 0 or r % p:
+            if not (0 < p <= r <= MAX_SIDE and r % p == 0 and 0 <= d <= MAX_DEPTH):
                 raise ConfigError(
-                    f"config {self.name!r}: brick {k} has size {r}, patch {p}, depth {d}; "
-                    "the size must be a positive multiple of the patch and the depth >= 0"
+                    f"{where}: brick {k} has size {r}, patch {p}, depth {d}; the size must be a multiple of the "
+                    f"patch, at most {MAX_SIDE}, and the depth 0 to {MAX_DEPTH}"
                 )
+        for key, low in (("hidden_size", 1), ("num_heads", 1), ("img_channels", 1), ("label_dim", 0)):
+            _check_int(where, key, getattr(self, key), low)
+        _check_int(where, "resolution", self.resolution, 0, MAX_SIDE)
+        _check_int(where, "augment_dim", self.augment_dim, 0)
+        for key, low, high in (("mlp_ratio", 0.0, None), ("sigma_data", 0.0, None), ("class_dropout_prob", 0, 1)):
+            value = getattr(self, key)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not (value > low if high is None else low <= value <= high):
+                bound = f"> {low}" if high is None else f"in [{low}, {high}]"
+                raise ConfigError(f"{where}: {key} must be a finite number {bound}, got {value!r}")
+            object.__setattr__(self, key, float(value))  # 4 and 4.0: one config, one fingerprint
         if self.hidden_size % self.num_heads or self.hidden_size % 4:
             raise ConfigError(
-                f"config {self.name!r}: hidden_size {self.hidden_size} must be divisible by num_heads "
+                f"{where}: hidden_size {self.hidden_size} must be divisible by num_heads "
                 f"{self.num_heads} and by 4 (2-D sin-cos position table)"
+            )
+        if int(self.hidden_size * self.mlp_ratio) < 1:
+            raise ConfigError(f"{where}: hidden_size * mlp_ratio must be at least 1")
+        params = self.parameter_count()
+        if params > MAX_PARAMETERS:
+            raise ConfigError(
+                f"{where} describes a model of {params:.3g} parameters, more than the supported {MAX_PARAMETERS:.0e} "
+                "(the largest published LEGO model has 1.4e9): the config is corrupt"
             )
         if self.resolution == 0:
             object.__setattr__(self, "resolution", max(self.brick_sizes))
         if self.resolution % self.size_multiple:
-            raise ConfigError(
-                f"config {self.name!r}: resolution {self.resolution} is not a multiple of {self.size_multiple}"
-            )
+            raise ConfigError(f"{where}: resolution {self.resolution} is not a multiple of {self.size_multiple}")
+
+    def parameter_count(self) -> int:
+        """Number of parameters and persistent buffers of the model (computed, nothing allocated)."""
+        D, C = self.hidden_size, self.img_channels
+        inner = int(D * self.mlp_ratio)
+        # qkv + proj, fc1 + fc2, adaLN (6D): weights and biases; the LayerNorms have no affine parameters.
+        block = (3 * D * D + 3 * D) + (D * D + D) + (2 * D * inner + inner + D) + (6 * D * D + 6 * D)
+        total = (256 * D + D) + (D * D + D)  # timestep embedder MLP
+        total += self.label_dim * D + D if self.label_dim else 0
+        total += self.augment_dim * D + D if self.augment_dim else 0
+        for k, (r, p, depth) in enumerate(zip(self.brick_sizes, self.patch_sizes, self.depths)):
+            in_channels = C + 2 + (C if k else 0)
+            total += in_channels * p * p * D + D  # patch embedding
+            total += (r // p) ** 2 * D  # position table (a persistent buffer)
+            total += depth * block
+            total += D * p * p * C + p * p * C + 2 * D * D + 2 * D  # final layer
+        return total
 
     @property
     def num_bricks(self) -> int:
@@ -124,18 +185,18 @@ class LegoConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LegoConfig:
+        """A config from its JSON form (lists for the per-brick tuples); every field is validated."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
-            raise ConfigError(f"unknown config fields {sorted(unknown)}; valid fields: {sorted(fields)}")
-        d = dict(d)
-        for key in ("brick_sizes", "patch_sizes", "depths"):
-            if key in d:
-                d[key] = tuple(int(v) for v in d[key])
-        try:
-            return cls(**d)
-        except TypeError as err:  # a missing required field
-            raise ConfigError(f"incomplete config: {err}") from None
+            raise ConfigError(f"unknown config fields {sorted(map(str, unknown))}; valid fields: {sorted(fields)}")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in d]
+        if missing:
+            raise ConfigError(f"incomplete config: missing {', '.join(missing)}")
+        return cls(**d)
 
 
 # The authors' model widths: S/L/XL -> (hidden size, heads), shared by every brick of a model.

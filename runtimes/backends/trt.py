@@ -11,7 +11,10 @@ which keeps captured CUDA graphs valid when the shape changes.
 
 An engine only runs on the GPU architecture and TensorRT version it was
 built with; :func:`check_engine_compat` compares the manifest's
-``built_with`` with what is here before anything is deserialized.
+``built_with`` with what is here before anything is deserialized.  Each
+deserialized plan's identity (its network name, :func:`export.manifest.plan_name`)
+and inputs and outputs (names, dtypes, static dims) are then compared with its
+manifest entry, so a plan in another engine's slot is refused before it runs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from export.manifest import FileTensor, check_engine_io, check_plan_identity, entry_identity
 from runtimes.backends.base import BoundShape, EngineBackend, EngineCall, buffer_dtypes, check_engine_set, require_cuda
 from runtimes.errors import BackendError
 
@@ -87,6 +91,23 @@ def check_engines_here(entries: Mapping[str, EngineEntry], device: torch.device)
     return warnings
 
 
+# TensorRT DataType names of the engine I/O dtypes.
+_TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}
+
+
+def plan_io(trt: Any, engine: Any) -> tuple[list[FileTensor], list[FileTensor]]:
+    """(inputs, outputs) a deserialized plan declares; dynamic dims are -1 (TensorRT >= 8.5 tensor API)."""
+    inputs, outputs = [], []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        dtype = engine.get_tensor_dtype(name)
+        kind = getattr(dtype, "name", str(dtype).rsplit(".", 1)[-1])
+        shape = tuple(int(d) for d in engine.get_tensor_shape(name))
+        tensor = FileTensor(name, _TRT_DTYPES.get(kind, kind.lower()), shape)
+        (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(tensor)
+    return inputs, outputs
+
+
 def _scratch_size(engine: Any) -> int:
     """Activation memory an engine needs at most (over its profile): the 64-bit query where it exists."""
     size = getattr(engine, "device_memory_size_v2", None)
@@ -146,6 +167,12 @@ class TensorRTBackend(EngineBackend):
                     f"TensorRT cannot deserialize {entry.path(self.engine_dir)}; "
                     "rebuild with lego-export --engines trt --force"
                 )
+            # load_manifest cannot read a plan: its identity and I/O are checked here, before it runs.
+            where = f"{entry.path(self.engine_dir)} (engine {name})"
+            warning = check_plan_identity(where, getattr(engine, "name", None), entry_identity(entry, self.manifest))
+            if warning:
+                log.warning(warning)
+            check_engine_io(where, entry.inputs, entry.outputs, *plan_io(trt, engine))
             self.engines[name] = engine
         shared = hasattr(trt, "ExecutionContextAllocationStrategy")
         if shared:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from export.manifest import CheckpointRecord, Verification
+from export.manifest import CheckpointRecord, TensorSpec, Verification
 from export.onnx_export import onnx_from_spec
 from export.pipeline import ExportOptions, ExportResult, export_engine_dir
 from export.specs import engine_specs
@@ -46,3 +46,28 @@ def fp16_files(tiny_model: LegoModel, tmp_path_factory: pytest.TempPathFactory) 
 
 def onnx_file(result: ExportResult, name: str) -> Path:
     return result.manifest.engines_for("onnx")[name].path(result.out)
+
+
+def onnx_declaring(
+    path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], props: dict[str, str], producer: str = "test"
+) -> bytes:
+    """Write a small ONNX file that declares ``inputs``/``outputs`` and metadata ``props``; returns its bytes.
+
+    Its graph (each output the Identity of the first input) is never run: it
+    stands in for an engine file where only what load_manifest reads matters.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+
+    def value(t: TensorSpec) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(t.name, elem.get(t.dtype, TensorProto.INT64), list(t.shape))
+
+    nodes = [helper.make_node("Identity", [inputs[0].name], [t.name]) for t in outputs]
+    graph = helper.make_graph(nodes, "stand_in", [value(t) for t in inputs], [value(t) for t in outputs])
+    model = helper.make_model(graph, producer_name=producer)
+    helper.set_model_props(model, props)
+    content = model.SerializeToString()
+    path.write_bytes(content)
+    return content

@@ -20,12 +20,16 @@ from export.manifest import (
     Profile,
     TensorSpec,
     Verification,
+    contract_io,
+    engine_identity,
     file_sha256,
     load_manifest,
     write_manifest,
 )
 from lego_model.configs import get_config
 from lego_model.errors import LegoError, ShapeError
+
+from .conftest import onnx_declaring
 
 PROFILE = Profile(batch=(1, 1, 8), height=(16, 16, 64), width=(16, 32, 64))
 ONNX_BUILT = BuiltWith(torch="2.13.0", onnx="1.19.0", onnxruntime=None, python="3.11.7", exporter="dynamo", opset=18)
@@ -42,23 +46,35 @@ VERIFIED = Verification.of(
 )
 
 
-def _entry(engine_dir: Path, name: str, payload: bytes, fmt: str = "onnx") -> EngineEntry:
+CONFIG = get_config("tiny_PG_16")
+CHECKPOINT = CheckpointRecord.random_init(0)
+
+
+def _entry(engine_dir: Path, name: str, fmt: str = "onnx", onnx_sha256: str | None = None) -> EngineEntry:
+    """An entry of engine ``name`` of CONFIG and its file: a stand-in ONNX with the identity, or plan bytes."""
     file = f"{name}.{'onnx' if fmt == 'onnx' else 'plan'}"
-    (engine_dir / file).write_bytes(payload)
     brick = None if name == "embedder" else int(name.removeprefix("brick"))
+    kind = "embedder" if brick is None else "brick"
+    inputs, outputs = contract_io(CONFIG, kind, brick)
+    if fmt == "onnx":
+        identity = engine_identity(name, kind, brick, "fp32", CONFIG, CHECKPOINT)
+        payload = onnx_declaring(engine_dir / file, inputs, outputs, identity, producer=f"stand-in {name} AAAA")
+    else:
+        payload = b"plan %s" % name.encode()
+        (engine_dir / file).write_bytes(payload)
     return EngineEntry(
         name=name,
-        kind="embedder" if brick is None else "brick",
+        kind=kind,
         brick=brick,
         file=file,
         format=fmt,
         precision="fp32",
-        inputs=[TensorSpec("x_in", "float32", ["B", 5, "H", "W"]), TensorSpec("cond", "float32", ["B", 64])],
-        outputs=[TensorSpec("f", "float32", ["B", 3, "H", "W"])],
+        inputs=inputs,
+        outputs=outputs,
         profile=PROFILE,
         sha256=file_sha256(engine_dir / file),
         bytes=len(payload),
-        built_with=PLAN_BUILT if fmt == "tensorrt" else ONNX_BUILT,
+        built_with=dataclasses.replace(PLAN_BUILT, onnx_sha256=onnx_sha256) if fmt == "tensorrt" else ONNX_BUILT,
         verification=VERIFIED,
     )
 
@@ -67,10 +83,9 @@ def _entry(engine_dir: Path, name: str, payload: bytes, fmt: str = "onnx") -> En
 def engine_dir(tmp_path: Path) -> Path:
     d = tmp_path / "engines"
     d.mkdir()
-    entries = [_entry(d, "embedder", b"embedder bytes")] + [_entry(d, f"brick{k}", b"brick %d" % k) for k in range(3)]
-    entries.append(_entry(d, "brick1", b"plan 1", fmt="tensorrt"))
-    manifest = Manifest(config=get_config("tiny_PG_16"), checkpoint=CheckpointRecord.random_init(0), engines=entries)
-    write_manifest(manifest, d)
+    entries = [_entry(d, name) for name in ("embedder", "brick0", "brick1", "brick2")]
+    entries.append(_entry(d, "brick1", fmt="tensorrt", onnx_sha256=entries[2].sha256))
+    write_manifest(Manifest(config=CONFIG, checkpoint=CHECKPOINT, engines=entries), d)
     return d
 
 
@@ -99,12 +114,13 @@ def test_round_trip(engine_dir: Path) -> None:
     assert list(m.engines_for("tensorrt")) == ["brick1"]
     assert m.engines_for("onnx")["brick1"].profile == PROFILE
     assert m.engines_for("onnx")["brick1"].inputs[0].shape == ["B", 5, "H", "W"]
+    assert [t.name for t in m.engines_for("onnx")["brick0"].inputs] == ["x_in", "cond"]
     assert Manifest.from_dict(json.loads(m.to_json())) == m
-    assert m.engines_for("onnx")["brick0"].path(engine_dir).read_bytes() == b"brick 0"
+    assert m.engines_for("tensorrt")["brick1"].path(engine_dir).read_bytes() == b"plan brick1"
     # every record comes back as the dataclass it was written from
     assert m.checkpoint == CheckpointRecord.random_init(0)
     assert m.engines_for("onnx")["brick2"].built_with == ONNX_BUILT
-    assert m.engines_for("tensorrt")["brick1"].built_with == PLAN_BUILT
+    assert m.engines_for("tensorrt")["brick1"].built_with.gpu == PLAN_BUILT.gpu
     assert m.engines[0].verification == VERIFIED
     assert VERIFIED.max_abs == 2e-6 and VERIFIED.max_rel == 3e-5  # the worst of each over the shapes
 
@@ -127,7 +143,8 @@ def test_engines_for_unknown_format(engine_dir: Path) -> None:
 
 
 def test_tampered_file(engine_dir: Path) -> None:
-    (engine_dir / "brick1.onnx").write_bytes(b"brick 9")  # same size, other content
+    path = engine_dir / "brick1.onnx"
+    path.write_bytes(path.read_bytes().replace(b"AAAA", b"BBBB"))  # same size, other content
     _refused(engine_dir, "brick1.onnx", "sha256", "lego-export --force")
     assert load_manifest(engine_dir, verify_hashes=False).engines[2].name == "brick1"
 

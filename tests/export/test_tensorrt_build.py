@@ -103,7 +103,8 @@ def fake_tensorrt(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """
     built: list[str] = []
 
-    def build(spec, onnx_path, plan_path, profile, timing_cache, workspace_bytes=None) -> None:
+    def build(spec, onnx_path, plan_path, profile, timing_cache, workspace_bytes=None, identity=None) -> None:
+        assert identity is not None and identity["lego.engine"] == spec.name  # the plan is told what it is
         built.append(spec.name)
         Path(plan_path).write_bytes(b"plan of " + Path(onnx_path).read_bytes())
 

@@ -27,6 +27,7 @@ def export_onnx_dir(model: LegoModel, out: Path, *, checkpoint=None, batch=(1, 1
         Manifest,
         Profile,
         Verification,
+        engine_identity,
         file_sha256,
         write_manifest,
     )
@@ -36,6 +37,7 @@ def export_onnx_dir(model: LegoModel, out: Path, *, checkpoint=None, batch=(1, 1
     from export.verify import TOLERANCES
 
     cfg = model.config
+    record = checkpoint or CheckpointRecord.random_init(SEED)
     m, res = cfg.size_multiple, cfg.resolution
     side = side or (m, res, 4 * res)
     profile = Profile(batch=tuple(batch), height=tuple(side), width=tuple(side))
@@ -44,7 +46,8 @@ def export_onnx_dir(model: LegoModel, out: Path, *, checkpoint=None, batch=(1, 1
     for spec in engine_specs(cfg):
         path = out / f"{spec.name}.onnx"
         # TorchScript: a second per tiny engine, where the dynamo exporter takes several.
-        onnx_from_spec(spec, model, path, "fp32", exporter="torchscript")
+        identity = engine_identity(spec.name, spec.kind, spec.brick, "fp32", cfg, record)
+        onnx_from_spec(spec, model, path, "fp32", exporter="torchscript", identity=identity)
         entries.append(
             EngineEntry(
                 name=spec.name,
@@ -64,7 +67,7 @@ def export_onnx_dir(model: LegoModel, out: Path, *, checkpoint=None, batch=(1, 1
         )
     manifest = Manifest(
         config=cfg,
-        checkpoint=checkpoint or CheckpointRecord.random_init(SEED),
+        checkpoint=record,
         engines=entries,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
     )

@@ -228,17 +228,14 @@ def test_default_batch_halves_under_guidance_to_fit_the_profile(engines_pg, tmp_
     assert "sampled 6 images" in result.stdout
 
 
-def test_torch_backend_verifies_the_manifest_checkpoint(engines_pg, tmp_path):
-    import json
+def test_torch_backend_verifies_the_manifest_checkpoint(tmp_path):
+    from export.manifest import CheckpointRecord
+    from lego_model.checkpoints import save_checkpoint
 
-    from lego_model.checkpoints import file_sha256, save_checkpoint
-
-    ckpt = save_checkpoint(tiny_model("tiny_PG_16"), tmp_path / "pg.safetensors")
-    engines = tmp_path / "engines"
-    shutil.copytree(engines_pg, engines)
-    manifest = json.loads((engines / "manifest.json").read_text())
-    manifest["checkpoint"] = {"path": str(ckpt), "sha256": file_sha256(ckpt), "random_init_seed": None}
-    (engines / "manifest.json").write_text(json.dumps(manifest))
+    model = tiny_model("tiny_PR_16")
+    ckpt = save_checkpoint(model, tmp_path / "pr.safetensors")
+    # The engine files name the checkpoint they were exported from: export them from this one.
+    engines = export_onnx_dir(model, tmp_path / "engines", checkpoint=CheckpointRecord.of_file(ckpt))
     args = ["--engine-dir", str(engines), "--backend", "torch", "--seeds", "0", "--steps", "2"]
     assert run_cli(*args, "--out", str(tmp_path / "a")).exit_code == 0
     ckpt.write_bytes(ckpt.read_bytes() + b"\0")  # not the exported weights any more
