@@ -51,7 +51,13 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
     help="onnx: ONNX files; trt: TensorRT plans (needs the gpu extra and a GPU); all: both.",
 )
 # A plain path: lego-export checks it (and says what is wrong in one line) before loading anything.
-@click.option("--out", type=click.Path(path_type=Path), default=Path("engines"), show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("engines"),
+    show_default=True,
+    help="Engine directory to write; checked (its parent writable, --force rules) before anything is loaded.",
+)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option(
     "--batch",

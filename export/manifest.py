@@ -28,8 +28,8 @@ I/O must be the engine contract of the manifest's config
 that disagrees with the files, is refused before any session is created.
 TensorRT plans are opaque here: the TensorRT backend compares their I/O
 (:func:`check_engine_io`) and the identity lego-export gives their network
-name (:func:`plan_name`, :func:`check_plan_identity`) when it deserializes them.  Each refusal is
-one :class:`ManifestError` line that says what to do.
+name (:func:`plan_name`, :func:`check_plan_identity`) when it deserializes
+them.  Each refusal is one :class:`ManifestError` line that says what to do.
 """
 
 from __future__ import annotations

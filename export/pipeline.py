@@ -1,10 +1,13 @@
 """An engine directory from a model: ONNX per engine, verification, TensorRT plans, manifest, atomic replace.
 
-Nothing a user has is half-written: everything is built in a temporary
-directory beside the target (same file system, so the final step is a
-rename), the manifest is re-read and its hashes checked there, and only then
-does the directory take the target's place.  A failure or an interrupt at any
-earlier point removes the temporary directory and leaves the target as it was.
+Nothing a user has is half-written or deleted: the target is checked first
+(writable; an existing one needs --force and may hold only what a previous
+export wrote), everything is built in a temporary directory beside it (same
+file system), the manifest is re-read and its hashes checked there, and only
+then does the directory take the target's place, in one atomic exchange where
+the system has one.  A failure or an interrupt at any earlier point removes the
+temporary directory and leaves the target as it was; the temporary directory
+of a killed export is removed by the next export into the same target.
 """
 
 from __future__ import annotations
@@ -158,12 +161,11 @@ def check_writable(target: Path) -> None:
         raise ExportError(f"--out {target}: {probe} is not a directory; choose another --out")
     try:  # the truest test (root ignores file modes, /proc and /sys have their own rules): make a folder there
         os.rmdir(tempfile.mkdtemp(prefix=".lego-export-probe-", dir=probe))
-        problem = None if not target.is_dir() or os.access(target, os.W_OK | os.X_OK) else "no permission"
     except OSError as err:
         problem = err.strerror or str(err)
-    if problem:
-        where = target if probe == target.parent and target.is_dir() and problem == "no permission" else probe
-        raise ExportError(f"--out {target}: cannot write in {where} ({problem}); choose another --out")
+        raise ExportError(f"--out {target}: cannot write in {probe} ({problem}); choose another --out") from None
+    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):  # its old content is deleted after the swap
+        raise ExportError(f"--out {target}: cannot write in {target} (no permission); choose another --out")
 
 
 def previous_export_files(engine_dir: Path) -> set[str]:
@@ -195,8 +197,7 @@ def foreign_files(engine_dir: Path) -> list[str]:
     if not (engine_dir / MANIFEST_NAME).is_file():
         return sorted(p.name for p in engine_dir.iterdir())
     ours = previous_export_files(engine_dir)
-    folders = {PurePosixPath(f).parent.as_posix() for f in ours}
-    folders |= {parent.as_posix() for f in ours for parent in PurePosixPath(f).parents}
+    folders = {parent.as_posix() for f in ours for parent in PurePosixPath(f).parents}
     foreign = []
     for root, dirs, files in os.walk(engine_dir):  # symlinked folders are listed, not followed
         base = Path(root).relative_to(engine_dir)

@@ -38,6 +38,12 @@ def test_inconsistent_config_is_refused():
         LegoConfig("bad", (4,), (2,), (1,), 66, 4)
     with pytest.raises(ConfigError, match="unknown config fields"):
         LegoConfig.from_dict({**get_config("tiny_PG_16").to_dict(), "colour": 1})
+    # Checked before anything allocates: a hidden size of 2**20 would be ~1e13 parameters.
+    with pytest.raises(ConfigError, match="parameters"):
+        LegoConfig("huge", (4,), (2,), (1,), 2**20, 4)
+    with pytest.raises(ConfigError, match="depths must be a list of integers"):
+        LegoConfig.from_dict({**get_config("tiny_PG_16").to_dict(), "depths": [1, 2.0, 2]})
+    assert LegoConfig.from_dict({**get_config("tiny_PG_16").to_dict(), "mlp_ratio": 4}) == get_config("tiny_PG_16")
 
 
 @pytest.mark.parametrize("name", AUTHORS)
@@ -50,6 +56,7 @@ def test_authors_architectures_build_at_full_size(name):
         (r // p) ** 2 for r, p in zip(cfg.brick_sizes, cfg.patch_sizes)
     ]
     assert len(model.bricks) == cfg.num_bricks
+    assert cfg.parameter_count() == n  # the size bound of LegoConfig counts without building
     # Counted on the authors' implementation (label_dim 1000; their pos_embed is a frozen Parameter).
     authors_counts = {"lego_L_PG_64": 501_627_096, "lego_XL_U_32": 1_261_977_392, "lego_S_U_64": 62_008_740}
     if name in authors_counts:
