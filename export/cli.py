@@ -42,7 +42,14 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
     "--config", "config_name", metavar="NAME", help=f"Architecture, e.g. lego_S_PG_64 ({len(LEGO_CONFIGS)} known)."
 )
 @click.option("--random-init", is_flag=True, help="Export --config with random weights (architecture-only export).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init weights and test inputs.")
+@click.option(
+    "--seed",
+    # torch generators take 64-bit seeds; a negative one would alias 2**64 + seed.
+    type=click.IntRange(0, 2**64 - 1),
+    default=0,
+    show_default=True,
+    help="Seed of --random-init weights and test inputs.",
+)
 @click.option(
     "--engines",
     type=click.Choice(ENGINE_CHOICES),

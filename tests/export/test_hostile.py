@@ -471,6 +471,14 @@ def test_bad_profile_options(tmp_path: Path, option: str, value: str, fragment: 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**64), str(2**70), "1e3", "nan"])
+def test_bad_seed_is_a_usage_error(tmp_path: Path, seed: str) -> None:
+    result = export_cli("--config", TINY, "--random-init", "--seed", seed, "--out", tmp_path / "e", *FAST)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("Error: Invalid value for '--seed'"), result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_under_a_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"precious")
     before = snapshot(tmp_path)
