@@ -616,6 +616,17 @@ def test_force_replaces_a_previous_export(previous: Path, tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]  # no temporaries left
 
 
+def test_force_replaces_an_older_exports_directory(previous: Path) -> None:
+    """The advice of every refusal ("re-run lego-export --force") works on a directory an older lego-export
+    wrote: which files are ours is read from its manifest whatever its schema."""
+    edit_manifest(previous, lambda d: d.update(schema_version=1))
+    with pytest.raises(ManifestError, match="re-run lego-export --force"):
+        load_manifest(previous)
+    result = export_cli("--config", TINY, "--random-init", "--out", previous, "--force", *FAST)
+    assert result.exit_code == 0, result.output
+    load_manifest(previous)
+
+
 def test_force_onto_a_symlinked_directory(previous: Path, tmp_path: Path) -> None:
     link = tmp_path / "current"
     link.symlink_to(previous.name)
