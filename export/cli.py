@@ -3,6 +3,7 @@
 lego-export --engines onnx --out engines/                  # the shipped demo model
 lego-export --config lego_S_PG_64 --random-init --out engines/s_pg
 lego-export --checkpoint run/network-snapshot.pkl --engines all --precision fp16
+lego-export --checkpoint lego_XL_U_32.pkl --vae sd-vae-ft-ema/ --out engines/xl   # latent model + VAE decoder
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from export.manifest import PRECISIONS, PROFILE_LIMITS, CheckpointRecord, Profil
 from export.onnx_export import DEFAULT_OPSET, EXPORTERS
 from export.pipeline import ENGINE_CHOICES, ExportOptions, ExportResult, check_target, export_engine_dir
 from export.specs import DEFAULT_BATCH, parse_range
+from export.vae_spec import DEFAULT_VAE_BATCH
 from lego_model.configs import LEGO_CONFIGS
 from lego_model.errors import LegoError
 
@@ -81,6 +83,18 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
 )
 @click.option("--width", metavar="MIN:OPT:MAX", help=f"Image width range {RANGE_HELP}; default as --height.")
 @click.option(
+    "--vae",
+    type=click.Path(path_type=Path),
+    help="Latent models: also export a vae_decoder engine (latents -> 8x images, fp32) from this local diffusers "
+    "AutoencoderKL directory or .safetensors file (e.g. sd-vae-ft-ema). Needs the latent extra.",
+)
+@click.option(
+    "--vae-batch",
+    metavar="MIN:OPT:MAX",
+    help=f"Batch range of the vae_decoder {RANGE_HELP}; default {':'.join(map(str, DEFAULT_VAE_BATCH))} "
+    "(images, not doubled by guidance). Its height/width ranges are the bricks'.",
+)
+@click.option(
     "--opset",
     type=click.IntRange(18, 21),
     default=DEFAULT_OPSET,
@@ -117,6 +131,8 @@ def main(
     batch: str | None,
     height: str | None,
     width: str | None,
+    vae: Path | None,
+    vae_batch: str | None,
     opset: int,
     exporter: str,
     cache_dir: Path | None,
@@ -125,6 +141,7 @@ def main(
 ) -> None:
     """Export the embedder and every brick of a LEGO model as ONNX (and TensorRT) with dynamic batch,
     height and width, verify each file against the eager model, and write manifest.json.
+    With --vae, a latent model also gets a vae_decoder engine, verified against diffusers' eager decoder.
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if random_init and checkpoint is not None:
@@ -133,6 +150,8 @@ def main(
         raise click.UsageError("--random-init needs --config NAME (e.g. --config lego_S_PG_64)")
     if config_name is not None and checkpoint is None and not random_init:
         raise click.UsageError("--config without --checkpoint needs --random-init (or pass the --checkpoint)")
+    if vae_batch is not None and vae is None:
+        raise click.UsageError("--vae-batch sets the batch range of the VAE decoder: pass --vae PATH too")
     progress = None if quiet else (lambda line: click.echo(line, err=True))
     with _sigterm_unwinds():  # a plain kill cleans up like Ctrl-C: no staging directory stays behind
         try:
@@ -142,9 +161,16 @@ def main(
 
                 require_tensorrt(engines)
             # Before loading or computing anything; the cache directory only matters to TensorRT builds.
-            check_target(out, force, [checkpoint, cache_dir if engines != "onnx" else None])
+            check_target(out, force, [checkpoint, vae, cache_dir if engines != "onnx" else None])
             model, record = _load_model(checkpoint, config_name, random_init, seed)
             profile = _profile(model.config, batch, height, width)
+            decoder = None
+            if vae is not None:
+                from lego_model.vae import load_vae, require_latent
+
+                require_latent(model.config)
+                decoder = load_vae(vae)
+                decoder.check_model(model.config)
             options = ExportOptions(
                 engines=engines,
                 precision=precision,
@@ -154,6 +180,8 @@ def main(
                 exporter=exporter,
                 cache_dir=cache_dir,
                 seed=seed,
+                vae=decoder,
+                vae_batch=parse_range(vae_batch, "--vae-batch") if vae_batch else DEFAULT_VAE_BATCH,
             )
             result = export_engine_dir(model, out, record, options, progress=progress)
         except LegoError as err:

@@ -30,6 +30,11 @@ TensorRT plans are opaque here: the TensorRT backend compares their I/O
 (:func:`check_engine_io`) and the identity lego-export gives their network
 name (:func:`plan_name`, :func:`check_plan_identity`) when it deserializes
 them.  Each refusal is one :class:`ManifestError` line that says what to do.
+
+A latent model's directory may add a ``vae_decoder`` engine (latents ->
+images, 8x each side) and a top-level ``"vae"`` record of the autoencoder it
+was exported from (:class:`VaeRecord`: source path, weights sha256, scaling
+factor); the key is absent in directories without a decoder.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ __all__ = [
     "Profile",
     "ProfileError",
     "TensorSpec",
+    "VaeRecord",
     "Verification",
     "check_engine_io",
     "check_identity",
@@ -106,6 +112,10 @@ PRECISIONS = tuple(PRECISION_DTYPES)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPES = tuple(TORCH_DTYPES)
 SYMBOLIC_DIMS = ("B", "H", "W")
+VAE_ENGINE = "vae_decoder"
+VAE_UPSCALE = 8  # image side per latent side of the Stable Diffusion VAE (the contract's 8h x 8w)
+# The decoder's output sides are multiples of its input sides: "8*H", "8*W" (the ONNX files' own dim names).
+_SCALED_DIM = re.compile(r"^[1-9][0-9]*\*[HW]$")
 # Engine I/O is float32 at every precision (export/specs.py says why).
 IO_DTYPE = "float32"
 # Largest MAX of a profile range lego-export writes and the runtimes accept.  A TensorRT engine sizes its
@@ -127,9 +137,16 @@ class TensorSpec:
     shape: list[int | str]
 
     def concrete(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        """The shape with its symbolic dims "B", "H", "W" replaced by sizes."""
+        """The shape with its symbolic dims "B", "H", "W" (and scaled ones such as "8*H") replaced by sizes."""
         sizes = {"B": batch, "H": height, "W": width}
-        return tuple(sizes[d] if isinstance(d, str) else d for d in self.shape)
+
+        def size(dim: int | str) -> int:
+            if isinstance(dim, int):
+                return dim
+            factor, _, name = dim.rpartition("*")
+            return int(factor or 1) * sizes[name]
+
+        return tuple(size(d) for d in self.shape)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -143,7 +160,9 @@ class TensorSpec:
             raise ManifestError(f"{where}: dtype {dtype!r} is not one of {', '.join(DTYPES)}; {_REEXPORT}")
         shape = _require(d, "shape", list, where)
         for dim in shape:
-            ok = (isinstance(dim, int) and not isinstance(dim, bool) and dim > 0) or dim in SYMBOLIC_DIMS
+            ok = (isinstance(dim, int) and not isinstance(dim, bool) and dim > 0) or (
+                isinstance(dim, str) and (dim in SYMBOLIC_DIMS or _SCALED_DIM.match(dim) is not None)
+            )
             if not ok:
                 raise ManifestError(
                     f"{where}: shape entry {dim!r} is neither a positive int nor one of "
@@ -366,11 +385,17 @@ def _brick_io(config: LegoConfig, brick: int | None) -> tuple[list[TensorSpec], 
     return inputs, [TensorSpec("f", IO_DTYPE, ["B", C, "H", "W"])]
 
 
+def _vae_decoder_io(config: LegoConfig, brick: int | None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    inputs = [TensorSpec("latents", IO_DTYPE, ["B", config.img_channels, "H", "W"])]
+    return inputs, [TensorSpec("images", IO_DTYPE, ["B", 3, f"{VAE_UPSCALE}*H", f"{VAE_UPSCALE}*W"])]
+
+
 # Engine kind -> (config, brick index) -> (inputs, outputs) of the engine contract (shared/DESIGN.md).
 # The exporter's specs and the loader's checks both read this table; a new engine kind adds one function.
 ENGINE_CONTRACTS: dict[str, Callable[[LegoConfig, int | None], tuple[list[TensorSpec], list[TensorSpec]]]] = {
     "embedder": _embedder_io,
     "brick": _brick_io,
+    VAE_ENGINE: _vae_decoder_io,
 }
 KINDS = tuple(ENGINE_CONTRACTS)
 
@@ -527,8 +552,8 @@ class EngineEntry:
         brick = d["brick"]
         if kind == "brick" and (not isinstance(brick, int) or isinstance(brick, bool) or brick < 0):
             raise ManifestError(f"{where}: a brick engine needs a brick index >= 0, got {brick!r}; {_REEXPORT}")
-        if kind == "embedder" and brick is not None:
-            raise ManifestError(f"{where}: the embedder has no brick index, got {brick!r}; {_REEXPORT}")
+        if kind != "brick" and brick is not None:
+            raise ManifestError(f"{where}: the {kind} has no brick index, got {brick!r}; {_REEXPORT}")
         fmt = _require(d, "format", str, where)
         if fmt not in FORMATS:
             raise ManifestError(f"{where}: format {fmt!r} is not one of {', '.join(FORMATS)}; {_REEXPORT}")
@@ -555,6 +580,43 @@ class EngineEntry:
 
 
 @dataclass(frozen=True)
+class VaeRecord:
+    """The autoencoder a ``vae_decoder`` engine was exported from (diffusers ``AutoencoderKL``)."""
+
+    source: str  # the --vae path given to lego-export, resolved
+    sha256: str  # of its weights file
+    scaling_factor: float  # latents are divided by it inside the engine (0.18215 for sd-vae-ft-ema)
+    shift_factor: float | None  # added after the division (None for Stable Diffusion's VAEs)
+    latent_channels: int
+    block_out_channels: tuple[int, ...]  # the architecture's widths: the runtime sizes its decode chunks by them
+
+    def weights(self) -> CheckpointRecord:
+        """The decoder engines' weights, as their identity names them (the VAE's file, not the LEGO checkpoint)."""
+        return CheckpointRecord(path=self.source, sha256=self.sha256, random_init_seed=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "block_out_channels": list(self.block_out_channels)}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> VaeRecord:
+        d = _exact_keys(d, tuple(f.name for f in dataclasses.fields(cls)), where)
+        channels = _require(d, "block_out_channels", list, where)
+        if not channels or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
+            raise ManifestError(f"{where}: block_out_channels {channels!r} must be positive ints; {_REEXPORT}")
+        scale = _require(d, "scaling_factor", float, where)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ManifestError(f"{where}: scaling_factor must be positive, got {scale!r}; {_REEXPORT}")
+        return cls(
+            source=_require(d, "source", str, where),
+            sha256=_check_sha256(_require(d, "sha256", str, where), where),
+            scaling_factor=scale,
+            shift_factor=_require(d, "shift_factor", (float, type(None)), where),
+            latent_channels=_require(d, "latent_channels", int, where),
+            block_out_channels=tuple(channels),
+        )
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Contents of manifest.json: model config, checkpoint identity and the engines."""
 
@@ -563,25 +625,35 @@ class Manifest:
     engines: list[EngineEntry]
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat())
     schema_version: int = SCHEMA_VERSION
+    vae: VaeRecord | None = None  # the autoencoder of the vae_decoder engines; None without them
 
     def engines_for(self, format: str) -> dict[str, EngineEntry]:
-        """Engines of one format ("onnx" or "tensorrt") by name; empty when the directory has none."""
+        """The denoiser's engines (embedder, bricks) of one format by name; empty when the directory has none."""
         if format not in FORMATS:
             raise ManifestError(f"unknown engine format {format!r}; valid formats: {', '.join(FORMATS)}")
-        return {e.name: e for e in self.engines if e.format == format}
+        return {e.name: e for e in self.engines if e.format == format and e.kind != VAE_ENGINE}
+
+    def decoder_for(self, format: str) -> EngineEntry | None:
+        """The ``vae_decoder`` engine of one format, or None when the directory has none."""
+        if format not in FORMATS:
+            raise ManifestError(f"unknown engine format {format!r}; valid formats: {', '.join(FORMATS)}")
+        return next((e for e in self.engines if e.format == format and e.kind == VAE_ENGINE), None)
 
     def formats(self) -> list[str]:
         """Formats present in this directory, in FORMATS order."""
         return [f for f in FORMATS if any(e.format == f for e in self.engines)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "schema_version": self.schema_version,
             "config": self.config.to_dict(),
             "checkpoint": dataclasses.asdict(self.checkpoint),
             "created": self.created,
             "engines": [e.to_dict() for e in self.engines],
         }
+        if self.vae is not None:  # absent, not null, in directories without a decoder
+            out["vae"] = self.vae.to_dict()
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -600,7 +672,8 @@ class Manifest:
             raise ManifestError(
                 f"{where} has schema version {version!r}, this toolchain reads version {SCHEMA_VERSION}; {_REEXPORT}"
             )
-        d = _exact_keys(d, ("schema_version", "config", "checkpoint", "created", "engines"), where)
+        keys = ("schema_version", "config", "checkpoint", "created", "engines")
+        d = _exact_keys(d, (*keys, "vae") if "vae" in d else keys, where)
         try:
             config = LegoConfig.from_dict(_require(d, "config", dict, where))
         except ConfigError as err:
@@ -621,6 +694,8 @@ class Manifest:
                 )
             if e.kind == "embedder" and e.name != "embedder":
                 raise ManifestError(f"{where}: the embedder engine must be named 'embedder', got {e.name!r}")
+            if e.kind == VAE_ENGINE and e.name != VAE_ENGINE:
+                raise ManifestError(f"{where}: the VAE decoder engine must be named {VAE_ENGINE!r}, got {e.name!r}")
             for role, want, got in zip(
                 ("inputs", "outputs"), contract_io(config, e.kind, e.brick), (e.inputs, e.outputs)
             ):
@@ -639,7 +714,12 @@ class Manifest:
                     f"{where}: TensorRT plan {e.name!r} was built from another ONNX file than the directory's "
                     f"{e.name} (onnx_sha256 differs); {_REEXPORT}"
                 )
-        return cls(config=config, checkpoint=checkpoint, engines=engines, created=created, schema_version=version)
+        vae = VaeRecord.from_dict(d["vae"], f"{where} vae") if "vae" in d else None
+        if (vae is None) != all(e.kind != VAE_ENGINE for e in engines):
+            raise ManifestError(f"{where}: a vae_decoder engine needs a 'vae' record and vice versa; {_REEXPORT}")
+        return cls(
+            config=config, checkpoint=checkpoint, engines=engines, created=created, schema_version=version, vae=vae
+        )
 
 
 def load_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> Manifest:
@@ -840,7 +920,8 @@ def check_onnx_identity(content: bytes, entry: EngineEntry, manifest: Manifest, 
 
 def entry_identity(entry: EngineEntry, manifest: Manifest) -> dict[str, str]:
     """:func:`engine_identity` of a manifest entry: what its file must say about itself."""
-    return engine_identity(entry.name, entry.kind, entry.brick, entry.precision, manifest.config, manifest.checkpoint)
+    weights = manifest.vae.weights() if entry.kind == VAE_ENGINE and manifest.vae else manifest.checkpoint
+    return engine_identity(entry.name, entry.kind, entry.brick, entry.precision, manifest.config, weights)
 
 
 def check_identity(where: str, found: dict[str, str], want: dict[str, str]) -> None:

@@ -130,7 +130,7 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def _name_dims(path: Path, spec: EngineSpec, identity: Mapping[str, str]) -> None:
-    """Give the dynamic dims the contract's names B, H, W (dynamo calls them e.g. ``8*nh``), drop debug metadata,
+    """Give the dynamic dims the contract's names (dynamo calls them e.g. ``8*nh``), drop debug metadata,
     and write the engine's identity as the model's metadata props.
 
     The dynamo exporter annotates every node with its Python stack trace, which
@@ -148,6 +148,10 @@ def _name_dims(path: Path, spec: EngineSpec, identity: Mapping[str, str]) -> Non
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in rename:
                 dim.dim_param = rename[dim.dim_param]
+    for value, tensor in zip(model.graph.output, spec.outputs):  # derived dims, e.g. the VAE decoder's "8*H"
+        for dim, want in zip(value.type.tensor_type.shape.dim, tensor.shape):
+            if isinstance(want, str) and dim.dim_param:
+                dim.dim_param = want
     for graph in [model.graph, *(f for f in model.functions)]:
         for node in graph.node:
             del node.metadata_props[:]

@@ -52,8 +52,10 @@ from export.manifest import (
 )
 from export.onnx_export import DEFAULT_OPSET, onnx_from_spec
 from export.specs import check_profile, default_profile, engine_specs
+from export.vae_spec import DEFAULT_VAE_BATCH, vae_decoder_spec, vae_profile, vae_record
 from export.verify import onnx_runner, verification_shapes, verify_engine
 from lego_model.model import LegoModel
+from lego_model.vae import Vae
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class ExportOptions:
     exporter: str = "dynamo"
     cache_dir: Path | None = None  # TensorRT timing and engine caches; None: tensorrt_build.default_cache_dir()
     seed: int = 0  # of the verification inputs
+    vae: Vae | None = None  # adds a vae_decoder engine (latent models), always fp32 (export.vae_spec)
+    vae_batch: tuple[int, int, int] = DEFAULT_VAE_BATCH  # its own batch range: guidance does not double it
 
 
 @dataclass
@@ -422,6 +426,8 @@ def export_engine_dir(
     want_onnx = options.engines in ("onnx", "all")
     want_trt = options.engines in ("trt", "all")
     inputs = [checkpoint.path]
+    if options.vae is not None:  # a --vae inside --out would go with the directory it replaces
+        inputs.append(options.vae.source)
     trt_env = None
     if want_trt:
         from export.tensorrt_build import default_cache_dir, require_tensorrt  # raises before anything is written
@@ -430,43 +436,54 @@ def export_engine_dir(
         inputs.append(options.cache_dir or default_cache_dir())
     check_target(out, options.force, inputs)  # before any work: the target must be ours to replace and writable
     shapes = verification_shapes(config, profile)
-    specs = engine_specs(config)
+    # (spec, what it is exported from, its weights' record, precision, profile, verification shapes):
+    # the denoiser's engines, then the decoder's (fp32 always, its own batch range, the VAE's weights).
+    jobs: list[tuple[Any, Any, CheckpointRecord, str, Profile, list[tuple[int, int, int]]]] = [
+        (spec, model, checkpoint, options.precision, profile, shapes) for spec in engine_specs(config)
+    ]
+    decoder = None
+    if options.vae is not None:
+        decoder = vae_record(options.vae)
+        decoder_profile = vae_profile(profile, options.vae_batch)
+        decoder_shapes = verification_shapes(config, decoder_profile)
+        spec = vae_decoder_spec(options.vae, config)
+        jobs.append((spec, options.vae, decoder.weights(), "fp32", decoder_profile, decoder_shapes))
     started = time.perf_counter()
     reports: list[EngineReport] = []
     entries: list[EngineEntry] = []
     say(
-        f"exporting {len(specs)} engines of {config.name} ({options.precision}, {options.engines}) to {out}; "
+        f"exporting {len(jobs)} engines of {config.name} ({options.precision}, {options.engines}) to {out}; "
         f"profile {profile.describe()}; verifying at {', '.join(f'{b}x{h}x{w}' for b, h, w in shapes)}"
     )
     with staged_directory(out, options.force, inputs) as staging:
         onnx_dir = staging if want_onnx else staging / ".onnx-build"
         onnx_dir.mkdir(exist_ok=True)
-        for i, spec in enumerate(specs, 1):
+        for i, (spec, source, weights, precision, spec_profile, job_shapes) in enumerate(jobs, 1):
             t0 = time.perf_counter()
             onnx_path = onnx_dir / f"{spec.name}.onnx"
-            say(f"[{i}/{len(specs)}] {spec.name}: ONNX export ({options.precision})")
-            identity = engine_identity(spec.name, spec.kind, spec.brick, options.precision, config, checkpoint)
+            say(f"[{i}/{len(jobs)}] {spec.name}: ONNX export ({precision})")
+            identity = engine_identity(spec.name, spec.kind, spec.brick, precision, config, weights)
             exporter = onnx_from_spec(
-                spec, model, onnx_path, options.precision, options.opset, options.exporter, identity=identity
+                spec, source, onnx_path, precision, options.opset, options.exporter, identity=identity
             )
-            spec_shapes = _shapes_for(spec, shapes)
-            runner = onnx_runner(spec, onnx_path, options.precision)
-            verification = verify_engine(spec, model, runner, options.precision, spec_shapes, seed=options.seed)
+            spec_shapes = _shapes_for(spec, job_shapes)
+            runner = onnx_runner(spec, onnx_path, precision)
+            verification = verify_engine(spec, source, runner, precision, spec_shapes, seed=options.seed)
             seconds = time.perf_counter() - t0
             say(
-                f"[{i}/{len(specs)}] {spec.name}: {onnx_path.stat().st_size / 1e6:.2f} MB, {seconds:.1f} s, "
+                f"[{i}/{len(jobs)}] {spec.name}: {onnx_path.stat().st_size / 1e6:.2f} MB, {seconds:.1f} s, "
                 f"ONNX Runtime max rel err {verification.max_rel:.2e} (tolerance {verification.tolerance:g})"
             )
             built_with = onnx_built_with(exporter, options.opset)
-            onnx_entry = _entry(spec, onnx_path, staging, "onnx", options.precision, profile, built_with, verification)
+            onnx_entry = _entry(spec, onnx_path, staging, "onnx", precision, spec_profile, built_with, verification)
             if want_onnx:
                 entries.append(onnx_entry)
                 reports.append(_report(onnx_entry, seconds, exporter))
             if want_trt:
                 entry, seconds, note = _tensorrt_engine(
-                    spec, model, checkpoint, onnx_entry, onnx_path, staging, options, profile, spec_shapes, trt_env
+                    spec, source, identity, onnx_entry, onnx_path, staging, options, spec_profile, spec_shapes, trt_env
                 )
-                say(f"[{i}/{len(specs)}] {spec.name}: TensorRT plan {entry.bytes / 1e6:.2f} MB, {seconds:.1f} s {note}")
+                say(f"[{i}/{len(jobs)}] {spec.name}: TensorRT plan {entry.bytes / 1e6:.2f} MB, {seconds:.1f} s {note}")
                 entries.append(entry)
                 reports.append(_report(entry, seconds, note))
         if not want_onnx:
@@ -476,6 +493,7 @@ def export_engine_dir(
             checkpoint=checkpoint,
             engines=entries,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            vae=decoder,
         )
         write_manifest(manifest, staging)
         load_manifest(staging)  # the directory must pass the runtimes' own checks before it replaces anything
@@ -530,8 +548,8 @@ def _report(entry: EngineEntry, seconds: float, note: str) -> EngineReport:
 
 def _tensorrt_engine(
     spec: Any,
-    model: LegoModel,
-    checkpoint: CheckpointRecord,
+    model: LegoModel | Vae,
+    identity: dict[str, str],
     onnx_entry: EngineEntry,
     onnx_path: Path,
     staging: Path,
@@ -553,7 +571,7 @@ def _tensorrt_engine(
 
     t0 = time.perf_counter()
     cache_dir = options.cache_dir or default_cache_dir()
-    args = (onnx_entry.sha256, options.precision, profile, env.tensorrt_version, env.compute_capability)
+    args = (onnx_entry.sha256, onnx_entry.precision, profile, env.tensorrt_version, env.compute_capability)
     key, parts = engine_cache_key(*args), engine_cache_parts(*args)
     cache = EngineCache(cache_dir / "engines")
     plan_path = staging / f"{spec.name}.plan"
@@ -563,11 +581,10 @@ def _tensorrt_engine(
         note = "(engine cache hit)"
     else:
         timing = cache_dir / timing_cache_name(env.tensorrt_version, env.compute_capability)
-        identity = engine_identity(spec.name, spec.kind, spec.brick, options.precision, model.config, checkpoint)
         engine_from_onnx(spec, onnx_path, plan_path, profile, timing, identity=identity)
         cache.store(key, parts, plan_path)
         note = "(built)"
-    verification = verify_engine(spec, model, plan_runner(spec, plan_path), options.precision, shapes, options.seed)
+    verification = verify_engine(spec, model, plan_runner(spec, plan_path), onnx_entry.precision, shapes, options.seed)
     built_with = dataclasses.replace(
         onnx_entry.built_with,
         tensorrt=env.tensorrt_version,
@@ -576,5 +593,5 @@ def _tensorrt_engine(
         onnx_sha256=onnx_entry.sha256,
         engine_cache_key=key,
     )
-    entry = _entry(spec, plan_path, staging, "tensorrt", options.precision, profile, built_with, verification)
+    entry = _entry(spec, plan_path, staging, "tensorrt", onnx_entry.precision, profile, built_with, verification)
     return entry, time.perf_counter() - t0, note

@@ -143,6 +143,11 @@ class LegoConfig:
         return len(self.brick_sizes)
 
     @property
+    def is_latent(self) -> bool:
+        """Whether samples are 4-channel Stable Diffusion latents (the ``_32`` configs) rather than pixels."""
+        return self.img_channels == 4
+
+    @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the lcm of all brick sizes."""
         return math.lcm(*self.brick_sizes)
@@ -248,6 +253,8 @@ LEGO_CONFIGS: dict[str, LegoConfig] = {
         LegoConfig("tiny_PG_16", (4, 8, 16), (2, 4, 2), (1, 2, 2), 64, 4, label_dim=10),
         LegoConfig("tiny_PR_16", (16, 8, 4), (2, 4, 2), (2, 2, 1), 64, 4, label_dim=0),
         LegoConfig("tiny_U_16", (16, 8, 4, 8, 16), (2, 4, 2, 4, 2), (1, 1, 1, 1, 1), 64, 4, label_dim=10),
+        # A tiny latent model (4 channels, as the _32 configs): 8x8 latents, 64x64 images through a VAE.
+        LegoConfig("tiny_latent_PG_8", (2, 4, 8), (1, 2, 2), (1, 1, 1), 64, 4, img_channels=4, label_dim=10),
         # The shipped demo models (lego_model/assets, trained by lego_model.digits.train on 16x16 digits).
         LegoConfig("digits_pg_16", (4, 8, 16), (2, 2, 2), (1, 2, 2), 128, 4, img_channels=1, label_dim=10),
         LegoConfig("digits_pr_16", (16, 8, 4), (2, 2, 2), (2, 2, 1), 128, 4, img_channels=1, label_dim=10),

@@ -26,3 +26,7 @@ class SkipPlanError(LegoError):
 
 class CheckpointError(LegoError):
     """A checkpoint that cannot be read or does not fit its configuration."""
+
+
+class VaeError(LegoError):
+    """An autoencoder (``--vae``) that cannot be loaded or does not fit the model's latents."""

@@ -1,6 +1,9 @@
 """Eager sampling of a LEGO model to PNG files: ``python -m lego_model.generate``.
 
-The reference path that every engine backend is compared with.
+The reference path that every engine backend is compared with.  Latent
+models (the ``_32`` configs) decode their samples with ``--vae PATH`` (a local
+diffusers AutoencoderKL, see :mod:`lego_model.vae`); without it they write the
+latents to ``latents.npz`` (float32 NCHW ``arr_0``, ``seeds``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 
 from lego_model.checkpoints import load_checkpoint
@@ -47,6 +51,13 @@ log = logging.getLogger(__name__)
 @click.option("--height", type=click.IntRange(min=1), default=None, help="[default: training resolution]")
 @click.option("--width", type=click.IntRange(min=1), default=None, help="[default: training resolution]")
 @click.option("--out", type=click.Path(file_okay=False), default="samples", show_default=True)
+@click.option(
+    "--vae",
+    type=click.Path(),
+    default=None,
+    help="Latent models: decode with this local diffusers AutoencoderKL directory or .safetensors file "
+    "[default: write latents.npz].",
+)
 def main(
     checkpoint,
     config_name,
@@ -62,8 +73,10 @@ def main(
     height,
     width,
     out,
+    vae,
 ):
-    """Sample images with the eager PyTorch model and write one PNG per seed plus grid.png."""
+    """Sample images with the eager PyTorch model and write one PNG per seed plus grid.png
+    (latent models: with --vae, else latents.npz)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if random_init:
@@ -77,6 +90,13 @@ def main(
         cfg.check_image_size(height, width)
         cfg.check_class(class_idx)
         cfg.check_guidance(cfg_scale)
+        decoder = None
+        if vae is not None:
+            from lego_model.vae import load_vae, require_latent
+
+            require_latent(cfg)
+            decoder = load_vae(vae)
+            decoder.check_model(cfg)  # refuses pixel models and other latent channels before sampling
         seed_list = parse_seeds(seeds)
         plan = SkipPlan.from_text(cfg, skip, skip_preset)
         click.echo(plan.describe(cfg, steps, solver, height, width))
@@ -101,6 +121,18 @@ def main(
             ]
         )
         elapsed = time.perf_counter() - t0
+        if cfg.is_latent and decoder is None:
+            from lego_model.vae import NO_VAE_HINT
+
+            latents = images.float().numpy()  # (N, C, h, w)
+            np.savez(out_dir / "latents.npz", arr_0=latents, seeds=np.asarray(seed_list, dtype=np.int64))
+            click.echo(f"wrote {len(seed_list)} latents to {out_dir / 'latents.npz'} in {elapsed:.1f} s")
+            click.echo(f"latent model without a VAE: {NO_VAE_HINT}")
+            return
+        if decoder is not None:
+            t1 = time.perf_counter()
+            images = decoder.decode(images.float())
+            click.echo(f"decoded {len(images)} latents in {time.perf_counter() - t1:.1f} s")
         arr = to_uint8_nhwc(images)
         for seed, img in zip(seed_list, arr):
             save_image(img, out_dir / f"{seed:06d}.png")

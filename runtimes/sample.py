@@ -7,6 +7,12 @@ ms per denoiser call, the skip plan and its relative cost.  Same seeds and
 plan give the eager model's images (``python -m lego_model.generate``): the
 latents and churn noise come from the same per-seed generators.
 
+Latent models (the ``_32`` configs) decode each finished batch into images
+(``runtimes.decode``: the manifest's ``vae_decoder`` engine, or diffusers'
+eager decoder with ``--vae-backend torch`` / ``--vae PATH``), timed apart from
+sampling.  Without a decoder they write their latents instead: one
+``000042.npy`` per seed and ``latents.npz`` (float32 NCHW ``arr_0``, ``seeds``).
+
 Under ``torchrun`` every rank samples its share of the seeds on device
 LOCAL_RANK; rank 0 writes the npz and the grid after all ranks are done.
 Everything that can be refused is refused before the first denoiser call.
@@ -14,6 +20,7 @@ Everything that can be refused is refused before the first denoiser call.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -33,15 +40,18 @@ from lego_model.errors import LegoError
 from lego_model.images import make_grid, parse_seeds, save_image, to_uint8_nhwc
 from lego_model.sampler import draw_latents, edm_sample, evaluations_per_step
 from lego_model.skip import SkipPlan
+from lego_model.vae import NO_VAE_HINT
 from runtimes import distributed
 from runtimes.backends import BACKENDS, Backend, open_backend
 from runtimes.backends.ort import default_threads
 from runtimes.chain import BrickChain
+from runtimes.decode import VAE_BACKENDS, Decoder, open_decoder
 from runtimes.errors import OutputError
 
 log = logging.getLogger(__name__)
 
 GRID_MAX = 64  # images in grid.png
+LATENTS_NPZ = "latents.npz"  # a latent model's output without a decoder
 
 
 @dataclass
@@ -71,6 +81,8 @@ class SampleOptions:
     cuda_graphs: bool = True
     threads: int | None = None
     ort_optimization: str = "all"
+    vae: str | None = None
+    vae_backend: str = "engine"
 
 
 @dataclass
@@ -91,6 +103,9 @@ class SampleReport:
     steady_calls: int = 0
     steady_images: int = 0
     files: list[Path] = field(default_factory=list)
+    decoder: str | None = None  # latent models: what decoded the latents (None: latents were written)
+    latent: bool = False
+    decode_seconds: float = 0.0  # not part of seconds / seconds_total
 
     @property
     def ms_per_call(self) -> float:
@@ -111,6 +126,14 @@ class SampleReport:
             + (" (first batch excluded as warm-up)" if self.seconds != self.seconds_total else ""),
             self.plan_text,
         ]
+        if self.decoder is not None:
+            ms = 1000 * self.decode_seconds / self.images if self.images else float("nan")
+            lines.append(
+                f"decoded latents with {self.decoder} in {self.decode_seconds:.2f} s: {ms:.1f} ms per image "
+                "(not included in the sampling time above)"
+            )
+        elif self.latent:
+            lines.append(f"latent model without a VAE: wrote latents (float32 NCHW) to {LATENTS_NPZ}; {NO_VAE_HINT}")
         return "\n".join(lines)
 
 
@@ -126,6 +149,28 @@ def check_writable(directory: Path) -> None:
 
 def seed_png(out: Path, seed: int) -> Path:
     return out / f"{seed:06d}.png"
+
+
+def seed_latent(out: Path, seed: int) -> Path:
+    return out / f"{seed:06d}.npy"
+
+
+def write_latent(latent: np.ndarray, path: Path) -> None:
+    """One seed's float32 CHW latent, written via a temporary name and a rename as the PNGs are."""
+    tmp = path.with_name(f".{path.stem}.tmp.npy")
+    np.save(tmp, latent.astype(np.float32))
+    os.replace(tmp, path)
+
+
+def assemble_latents(out: Path, seeds: list[int]) -> Path:
+    """``latents.npz`` of all seeds (arr_0: float32 [N, C, h, w], seeds: int64), read back from the .npy files."""
+    arr = np.stack([np.load(seed_latent(out, s)) for s in seeds])
+    path = out / LATENTS_NPZ
+    tmp = out / f".{LATENTS_NPZ}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, arr_0=arr, seeds=np.asarray(seeds, dtype=np.int64))
+    os.replace(tmp, path)
+    return path
 
 
 def write_png(image: np.ndarray, path: Path) -> None:
@@ -203,6 +248,15 @@ class SamplingRun:
     out: Path
     npz: Path | None
     report: SampleReport
+    decoder: Decoder | None = None  # latent models: latents -> images after each batch
+
+    @property
+    def writes_latents(self) -> bool:
+        """A latent model without a decoder: its output is latents, not images."""
+        return self.backend.config.is_latent and self.decoder is None
+
+    def seed_file(self, seed: int) -> Path:
+        return (seed_latent if self.writes_latents else seed_png)(self.out, seed)
 
 
 def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
@@ -221,6 +275,12 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
     cfg.check_image_size(height, width)
     cfg.check_class(opts.class_idx)
     cfg.check_guidance(opts.cfg_scale)
+    decoder = _open_decoder(opts, backend, threads)
+    if decoder is not None:
+        decoder.check(height, width)
+    if cfg.is_latent and decoder is None and opts.npz:
+        raise OutputError(f"--npz holds uint8 images, and this latent model has no decoder: {NO_VAE_HINT}")
+    seed_file = seed_png if decoder is not None or not cfg.is_latent else seed_latent
     seeds = parse_seeds(opts.seeds)
     plan = SkipPlan.from_text(cfg, opts.skip, opts.skip_preset)
     steps = plan.steps(opts.steps)  # refuses a plan that leaves a step without bricks
@@ -231,7 +291,7 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
     todo = distributed.shard(seeds, info.rank, info.world_size)
     skipped = 0
     if opts.resume:
-        remaining = [s for s in todo if not seed_png(out, s).is_file()]
+        remaining = [s for s in todo if not seed_file(out, s).is_file()]
         skipped, todo = len(todo) - len(remaining), remaining
     groups = batches(todo, batch)
     for size in sorted({len(g) for g in groups} | {batch}):
@@ -251,14 +311,39 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
         graphs=chain.graphs is not None,
         plan_text=plan.describe(cfg, opts.steps, opts.solver, height, width),
         skipped_existing=skipped,
+        decoder=None if decoder is None else decoder.name,
+        latent=cfg.is_latent,
     )
-    return SamplingRun(opts, info, backend, chain, height, width, seeds, groups, steps, out, npz, report)
+    return SamplingRun(
+        opts, info, backend, chain, height, width, seeds, groups, steps, out, npz, report, decoder=decoder
+    )
+
+
+def _open_decoder(opts: SampleOptions, backend: Backend, threads: int) -> Decoder | None:
+    """The run's latent decoder (runtimes.decode.open_decoder) from the options and the engine directory."""
+    manifest = None
+    if opts.engine_dir is not None:
+        from export.manifest import load_manifest
+
+        manifest = load_manifest(opts.engine_dir, verify_hashes=False)  # open_backend has checked the hashes
+    return open_decoder(
+        backend.config,
+        backend=backend.name,
+        device=backend.device,
+        manifest=manifest,
+        engine_dir=opts.engine_dir,
+        vae_path=opts.vae,
+        vae_backend=opts.vae_backend,
+        threads=threads,
+    )
 
 
 def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[list[int], np.ndarray]]:
     """Sample this rank's batches: (seeds, uint8 NHWC images) per batch; timing goes into ``run.report``.
 
-    Call it inside ``with run.backend``.
+    A latent model's batch is decoded after the sampling clock stops (the
+    decoder has its own); without a decoder the batch comes as float32 NCHW
+    latents.  Call it inside ``with run.backend`` (and ``run.decoder``).
     """
     opts, info, cfg, report = run.opts, run.info, run.backend.config, run.report
     calls_per_batch = sum(evaluations_per_step(opts.steps, opts.solver))
@@ -296,9 +381,18 @@ def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[li
                 on_step=lambda _, bar=bar: bar.update(),
                 **churn,
             )
-        arr = to_uint8_nhwc(images)  # copies to the host: the clock below reads finished work
+        if cfg.is_latent:
+            arr = images.float().cpu()  # copies to the host: the clock below reads finished work
+        else:
+            arr = to_uint8_nhwc(images)  # copies to the host: the clock below reads finished work
         elapsed = time.perf_counter() - t0
         bar.close()
+        if run.decoder is not None:  # once per batch, outside the sampling loop and its CUDA graphs
+            t1 = time.perf_counter()
+            arr = to_uint8_nhwc(run.decoder.decode(arr))
+            report.decode_seconds += time.perf_counter() - t1
+        elif cfg.is_latent:
+            arr = arr.numpy()
         report.images += len(group)
         report.calls += calls_per_batch
         report.seconds_total += elapsed
@@ -310,9 +404,9 @@ def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[li
 
 
 def write_batch(run: SamplingRun, group: list[int], images: np.ndarray) -> None:
-    """One PNG per seed of a batch, each written whole (a rename), so that --resume can trust what it finds."""
+    """One PNG (or latent .npy) per seed of a batch, each written whole (a rename), so that --resume can trust it."""
     for seed, img in zip(group, images):
-        write_png(img, seed_png(run.out, seed))
+        (write_latent if run.writes_latents else write_png)(img, run.seed_file(seed))
 
 
 def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, progress: bool = True) -> SampleReport:
@@ -322,12 +416,15 @@ def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, 
     """
     info = info or distributed.rank_info()
     run = prepare_run(opts, info)
-    with run.backend:
+    with run.backend, run.decoder or contextlib.nullcontext():
         for group, images in sample_batches(run, progress):
             write_batch(run, group, images)
     distributed.barrier(info)
     if info.is_main:
-        run.report.files = assemble(run.out, run.seeds, run.npz)
+        if run.writes_latents:
+            run.report.files = [assemble_latents(run.out, run.seeds)]
+        else:
+            run.report.files = assemble(run.out, run.seeds, run.npz)
     return run.report
 
 
@@ -347,6 +444,9 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
         graphs=first.graphs,
         plan_text=first.plan_text,
         files=first.files,
+        decoder=first.decoder,
+        latent=first.latent,
+        decode_seconds=max(r.decode_seconds for r in reports),
         images=sum(r.images for r in reports),
         skipped_existing=sum(r.skipped_existing for r in reports),
         calls=sum(r.calls for r in reports),
@@ -439,6 +539,21 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     default="all",
     show_default=True,
     help="ONNX Runtime graph optimizations; fusions adds the transformers optimizer (slower load, faster calls).",
+)
+@click.option(
+    "--vae",
+    type=click.Path(),
+    default=None,
+    help="Latent models: decode with diffusers' eager AutoencoderKL from this local directory or .safetensors "
+    "file (instead of the engine directory's vae_decoder).",
+)
+@click.option(
+    "--vae-backend",
+    type=click.Choice(VAE_BACKENDS),
+    default="engine",
+    show_default=True,
+    help="Latent models: engine = the vae_decoder engine of the brick backend's format when the directory has "
+    "one; torch = diffusers eager (weights from --vae or the manifest). With neither, latents are written.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(quiet: bool, **kwargs) -> None:

@@ -33,3 +33,26 @@ def official_model(official, name: str):
     model = LegoModel(get_config(name))
     model.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
     return model.eval()
+
+
+SD_VAE_CONFIG = Path(__file__).resolve().parent / "fixtures" / "sd-vae-ft-ema" / "config.json"
+SMALL_VAE_CHANNELS = (32, 32, 64, 64)  # sd-vae-ft-ema's block structure with few channels
+
+
+def make_vae_dir(path: Path, block_out_channels=SMALL_VAE_CHANNELS, seed: int = 0, **overrides) -> Path:
+    """A random-weight AutoencoderKL with sd-vae-ft-ema's architecture (narrower), saved in diffusers' format."""
+    pytest.importorskip("diffusers", reason="the latent extra (diffusers) is not installed")
+    import torch
+    from diffusers import AutoencoderKL
+
+    config = json.loads(SD_VAE_CONFIG.read_text())
+    config.update(block_out_channels=list(block_out_channels), **overrides)
+    torch.manual_seed(seed)
+    AutoencoderKL.from_config(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_vae_dir(tmp_path_factory) -> Path:
+    """A small random AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors)."""
+    return make_vae_dir(tmp_path_factory.mktemp("vae") / "small-vae")
