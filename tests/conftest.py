@@ -56,3 +56,21 @@ def make_vae_dir(path: Path, block_out_channels=SMALL_VAE_CHANNELS, seed: int = 
 def small_vae_dir(tmp_path_factory) -> Path:
     """A small random AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors)."""
     return make_vae_dir(tmp_path_factory.mktemp("vae") / "small-vae")
+
+
+@pytest.fixture(scope="session")
+def latent_engines(small_vae_dir: Path, tmp_path_factory) -> Path:
+    """lego-export's engine directory of tiny_latent_PG_8 (random init 0) with the small VAE's decoder.
+
+    The ONNX files come from the TorchScript exporter (seconds instead of a minute); the dynamo export of
+    the decoder is tested on its own in tests/export/test_vae_export.py.  Decoder batch profile 1:2:4.
+    """
+    from export.pipeline import ExportOptions, export_engine_dir
+    from lego_model import LegoModel, get_config
+    from lego_model.vae import load_vae
+
+    model = LegoModel(get_config("tiny_latent_PG_8")).randomize_(0).eval()
+    options = ExportOptions(exporter="torchscript", vae=load_vae(small_vae_dir), vae_batch=(1, 2, 4))
+    out = tmp_path_factory.mktemp("latent") / "engines"
+    export_engine_dir(model, out, {"path": None, "sha256": None, "random_init_seed": 0}, options)
+    return out
