@@ -1,0 +1,128 @@
+"""Latent models end in images: runtimes.sample through the vae_decoder engine and diffusers' eager decoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lego_model.errors import VaeError
+from lego_model.generate import main as generate_main
+from runtimes.errors import OutputError
+from runtimes.sample import SampleOptions, main, read_png, run_sampling
+from tests.conftest import make_vae_dir
+from tests.runtimes.conftest import export_onnx_dir, tiny_model
+
+pytest.importorskip("diffusers", reason="the latent extra (diffusers) is not installed")
+
+SEEDS = "0-2"
+STEPS = 3
+EAGER = ["--config", "tiny_latent_PG_8", "--random-init", "--seeds", SEEDS, "--steps", str(STEPS)]  # seed 0 weights
+
+
+def sample(engine_dir, out, **kw):
+    opts = SampleOptions(
+        engine_dir=str(engine_dir), backend="onnxruntime-cpu", seeds=SEEDS, steps=STEPS, out=str(out), threads=1, **kw
+    )
+    return run_sampling(opts, progress=False)
+
+
+def pngs(out, seeds=(0, 1, 2)) -> np.ndarray:
+    return np.stack([read_png(out / f"{s:06d}.png") for s in seeds]).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def engine_run(latent_engines, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine_run")
+    return sample(latent_engines, out), out
+
+
+def test_engine_decoder_writes_images_and_times_decoding_apart(engine_run) -> None:
+    report, out = engine_run
+    assert report.decoder.startswith("onnxruntime-cpu") and report.decode_seconds > 0
+    assert pngs(out).shape == (3, 64, 64, 3)  # 8x8 latents -> 64x64 images
+    assert (out / "grid.png").is_file() and not list(out.glob("*.npy"))
+    assert "decoded latents with onnxruntime-cpu" in report.summary() and "not included" in report.summary()
+
+
+def test_torch_decoder_and_eager_generate_give_the_same_images(engine_run, latent_engines, tmp_path) -> None:
+    _, engine_out = engine_run
+    torch_report = sample(latent_engines, tmp_path / "torch", vae_backend="torch")  # weights from the manifest
+    assert torch_report.decoder.startswith("torch")
+    eager = CliRunner().invoke(
+        generate_main,
+        [*EAGER, "--vae", load_source(latent_engines), "--out", str(tmp_path / "eager")],
+    )
+    assert eager.exit_code == 0, eager.output
+    ref = pngs(engine_out)
+    assert len(np.unique(ref)) > 100  # real images, not saturated ones: the comparison below means something
+    for other in (pngs(tmp_path / "torch"), pngs(tmp_path / "eager")):
+        diff = np.abs(other - ref)
+        assert diff.max() <= 1 and diff.mean() < 0.01  # uint8 rounding of ~1e-6 differences at most
+
+
+def load_source(engine_dir) -> str:
+    from export.manifest import load_manifest
+
+    return load_manifest(engine_dir).vae.source
+
+
+def test_non_square_latents_decode_to_non_square_images(latent_engines, tmp_path) -> None:
+    sample(latent_engines, tmp_path, height=8, width=16)
+    assert pngs(tmp_path).shape == (3, 64, 128, 3)
+
+
+def test_without_a_decoder_latents_are_written_with_a_hint(tmp_path) -> None:
+    engines = export_onnx_dir(tiny_model("tiny_latent_PG_8"), tmp_path / "engines")
+    result = CliRunner().invoke(
+        main,
+        [
+            "--engine-dir",
+            str(engines),
+            "--backend",
+            "onnxruntime-cpu",
+            "--seeds",
+            SEEDS,
+            "--steps",
+            str(STEPS),
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+            "--threads",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "without a VAE" in result.output and "--vae PATH" in result.output
+    with np.load(tmp_path / "out" / "latents.npz") as data:
+        assert data["arr_0"].shape == (3, 4, 8, 8) and data["arr_0"].dtype == np.float32
+        assert list(data["seeds"]) == [0, 1, 2]
+    assert not list((tmp_path / "out").glob("*.png"))
+    eager = CliRunner().invoke(
+        generate_main,
+        [*EAGER, "--out", str(tmp_path / "eager")],
+    )
+    assert eager.exit_code == 0 and "--vae PATH" in eager.output
+    with np.load(tmp_path / "eager" / "latents.npz") as e, np.load(tmp_path / "out" / "latents.npz") as r:
+        np.testing.assert_allclose(e["arr_0"], r["arr_0"], atol=1e-4)
+    with pytest.raises(OutputError, match="--npz holds uint8 images"):
+        sample(engines, tmp_path / "npz", npz=str(tmp_path / "all.npz"))
+    with pytest.raises(VaeError, match="pass --vae PATH"):
+        sample(engines, tmp_path / "t", vae_backend="torch")
+
+
+def test_refusals_before_sampling(engines_pg, latent_engines, small_vae_dir, tmp_path) -> None:
+    runner = CliRunner()
+    base = ["--backend", "onnxruntime-cpu", "--seeds", "0", "--steps", "1", "--quiet", "--out", str(tmp_path / "o")]
+    pixel = runner.invoke(main, ["--engine-dir", str(engines_pg), "--vae", str(small_vae_dir), *base])
+    assert pixel.exit_code == 1 and "generates pixels" in pixel.output and "Traceback" not in pixel.output
+    missing = runner.invoke(main, ["--engine-dir", str(latent_engines), "--vae", str(tmp_path / "nope"), *base])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+    wide = make_vae_dir(tmp_path / "vae16", latent_channels=16)
+    mismatch = runner.invoke(main, ["--engine-dir", str(latent_engines), "--vae", str(wide), *base])
+    assert mismatch.exit_code == 1 and "16-channel latents" in mismatch.output
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    eager_pixel = runner.invoke(
+        generate_main, ["--config", "tiny_PG_16", "--random-init", "--vae", str(small_vae_dir), "--out", str(tmp_path)]
+    )
+    assert eager_pixel.exit_code == 1 and "generates pixels" in eager_pixel.output
