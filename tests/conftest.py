@@ -65,6 +65,7 @@ def latent_engines(small_vae_dir: Path, tmp_path_factory) -> Path:
     The ONNX files come from the TorchScript exporter (seconds instead of a minute); the dynamo export of
     the decoder is tested on its own in tests/export/test_vae_export.py.  Decoder batch profile 1:2:4.
     """
+    from export.manifest import CheckpointRecord
     from export.pipeline import ExportOptions, export_engine_dir
     from lego_model import LegoModel, get_config
     from lego_model.vae import load_vae
@@ -72,5 +73,5 @@ def latent_engines(small_vae_dir: Path, tmp_path_factory) -> Path:
     model = LegoModel(get_config("tiny_latent_PG_8")).randomize_(0).eval()
     options = ExportOptions(exporter="torchscript", vae=load_vae(small_vae_dir), vae_batch=(1, 2, 4))
     out = tmp_path_factory.mktemp("latent") / "engines"
-    export_engine_dir(model, out, {"path": None, "sha256": None, "random_init_seed": 0}, options)
+    export_engine_dir(model, out, CheckpointRecord.random_init(0), options)
     return out
