@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 PROGRAMS = ("make", "python", "lego-export", "torchrun", "pytest", "bash")
 TINY = "tiny_PG_16"  # stands in for --random-init configs and for the user's own checkpoints
+TINY_LATENT = "tiny_latent_PG_8"  # stands in for the user's latent checkpoints (commands with --vae)
 AUTHORS = "lego_S_PG_64"  # the architecture of the authors' snapshot in the Python example
 
 pytestmark = pytest.mark.slow
@@ -249,12 +250,17 @@ class Runner:
             return CliRunner().invoke(cmd, args, catch_exceptions=False)
 
     def _presume_files(self, args: list[str]) -> None:
-        """Files the README takes the user to have: their checkpoint, an engine directory made earlier."""
+        """Files the README takes the user to have: their checkpoint and VAE, an engine directory made earlier."""
         from lego_model import LegoModel, get_config, save_checkpoint
+        from tests.conftest import make_vae_dir
 
+        vae = _option(args, "--vae", None)
+        if vae and not (self.cwd / vae).exists():
+            make_vae_dir(self.cwd / vae)  # a small random AutoencoderKL with sd-vae-ft-ema's block structure
         checkpoint = _option(args, "--checkpoint", None)
         if checkpoint and not (self.cwd / checkpoint).exists():
-            save_checkpoint(LegoModel(get_config(TINY)).randomize_(0), self.cwd / checkpoint)
+            config = get_config(TINY_LATENT if vae else TINY)
+            save_checkpoint(LegoModel(config).randomize_(0), self.cwd / checkpoint)
         engine_dir = _option(args, "--engine-dir", None)
         if engine_dir and not (self.cwd / engine_dir).exists():
             self.run(f"lego-export --engines onnx --out {engine_dir}")
