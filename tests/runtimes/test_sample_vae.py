@@ -20,9 +20,9 @@ STEPS = 3
 EAGER = ["--config", "tiny_latent_PG_8", "--random-init", "--seeds", SEEDS, "--steps", str(STEPS)]  # seed 0 weights
 
 
-def sample(engine_dir, out, **kw):
+def sample(engine_dir, out, backend="onnxruntime-cpu", **kw):
     opts = SampleOptions(
-        engine_dir=str(engine_dir), backend="onnxruntime-cpu", seeds=SEEDS, steps=STEPS, out=str(out), threads=1, **kw
+        engine_dir=str(engine_dir), backend=backend, seeds=SEEDS, steps=STEPS, out=str(out), threads=1, **kw
     )
     return run_sampling(opts, progress=False)
 
@@ -59,6 +59,22 @@ def test_torch_decoder_and_eager_generate_give_the_same_images(engine_run, laten
     for other in (pngs(tmp_path / "torch"), pngs(tmp_path / "eager")):
         diff = np.abs(other - ref)
         assert diff.max() <= 1 and diff.mean() < 0.01  # uint8 rounding of ~1e-6 differences at most
+
+
+def test_torch_backend_decodes_with_the_manifests_vae(engine_run, latent_engines, tmp_path) -> None:
+    """The torch backend's decoder is diffusers eager, with the weights the manifest records."""
+    report = sample(latent_engines, tmp_path, backend="torch")
+    assert report.decoder.startswith("torch (diffusers")
+    assert np.abs(pngs(tmp_path) - pngs(engine_run[1])).max() <= 1
+
+
+def test_resume_skips_seeds_whose_latents_exist(tmp_path) -> None:
+    engines = export_onnx_dir(tiny_model("tiny_latent_PG_8"), tmp_path / "engines")
+    sample(engines, tmp_path / "out")
+    report = sample(engines, tmp_path / "out", resume=True)
+    assert report.skipped_existing == 3 and report.images == 0
+    with np.load(tmp_path / "out" / "latents.npz") as data:
+        assert data["arr_0"].shape == (3, 4, 8, 8)
 
 
 def load_source(engine_dir) -> str:
