@@ -60,6 +60,17 @@ def import_diffusers_vae() -> Any:
     return AutoencoderKL
 
 
+def unscale(latents: Tensor, scaling_factor: float, shift_factor: float | None) -> Tensor:
+    """Sampler latents -> the autoencoder's latent space: divide by the scaling factor (then add the shift, if any)."""
+    z = latents / scaling_factor
+    return z if shift_factor is None else z + shift_factor
+
+
+def upscale_of(config: dict[str, Any]) -> int:
+    """Image side per latent side of an AutoencoderKL config: 2 per upsampling block (8 for Stable Diffusion's)."""
+    return 2 ** (len(config.get("block_out_channels", (0,))) - 1)
+
+
 class VaeDecoder(nn.Module):
     """latents [B, C, h, w] as the sampler returns them -> images [B, 3, 8h, 8w] in [-1, 1].
 
@@ -78,9 +89,7 @@ class VaeDecoder(nn.Module):
         self.shift_factor = shift_factor
 
     def forward(self, latents: Tensor) -> Tensor:
-        z = latents / self.scaling_factor  # (B, C, h, w), the autoencoder's own latent scale
-        if self.shift_factor is not None:
-            z = z + self.shift_factor
+        z = unscale(latents, self.scaling_factor, self.shift_factor)  # (B, C, h, w), the autoencoder's own scale
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)  # (B, C, h, w)
         return self.decoder(z)  # (B, 3, 8h, 8w)
@@ -110,8 +119,8 @@ class Vae:
 
     @property
     def upscale(self) -> int:
-        """Image side per latent side: 2 per upsampling block (8 for Stable Diffusion's four blocks)."""
-        return 2 ** (len(self.config.get("block_out_channels", (0,))) - 1)
+        """Image side per latent side (8 for Stable Diffusion's VAE)."""
+        return upscale_of(self.config)
 
     def decoder(self) -> VaeDecoder:
         """The decoder as one module (the exported forward), sharing this VAE's weights."""
@@ -138,14 +147,10 @@ class Vae:
         chunk = decode_chunk(self.config, latents.shape[2], latents.shape[3], max_bytes)
         with torch.inference_mode():
             parts = [
-                model.decode(self._unscale(part.float())).sample
+                model.decode(unscale(part.float(), self.scaling_factor, self.shift_factor)).sample
                 for part in latents.split(chunk)  # (chunk, C, h, w) each
             ]
         return torch.cat(parts)  # (B, 3, 8h, 8w)
-
-    def _unscale(self, latents: Tensor) -> Tensor:
-        z = latents / self.scaling_factor
-        return z if self.shift_factor is None else z + self.shift_factor
 
 
 def require_latent(config: LegoConfig) -> None:
@@ -163,7 +168,7 @@ def decode_chunk(config: dict[str, Any], height: int, width: int, max_bytes: int
     The peak sits in the last up block, at full image resolution with the
     widest full-resolution channel count; it grows linearly with the batch.
     """
-    up = 2 ** (len(config.get("block_out_channels", (0,))) - 1)
+    up = upscale_of(config)
     channels = max(config.get("block_out_channels", (128,))[:2])  # the last up block reads the second's output
     per_image = _BYTES_PER_PIXEL_CHANNEL * channels * (up * height) * (up * width)
     return max(1, max_bytes // per_image)
