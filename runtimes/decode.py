@@ -89,7 +89,14 @@ class EngineDecoder(Decoder):
     def decode(self, latents: Tensor) -> Tensor:
         latents = latents.float()
         size = self.chunk(latents.shape[2], latents.shape[3])
-        return torch.cat([self.run(part.contiguous()) for part in latents.split(size)])
+        return torch.cat([self._run_padded(part) for part in latents.split(size)])
+
+    def _run_padded(self, part: Tensor) -> Tensor:
+        """A chunk below the profile's smallest batch is padded with zero latents; their images are dropped."""
+        lo, n = self.entry.profile.batch[0], part.shape[0]
+        if n < lo:
+            part = torch.cat([part, part.new_zeros(lo - n, *part.shape[1:])])
+        return self.run(part.contiguous())[:n]
 
     def run(self, latents: Tensor) -> Tensor:
         """One chunk through the engine; returns CPU float32 images."""

@@ -142,3 +142,25 @@ def test_refusals_before_sampling(engines_pg, latent_engines, small_vae_dir, tmp
         generate_main, ["--config", "tiny_PG_16", "--random-init", "--vae", str(small_vae_dir), "--out", str(tmp_path)]
     )
     assert eager_pixel.exit_code == 1 and "generates pixels" in eager_pixel.output
+
+
+def test_engine_decoder_chunks_within_its_batch_profile(latent_engines) -> None:
+    """Chunks of at most the profile's max batch; a last chunk below its min is padded, and its padding dropped."""
+    import dataclasses
+
+    import torch
+
+    from export.manifest import Profile, load_manifest
+    from lego_model.vae import load_vae
+    from runtimes.decode import OnnxDecoder
+
+    manifest = load_manifest(latent_engines)
+    entry = manifest.decoder_for("onnx")
+    entry = dataclasses.replace(entry, profile=Profile((2, 2, 4), entry.profile.height, entry.profile.width))
+    config = {"block_out_channels": list(manifest.vae.block_out_channels)}
+    latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # chunks of 4 and 1 (+1 padding)
+    with OnnxDecoder(entry, latent_engines, config, device=torch.device("cpu"), threads=1) as decoder:
+        images = decoder.decode(latents)
+    reference = load_vae(manifest.vae.source).decode(latents)
+    assert images.shape == (5, 3, 64, 64)
+    assert float((images - reference).abs().max() / reference.abs().max()) <= 1e-4
