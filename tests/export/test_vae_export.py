@@ -13,7 +13,7 @@ from export.cli import main as export_main
 from export.errors import ManifestError
 from export.manifest import Manifest, load_manifest
 from export.onnx_export import onnx_from_spec
-from export.vae_spec import VaeDecoderSpec, vae_decoder_spec
+from export.vae_spec import vae_decoder_spec
 from export.verify import onnx_runner, verify_engine
 from lego_model.checkpoints import file_sha256
 from lego_model.configs import get_config
@@ -93,7 +93,11 @@ def test_engine_directory_records_the_decoder(latent_engines: Path, small_vae_di
     assert entry.verification.max_rel <= 1e-4 and len(entry.verification.shapes) == 3
     vae = manifest.vae
     assert vae.source == str(small_vae_dir.resolve()) and vae.sha256 == file_sha256(small_vae_dir / WEIGHTS_NAME)
-    assert vae.scaling_factor == 0.18215 and vae.shift_factor is None and vae.upscale == 8
+    assert vae.scaling_factor == 0.18215 and vae.shift_factor is None and vae.block_out_channels == (32, 32, 64, 64)
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(entry.path(latent_engines))).metadata_props}
+    assert props["lego.kind"] == "vae_decoder" and props["lego.checkpoint"] == f"sha256:{vae.sha256}"  # its weights
 
 
 def test_manifest_refuses_a_decoder_without_its_vae_record(latent_engines: Path) -> None:
@@ -134,4 +138,4 @@ def test_spec_refuses_half_precision(small_vae_dir: Path) -> None:
     from export.errors import ExportError
 
     with pytest.raises(ExportError, match="fp32 only"):
-        VaeDecoderSpec(4, 8).module(load_vae(small_vae_dir), "fp16")
+        vae_decoder_spec(load_vae(small_vae_dir), LATENT).module(load_vae(small_vae_dir), "fp16")
