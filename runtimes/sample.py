@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,18 +28,16 @@ import torch
 from tqdm import tqdm
 
 from lego_model.errors import LegoError
-from lego_model.images import make_grid, parse_seeds, save_image, to_uint8_nhwc
+from lego_model.images import parse_seeds, to_uint8_nhwc
 from lego_model.sampler import draw_latents, edm_sample, evaluations_per_step
 from lego_model.skip import SkipPlan
 from runtimes import distributed
 from runtimes.backends import BACKENDS, Backend, open_backend
 from runtimes.backends.ort import default_threads
 from runtimes.chain import BrickChain
-from runtimes.errors import OutputError
+from runtimes.outputs import assemble, check_writable, pending, seed_png, write_png
 
 log = logging.getLogger(__name__)
-
-GRID_MAX = 64  # images in grid.png
 
 
 @dataclass
@@ -114,54 +110,6 @@ class SampleReport:
         return "\n".join(lines)
 
 
-def check_writable(directory: Path) -> None:
-    """Create ``directory`` and prove a file can be written there (OutputError otherwise)."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise OutputError(f"cannot write to {directory} ({err.strerror or err}); choose another --out/--npz") from None
-
-
-def seed_png(out: Path, seed: int) -> Path:
-    return out / f"{seed:06d}.png"
-
-
-def write_png(image: np.ndarray, path: Path) -> None:
-    """Write via a temporary name and a rename, so that an existing PNG always is a complete image."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    save_image(image, tmp)
-    os.replace(tmp, path)
-
-
-def read_png(path: Path) -> np.ndarray:
-    """uint8 HWC (grayscale files come back with one channel)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        arr = np.asarray(im)
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
-def assemble(out: Path, seeds: list[int], npz: Path | None) -> list[Path]:
-    """grid.png of the first seeds and the npz of all seeds, read back from the per-seed PNGs."""
-    written = []
-    grid_imgs = np.stack([read_png(seed_png(out, s)) for s in seeds[:GRID_MAX]])
-    tmp = out / ".grid.tmp.png"
-    save_image(make_grid(grid_imgs), tmp)
-    os.replace(tmp, out / "grid.png")
-    written.append(out / "grid.png")
-    if npz is not None:
-        arr = np.stack([read_png(seed_png(out, s)) for s in seeds])  # (N, H, W, C) uint8
-        tmp = npz.with_name(f".{npz.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=arr)
-        os.replace(tmp, npz)
-        written.append(npz)
-    return written
-
-
 def batches(seeds: list[int], size: int) -> list[list[int]]:
     return [seeds[i : i + size] for i in range(0, len(seeds), size)]
 
@@ -231,7 +179,7 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
     todo = distributed.shard(seeds, info.rank, info.world_size)
     skipped = 0
     if opts.resume:
-        remaining = [s for s in todo if not seed_png(out, s).is_file()]
+        remaining = pending(out, todo)
         skipped, todo = len(todo) - len(remaining), remaining
     groups = batches(todo, batch)
     for size in sorted({len(g) for g in groups} | {batch}):

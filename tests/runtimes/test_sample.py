@@ -19,7 +19,8 @@ from lego_model.skip import SkipPlan
 from runtimes.backends import open_backend
 from runtimes.backends.torch_backend import TorchBackend
 from runtimes.chain import BrickChain
-from runtimes.sample import main, read_png
+from runtimes.outputs import read_png
+from runtimes.sample import main
 from tests.runtimes.conftest import export_onnx_dir, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
