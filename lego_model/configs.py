@@ -169,9 +169,19 @@ class LegoConfig:
             )
 
     def check_guidance(self, cfg_scale: float | None) -> None:
-        """Refuse classifier-free guidance (``cfg_scale`` not None) on an unconditional model."""
+        """Refuse guidance (``cfg_scale`` not None) on an unconditional model, and a scale that is not finite and >= 0.
+
+        0 samples unconditionally, 1 conditionally without guidance, above 1
+        with guidance.  A negative scale would push images away from their
+        class, which no LEGO or EDM recipe uses: refused as a likely typo.
+        """
         if cfg_scale is not None:
             refuse_unconditional(self.name, self.label_dim, "guidance (--cfg-scale)")
+            if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+                raise ConfigError(
+                    f"guidance scale {cfg_scale} must be a finite number >= 0 (--cfg-scale; 1 = no guidance, "
+                    "the authors use 1.5 to 4)"
+                )
 
     def check_class(self, class_idx: int | None) -> None:
         """Refuse a class index this model does not have (None, a random class per seed, always passes)."""

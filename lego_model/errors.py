@@ -26,3 +26,11 @@ class SkipPlanError(LegoError):
 
 class CheckpointError(LegoError):
     """A checkpoint that cannot be read or does not fit its configuration."""
+
+
+class NonFiniteError(LegoError):
+    """A denoiser call produced NaN or Inf; the message names where (engine, sampling step) and the likely cause."""
+
+
+class OutputError(LegoError):
+    """An output directory or file that cannot (or may not) be written."""
