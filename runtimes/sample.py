@@ -29,13 +29,13 @@ from tqdm import tqdm
 
 from lego_model.errors import LegoError
 from lego_model.images import parse_seeds, to_uint8_nhwc
-from lego_model.sampler import draw_latents, edm_sample, evaluations_per_step
+from lego_model.sampler import check_churn, draw_latents, edm_sample, evaluations_per_step
 from lego_model.skip import SkipPlan
 from runtimes import distributed
 from runtimes.backends import BACKENDS, Backend, open_backend
-from runtimes.backends.ort import default_threads
+from runtimes.backends.ort import check_threads, default_threads
 from runtimes.chain import BrickChain
-from runtimes.outputs import assemble, check_writable, pending, seed_png, write_png
+from runtimes.outputs import RunOutputs, check_writable, run_settings, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class SampleOptions:
     engine_dir: str | None = None
     backend: str = "auto"
     checkpoint: str | None = None
+    config: str | None = None
     seeds: str = "0-15"
     batch: int | None = None
     steps: int = 18
@@ -148,18 +149,22 @@ class SamplingRun:
     seeds: list[int]  # every seed of the run (rank 0 assembles the grid and npz from all of them)
     groups: list[list[int]]  # this rank's batches
     steps: list[tuple[int, ...]]  # active bricks per sampling step
-    out: Path
-    npz: Path | None
+    outputs: RunOutputs  # --out, --npz and run.json
     report: SampleReport
+    wrote: bool = False  # whether this process has written a batch (run.json goes first)
 
 
 def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
     """Every refusal, before any compute: backend, sizes, class, guidance, plan, profiles, output paths."""
+    check_writable(Path(opts.out), "--out")  # first: before the backend reads its files
+    if opts.threads is not None:
+        check_threads(opts.threads)
     threads = opts.threads or default_threads(info.local_world_size)
     backend, why = open_backend(
         opts.backend,
         engine_dir=opts.engine_dir,
         checkpoint=opts.checkpoint,
+        config=opts.config,
         local_rank=info.local_rank,
         threads=threads,
         ort_optimization=opts.ort_optimization,
@@ -169,24 +174,35 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
     cfg.check_image_size(height, width)
     cfg.check_class(opts.class_idx)
     cfg.check_guidance(opts.cfg_scale)
+    check_churn(opts.S_churn, opts.S_min, opts.S_max, opts.S_noise)
     seeds = parse_seeds(opts.seeds)
     plan = SkipPlan.from_text(cfg, opts.skip, opts.skip_preset)
     steps = plan.steps(opts.steps)  # refuses a plan that leaves a step without bricks
     chain = BrickChain(backend, cuda_graphs=opts.cuda_graphs)
     batch = opts.batch or default_batch(backend, opts.cfg_scale is not None)
-    out = Path(opts.out)
-    npz = Path(opts.npz) if opts.npz else None
-    todo = distributed.shard(seeds, info.rank, info.world_size)
-    skipped = 0
-    if opts.resume:
-        remaining = pending(out, todo)
-        skipped, todo = len(todo) - len(remaining), remaining
+    churn = dict(S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise)
+    settings = run_settings(
+        config=cfg,
+        weights=weights_identity(opts.engine_dir, opts.checkpoint),
+        precision=backend.precision,
+        height=height,
+        width=width,
+        steps=opts.steps,
+        solver=opts.solver,
+        class_idx=opts.class_idx,
+        cfg_scale=opts.cfg_scale,
+        churn=churn,
+        active_per_step=steps,
+    )
+    outputs = RunOutputs(Path(opts.out), Path(opts.npz) if opts.npz else None, settings, backend.name)
+    shard = distributed.shard(seeds, info.rank, info.world_size)
+    todo = outputs.check(
+        shard, resume=opts.resume, height=height, width=width, channels=cfg.img_channels, engine_dir=opts.engine_dir
+    )
+    skipped = len(shard) - len(todo)
     groups = batches(todo, batch)
     for size in sorted({len(g) for g in groups} | {batch}):
         chain.check(size, height, width, opts.cfg_scale)  # the engines' profile ranges
-    check_writable(out)
-    if npz is not None:
-        check_writable(npz.parent)
     if backend.device.type == "cpu":
         torch.set_num_threads(threads)
     else:  # CUDA graph capture and the libraries' handles follow the current device
@@ -200,7 +216,7 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
         plan_text=plan.describe(cfg, opts.steps, opts.solver, height, width),
         skipped_existing=skipped,
     )
-    return SamplingRun(opts, info, backend, chain, height, width, seeds, groups, steps, out, npz, report)
+    return SamplingRun(opts, info, backend, chain, height, width, seeds, groups, steps, outputs, report)
 
 
 def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[list[int], np.ndarray]]:
@@ -259,8 +275,8 @@ def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[li
 
 def write_batch(run: SamplingRun, group: list[int], images: np.ndarray) -> None:
     """One PNG per seed of a batch, each written whole (a rename), so that --resume can trust what it finds."""
-    for seed, img in zip(group, images):
-        write_png(img, seed_png(run.out, seed))
+    run.outputs.write_batch(group, images, first=not run.wrote)
+    run.wrote = True
 
 
 def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, progress: bool = True) -> SampleReport:
@@ -275,7 +291,7 @@ def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, 
             write_batch(run, group, images)
     distributed.barrier(info)
     if info.is_main:
-        run.report.files = assemble(run.out, run.seeds, run.npz)
+        run.report.files = run.outputs.assemble(run.seeds)
     return run.report
 
 
@@ -327,7 +343,18 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     default=None,
     help="Weights for --backend torch [default: the checkpoint recorded in the manifest].",
 )
-@click.option("--seeds", default="0-15", show_default=True, help="Seeds, e.g. 0-63,100.")
+@click.option(
+    "--config",
+    metavar="NAME",
+    default=None,
+    help="Architecture of a --checkpoint that carries none (a .pt state dict), as in lego-export and generate.",
+)
+@click.option(
+    "--seeds",
+    default="0-15",
+    show_default=True,
+    help="Seeds, e.g. 0-63,100: each once, 0 to 2^32-1, at most 1,000,000 per run.",
+)
 @click.option(
     "--batch",
     type=click.IntRange(min=1),
@@ -342,7 +369,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     type=click.FloatRange(min=0),
     default=0.0,
     show_default=True,
-    help="Stochasticity (EDM S_churn).",
+    help="Stochasticity (EDM S_churn); gamma per step is capped at sqrt(2)-1, so values above 0.42*steps act alike.",
 )
 @click.option("--S-min", "S_min", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--S-max", "S_max", type=click.FloatRange(min=0), default=math.inf, show_default=True)
@@ -350,7 +377,9 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 @click.option(
     "--class", "class_idx", type=click.IntRange(min=0), default=None, help="Class index [default: random per seed]."
 )
-@click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option(
+    "--cfg-scale", type=float, default=None, help="Classifier-free guidance scale, >= 0 (1 = none) [default: off]."
+)
 @click.option("--skip", multiple=True, help="Skip rule BRICKS@FROM:TO (repeatable).")
 @click.option("--skip-preset", multiple=True, help="global[@F] or local[@F] (repeatable).")
 @click.option("--height", type=click.IntRange(min=1), default=None, help="[default: training resolution]")
@@ -360,15 +389,19 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     type=click.Path(file_okay=False),
     default="samples",
     show_default=True,
-    help="One PNG per seed and grid.png.",
+    help="One PNG per seed, grid.png and run.json (the settings; a later run here must use the same).",
 )
 @click.option(
     "--npz",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Also write all images as uint8 NHWC arr_0 (ADM evaluation format).",
+    help="Also write all images as uint8 NHWC arr_0 (ADM evaluation format); never replaces another file.",
 )
-@click.option("--resume", is_flag=True, help="Do not sample seeds whose PNG already exists in --out.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Do not sample seeds whose PNG already exists in --out (each is decoded first; same settings required).",
+)
 @click.option(
     "--cuda-graphs/--no-cuda-graphs",
     default=True,
@@ -379,7 +412,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="CPU threads per process [default: usable cores / processes on this machine].",
+    help="CPU threads per process, at most the usable cores [default: usable cores / processes on this machine].",
 )
 @click.option(
     "--ort-optimization",

@@ -83,7 +83,7 @@ def test_cli_writes_pngs_grid_npz_and_summary(engines_pg, tmp_path):
     for text in ("backend: onnxruntime-cpu", "precision fp32", "CUDA graphs off", "images/s", "ms per denoiser call",
                  "skip plan: 2@0.6:1", "relative cost"):  # fmt: skip
         assert text in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == [f"{s:06d}.png" for s in range(5)] + ["grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{s:06d}.png" for s in range(5)] + ["grid.png", "run.json"]
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
     np.testing.assert_array_equal(arr[4], read_png(out / "000004.png"))
