@@ -24,6 +24,7 @@ from lego_model.errors import LegoError
 from lego_model.flops import check_memory, sampling_flops
 from lego_model.images import check_writable, class_row_seeds, make_grid, parse_seeds, save_image, to_uint8_nhwc
 from lego_model.model import LegoModel
+from lego_model.sampler import MAX_STEPS
 from lego_model.shipped import shipped_checkpoint
 from lego_model.skip import SkipPlan
 
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
     show_default=True,
     help="Seeds, e.g. 0-63,100: each once, 0 to 2^32-1, at most 1,000,000 per run.",
 )
-@click.option("--steps", type=click.IntRange(min=1), default=18, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), default=18, show_default=True)
 @click.option("--solver", type=click.Choice(["heun", "euler"]), default="heun", show_default=True)
 @click.option("--class", "class_idx", type=click.IntRange(min=0), default=None, help="Class index [default: random].")
 @click.option(

@@ -14,7 +14,9 @@ from lego_model.configs import refuse_unconditional
 from lego_model.errors import LegoError, OutputError
 from lego_model.sampler import SEED_RANGE
 
-_RANGE = re.compile(r"^(\d+)-(\d+)$")
+# ASCII digits only: str.isdigit() and \d also take characters int() cannot read ("²") or reads unexpectedly.
+_PART = re.compile(r"^([0-9]+)(?:-([0-9]+))?$")
+_SEED_DIGITS = len(str(1 << 32))  # longer numbers are out of range before int() has to read them
 
 # One PNG per seed, and every seed's latents in one list: a million seeds is 20x an FID-50k run.
 MAX_SEEDS = 1_000_000
@@ -31,17 +33,17 @@ def parse_seeds(text: str) -> list[int]:
     spans: list[tuple[int, int]] = []  # inclusive (low, high) per part
     for part in text.split(","):
         part = part.strip()
-        m = _RANGE.match(part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise LegoError(f"seed range {part!r} runs backwards; write LOW-HIGH")
-        elif part.isdigit():
-            lo = hi = int(part)
-        else:
-            raise LegoError(f"cannot parse seeds {text!r}; write a list like 0-63,100")
-        if hi >= SEED_RANGE:
-            raise LegoError(f"seed {hi} is out of range: seeds run from 0 to {SEED_RANGE - 1} (2^32 - 1)")
+        m = _PART.match(part)
+        if not m:
+            raise LegoError(f"cannot parse seeds {text[:80]!r}; write a list like 0-63,100")
+        for digits in m.groups():
+            if digits is not None and (len(digits) > _SEED_DIGITS or int(digits) >= SEED_RANGE):
+                shown = digits if len(digits) <= 20 else f"{digits[:12]}... ({len(digits)} digits)"
+                raise LegoError(f"seed {shown} is out of range: seeds run from 0 to {SEED_RANGE - 1} (2^32 - 1)")
+        lo = int(m.group(1))
+        hi = lo if m.group(2) is None else int(m.group(2))
+        if hi < lo:
+            raise LegoError(f"seed range {part!r} runs backwards; write LOW-HIGH")
         spans.append((lo, hi))
     count = sum(hi - lo + 1 for lo, hi in spans)
     if count > MAX_SEEDS:

@@ -25,6 +25,7 @@ from lego_model.errors import LegoError
 Solver = Literal["heun", "euler"]
 
 SEED_RANGE = 1 << 32  # seeds are 0 .. 2^32 - 1, as the authors' StackedRandomGenerator takes them
+MAX_STEPS = 1000  # sampling steps; EDM needs 18-256, and per-step lists (skip plans, run records) stay small
 
 
 class Denoiser(Protocol):
@@ -105,8 +106,8 @@ def check_churn(S_churn: float, S_min: float, S_max: float, S_noise: float) -> N
 
 def edm_schedule(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
     """t_0 > ... > t_{N-1} = sigma_min, then t_N = 0, in float64 (EDM Eq. 5)."""
-    if num_steps < 1:
-        raise LegoError(f"need at least 1 sampling step, got {num_steps}")
+    if not 1 <= num_steps <= MAX_STEPS:
+        raise LegoError(f"{num_steps} sampling steps: use 1 to {MAX_STEPS}")
     i = torch.arange(num_steps, dtype=torch.float64)
     denom = max(num_steps - 1, 1)
     t = (sigma_max ** (1 / rho) + i / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho

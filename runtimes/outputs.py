@@ -220,8 +220,10 @@ class RunOutputs:
 
     def _recorded(self) -> dict[str, Any] | None:
         path = self.out / RUN_FILE
-        if not path.is_file():
+        if not path.exists():
             return None
+        if not path.is_file():
+            raise OutputError(f"{path} is not a file; choose another --out")
         try:
             recorded = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -28,8 +28,9 @@ import torch
 from tqdm import tqdm
 
 from lego_model.errors import LegoError
+from lego_model.flops import check_memory
 from lego_model.images import parse_seeds, to_uint8_nhwc
-from lego_model.sampler import check_churn, draw_latents, edm_sample, evaluations_per_step
+from lego_model.sampler import MAX_STEPS, check_churn, draw_latents, edm_sample, evaluations_per_step
 from lego_model.skip import SkipPlan
 from runtimes import distributed
 from runtimes.backends import BACKENDS, Backend, open_backend
@@ -203,6 +204,8 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
     groups = batches(todo, batch)
     for size in sorted({len(g) for g in groups} | {batch}):
         chain.check(size, height, width, opts.cfg_scale)  # the engines' profile ranges
+    if backend.device.type == "cpu" and groups:  # host memory: the torch backend has no profile to bound it
+        check_memory(cfg, height, width, max(len(g) for g in groups) * (2 if opts.cfg_scale is not None else 1))
     if backend.device.type == "cpu":
         torch.set_num_threads(threads)
     else:  # CUDA graph capture and the libraries' handles follow the current device
@@ -361,7 +364,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     default=None,
     help="Images per batch [default: up to 16, as the engine profile allows].",
 )
-@click.option("--steps", type=click.IntRange(min=1), default=18, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), default=18, show_default=True)
 @click.option("--solver", type=click.Choice(["heun", "euler"]), default="heun", show_default=True)
 @click.option(
     "--S-churn",

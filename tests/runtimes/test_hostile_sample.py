@@ -65,6 +65,8 @@ OPTIONS = {
     "seed beyond 2^32": (["--seeds", "4294967296"], "seed 4294967296 is out of range"),
     "seed range reaching past 2^32": (["--seeds", "4294967290-4294967300"], "out of range"),
     "duplicate seeds": (["--seeds", "1,1,1"], "seed 1 is given more than once"),
+    "superscript digit seed": (["--seeds", "\u00b2"], "cannot parse seeds"),
+    "5000-digit seed": (["--seeds", "0-" + "9" * 5000], "(5000 digits) is out of range"),
     "overlapping seed ranges": (["--seeds", "0-5,3-8"], "seed 3 is given more than once"),
     "threads beyond the cores": (["--threads", "100000"], "--threads 100000 is outside 1.."),
     "negative guidance": (["--cfg-scale", "-1", "--class", "1"], "must be a finite number >= 0"),
@@ -100,6 +102,23 @@ def test_bad_options_are_refused_in_one_line_and_touch_nothing(name, engines_pg,
     refused(run_cli("--engine-dir", str(engines), "--seeds", "0-1", "--steps", "2", *args), pattern)
     assert snapshot(tmp_path) == before
     assert not (tmp_path / "out").exists(), "a refused run left an output directory behind"
+
+
+def test_absurd_steps_are_a_usage_error_not_a_hang(engines_pg, tmp_path):
+    result = CliRunner().invoke(main, ["--engine-dir", str(engines_pg), "--steps", "1000000000"])
+    assert result.exit_code == 2 and "1000000000 is not in the range 1<=x<=1000" in result.output
+    assert not (tmp_path / "samples").exists()
+
+
+def test_huge_canvas_on_the_torch_backend_is_refused_by_its_memory_need(tmp_path):
+    ckpt = save_checkpoint(tiny_model("tiny_PR_16"), tmp_path / "pr.safetensors")
+    before = snapshot(tmp_path)
+    refused(
+        run_cli("--backend", "torch", "--checkpoint", str(ckpt), "--height", "100000", "--width", "100000",
+                "--seeds", "0-1", "--out", str(tmp_path / "out")),
+        "2 canvases of 100000x100000 need at least",
+    )  # fmt: skip
+    assert snapshot(tmp_path) == before
 
 
 def test_read_only_output_directory_is_refused(engines_pg, tmp_path):
