@@ -71,10 +71,10 @@ def check_writable(directory: str | Path, option: str = "--out") -> None:
     directory = Path(directory)
     probe = directory
     try:
-        while not probe.exists() and probe.parent != probe:
+        while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
             probe = probe.parent
-        if not probe.is_dir():
-            raise OutputError(f"cannot write to {directory}: {probe} is a file; choose another {option}")
+        if not probe.is_dir():  # a file, or a dangling symlink, on the way
+            raise OutputError(f"cannot write to {directory}: {probe} is not a directory; choose another {option}")
         with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-"):
             pass
     except OSError as err:

@@ -53,8 +53,8 @@ CASES = {
     "duplicate seeds": (["--seeds", "1,1,1"], "seed 1 is given more than once"),
     "negative guidance": (["--cfg-scale", "-0.5"], "guidance scale -0.5 must be a finite number >= 0"),
     "NaN guidance": (["--cfg-scale", "nan"], "guidance scale nan"),
-    "out under a file": (["--out", "{tmp}/file/out"], "is a file"),
-    "out is a file's child, deeper": (["--out", "{tmp}/file/a/b/c"], "is a file"),
+    "out under a file": (["--out", "{tmp}/file/out"], "is not a directory"),
+    "out is a file's child, deeper": (["--out", "{tmp}/file/a/b/c"], "is not a directory"),
 }
 
 

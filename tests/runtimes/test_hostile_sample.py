@@ -77,8 +77,9 @@ OPTIONS = {
     "NaN churn noise": (["--S-churn", "1", "--S-noise", "nan"], "S_noise nan"),
     "churn range backwards": (["--S-churn", "1", "--S-min", "5", "--S-max", "1"], "0 <= S_min <= S_max"),
     "--config without --checkpoint": (["--config", "tiny_PG_16"], "--config names the architecture"),
-    "out under a file": (["--out", "{tmp}/file/sub"], "is a file"),
-    "npz under a file": (["--npz", "{tmp}/file/x.npz"], "is a file"),
+    "out under a file": (["--out", "{tmp}/file/sub"], "is not a directory"),
+    "npz under a file": (["--npz", "{tmp}/file/x.npz"], "is not a directory"),
+    "out is a dangling symlink": (["--out", "{tmp}/dangling"], "dangling is not a directory"),
     "out inside the engine directory": (["--out", "{engines}/samples"], "inside the engine directory"),
     "out is the engine directory": (["--out", "{engines}"], "inside the engine directory"),
     "npz onto the manifest": (["--npz", "{engines}/manifest.json"], "inside the engine directory"),
@@ -93,6 +94,7 @@ def test_bad_options_are_refused_in_one_line_and_touch_nothing(name, engines_pg,
     args, pattern = OPTIONS[name]
     (tmp_path / "file").write_text("not a directory")
     (tmp_path / "keep.npz").write_bytes(b"the user's own file")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
     engines = tmp_path / "engines"
     shutil.copytree(engines_pg, engines)
     args = [a.format(tmp=tmp_path, engines=engines) for a in args]
