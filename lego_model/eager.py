@@ -77,5 +77,10 @@ def sample_images(
             raise NonFiniteError(
                 f"{head}: its weight {weight} holds NaN/Inf; the checkpoint is damaged, use another one"
             )
-        raise NonFiniteError(f"{head}: the weights are finite, so a huge --cfg-scale or churn drove it out of range")
+        suspects = ["weights of extreme magnitude (check the checkpoint)"]
+        if cfg_scale is not None and cfg_scale > 1:
+            suspects.append(f"the guidance scale {cfg_scale:g} (lower --cfg-scale)")
+        if churn.get("S_churn"):
+            suspects.append("the churn settings")
+        raise NonFiniteError(f"{head}: the weights are finite, so float overflowed; suspects: {', '.join(suspects)}")
     return images

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
     "--class-rows", is_flag=True, help="One grid row per class: seeds dealt out in equal rows, row c of class c."
 )
 @click.option(
-    "--cfg-scale", type=float, default=None, help="Classifier-free guidance scale, >= 0 (1 = none) [default: off]."
+    "--cfg-scale", type=float, default=None, help="Classifier-free guidance scale, 0 to 100 (1 = none) [default: off]."
 )
 @click.option("--skip", multiple=True, help="Skip rule BRICKS@FROM:TO (repeatable).")
 @click.option("--skip-preset", multiple=True, help="global[@F] or local[@F] (repeatable).")

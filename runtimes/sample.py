@@ -381,7 +381,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     "--class", "class_idx", type=click.IntRange(min=0), default=None, help="Class index [default: random per seed]."
 )
 @click.option(
-    "--cfg-scale", type=float, default=None, help="Classifier-free guidance scale, >= 0 (1 = none) [default: off]."
+    "--cfg-scale", type=float, default=None, help="Classifier-free guidance scale, 0 to 100 (1 = none) [default: off]."
 )
 @click.option("--skip", multiple=True, help="Skip rule BRICKS@FROM:TO (repeatable).")
 @click.option("--skip-preset", multiple=True, help="global[@F] or local[@F] (repeatable).")

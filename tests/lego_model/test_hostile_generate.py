@@ -51,7 +51,8 @@ CASES = {
     "seed count beyond the limit": (["--seeds", "0-1000000"], "1000001 seeds is more than the limit of 1000000"),
     "seed beyond 2^32": (["--seeds", "4294967296"], "out of range"),
     "duplicate seeds": (["--seeds", "1,1,1"], "seed 1 is given more than once"),
-    "negative guidance": (["--cfg-scale", "-0.5"], "guidance scale -0.5 must be a finite number >= 0"),
+    "negative guidance": (["--cfg-scale", "-0.5"], "guidance scale -0.5 is outside 0..100"),
+    "huge guidance": (["--cfg-scale", "1e300"], "guidance scale 1e+300 is outside 0..100"),
     "NaN guidance": (["--cfg-scale", "nan"], "guidance scale nan"),
     "out under a file": (["--out", "{tmp}/file/out"], "is not a directory"),
     "out is a file's child, deeper": (["--out", "{tmp}/file/a/b/c"], "is not a directory"),
@@ -100,11 +101,18 @@ def test_nan_weights_are_refused_and_write_nothing(tmp_path):
         sample_images(model, [0], height=16, width=16, num_steps=2)
 
 
-def test_huge_guidance_overflow_is_refused_naming_the_cause(tmp_path):
-    result = invoke(*TINY, "--seeds", "0", "--class", "1", "--cfg-scale", "1e300", "--out", str(tmp_path / "o"))
-    line = refused(result, "produced NaN/Inf at sampling step 0 of 2")
-    assert "weights are finite" in line and "--cfg-scale" in line
-    assert not (tmp_path / "o").exists()
+def test_overflow_with_finite_weights_is_refused_naming_the_suspects(tmp_path):
+    model = LegoModel(get_config("tiny_PG_16")).randomize_(0).eval()
+    with torch.no_grad():
+        model.bricks[2].final_layer.linear.weight.mul_(1e37)  # finite, but its products overflow float32
+    with pytest.raises(NonFiniteError, match=r"step 0 of 2: the weights are finite, so float overflowed; suspects: "
+                       r"weights of extreme magnitude \(check the checkpoint\), the guidance scale 4"):  # fmt: skip
+        sample_images(model, [0], height=16, width=16, num_steps=2, class_idx=1, cfg_scale=4.0)
+    ckpt = save_checkpoint(model, tmp_path / "huge.safetensors")
+    before = snapshot(tmp_path)
+    line = refused(invoke("--checkpoint", str(ckpt), "--seeds", "0", "--steps", "2", "--out", str(tmp_path / "o")), "")
+    assert "NaN/Inf" in line and "suspects: weights of extreme magnitude" in line and "guidance" not in line
+    assert snapshot(tmp_path) == before and not (tmp_path / "o").exists()
 
 
 def test_4096_square_batch_is_refused_when_it_cannot_fit(tmp_path, monkeypatch):
