@@ -1,6 +1,7 @@
 """Sample images through an engine directory: ``python -m runtimes.sample --engine-dir engines/``.
 
-One PNG per seed (``000042.png``), a grid of the first 64 seeds, optionally
+One PNG per seed (``000042.png``), ``run.json`` (the settings that decide the
+pixels, see :mod:`runtimes.outputs`), a grid of the first 64 seeds, optionally
 an npz (uint8 NHWC ``arr_0``, the input format of the ADM evaluation suite the
 LEGO authors use), and a summary: backend, precision, CUDA graphs, images/s,
 ms per denoiser call, the skip plan and its relative cost.  Same seeds and

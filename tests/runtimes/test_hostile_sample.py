@@ -301,6 +301,17 @@ def test_guidance_zero_is_accepted(engines_pg, tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_resume_may_switch_to_another_backend_of_the_same_precision(engines_pg, tmp_path):
+    # Decision: backends of one precision agree to one uint8 level, so run.json does not compare the backend.
+    out = tmp_path / "out"
+    assert run_cli("--engine-dir", str(engines_pg), *BASE, "--out", str(out)).exit_code == 0
+    (out / "000003.png").unlink()
+    result = run_cli("--engine-dir", str(engines_pg), "--backend", "torch", *BASE, "--out", str(out), "--resume")
+    assert result.exit_code == 0, result.output
+    assert "sampled 1 images (3 already there)" in result.stdout
+    assert json.loads((out / "run.json").read_text())["backend"] == "torch"
+
+
 def test_run_record_holds_the_settings(engines_pg, tmp_path):
     out = tmp_path / "out"
     assert run_cli("--engine-dir", str(engines_pg), *BASE, "--class", "3", "--out", str(out)).exit_code == 0
