@@ -36,6 +36,10 @@ def _check_int(where: str, key: str, value: Any, low: int, high: int | None = No
         raise ConfigError(f"{where}: {key} must be an integer {bound}, got {value!r}")
 
 
+# Guidance scales beyond this saturate every pixel; the authors sample with 1.5 to 4.
+MAX_CFG_SCALE = 100.0
+
+
 def refuse_unconditional(model: str, label_dim: int, what: str) -> None:
     """The one refusal of class conditioning (guidance, a class, labels) on an unconditional model."""
     if not label_dim:
@@ -174,9 +178,21 @@ class LegoConfig:
             )
 
     def check_guidance(self, cfg_scale: float | None) -> None:
-        """Refuse classifier-free guidance (``cfg_scale`` not None) on an unconditional model."""
+        """Refuse guidance (``cfg_scale`` not None) on an unconditional model, and a scale that is not finite and >= 0.
+
+        0 samples unconditionally, 1 conditionally without guidance, above 1
+        with guidance.  A negative scale would push images away from their
+        class, which no LEGO or EDM recipe uses: refused as a likely typo.
+        Above :data:`MAX_CFG_SCALE` every pixel saturates (and 1e300 does not
+        fit the runtime's float32 scale): refused too.
+        """
         if cfg_scale is not None:
             refuse_unconditional(self.name, self.label_dim, "guidance (--cfg-scale)")
+            if not 0 <= cfg_scale <= MAX_CFG_SCALE:  # NaN fails both comparisons
+                raise ConfigError(
+                    f"guidance scale {cfg_scale} is outside 0..{MAX_CFG_SCALE:g} (--cfg-scale; 1 = no guidance, "
+                    "the authors use 1.5 to 4)"
+                )
 
     def check_class(self, class_idx: int | None) -> None:
         """Refuse a class index this model does not have (None, a random class per seed, always passes)."""

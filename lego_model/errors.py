@@ -30,3 +30,11 @@ class CheckpointError(LegoError):
 
 class VaeError(LegoError):
     """An autoencoder (``--vae``) that cannot be loaded or does not fit the model's latents."""
+
+
+class NonFiniteError(LegoError):
+    """A denoiser call produced NaN or Inf; the message names where (engine, sampling step) and the likely cause."""
+
+
+class OutputError(LegoError):
+    """An output directory or file that cannot (or may not) be written."""

@@ -6,7 +6,11 @@ few percent of the matrix multiplies for every registered config.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from lego_model.configs import LegoConfig
+from lego_model.errors import ShapeError
+from lego_model.sampler import Solver, evaluations_per_step
 
 
 def brick_flops(config: LegoConfig, k: int, height: int, width: int, batch: int = 1) -> int:
@@ -35,3 +39,52 @@ def denoiser_flops(
     """FLOPs of one denoiser call D(x; sigma) with the given active bricks (all when None)."""
     act = range(config.num_bricks) if active is None else active
     return embedder_flops(config, batch) + sum(brick_flops(config, k, height, width, batch) for k in act)
+
+
+def sampling_flops(
+    config: LegoConfig, height: int, width: int, active_per_step: Sequence[tuple[int, ...]], solver: Solver
+) -> int:
+    """FLOPs of one image's sampling run: every denoiser call of every step with that step's bricks."""
+    calls = evaluations_per_step(len(active_per_step), solver)
+    return sum(n * denoiser_flops(config, height, width, act) for n, act in zip(calls, active_per_step))
+
+
+def activation_bytes(config: LegoConfig, height: int, width: int, rows: int) -> int:
+    """A rough lower bound on the eager forward's peak fp32 activations for ``rows`` canvases.
+
+    Per token of the brick with the most tokens, what must be live at once:
+    the residual stream and its normalised copy (2 D) and the wider of the
+    MLP hidden layer and q, k, v (mlp_ratio D or 3 D).  Attention scores are
+    left out (fused kernels need not hold them).
+    """
+    D = config.hidden_size
+    tokens = max((height // p) * (width // p) for p in config.patch_sizes)
+    return 4 * rows * tokens * (2 * D + max(int(config.mlp_ratio * D), 3 * D))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says new allocations can get (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(config: LegoConfig, height: int, width: int, rows: int) -> int:
+    """Refuse (ShapeError) an eager batch whose activations alone exceed the available memory; returns the estimate.
+
+    Without this a 4096x4096 batch runs into the allocator (a traceback) or the
+    kernel's OOM killer after minutes; the estimate is a lower bound, so
+    nothing that would fit is refused.
+    """
+    need, have = activation_bytes(config, height, width, rows), available_memory()
+    if have is not None and need > have:
+        raise ShapeError(
+            f"{rows} canvases of {height}x{width} need at least {need / 2**30:.1f} GiB of activations, "
+            f"{have / 2**30:.1f} GiB is available; sample fewer seeds per run or a smaller size"
+        )
+    return need

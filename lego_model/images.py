@@ -4,35 +4,83 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lego_model.configs import refuse_unconditional
-from lego_model.errors import LegoError
+from lego_model.errors import LegoError, OutputError
+from lego_model.sampler import SEED_RANGE
 
-_RANGE = re.compile(r"^(\d+)-(\d+)$")
+# ASCII digits only: str.isdigit() and \d also take characters int() cannot read ("²") or reads unexpectedly.
+_PART = re.compile(r"^([0-9]+)(?:-([0-9]+))?$")
+_SEED_DIGITS = len(str(1 << 32))  # longer numbers are out of range before int() has to read them
+
+# One PNG per seed, and every seed's latents in one list: a million seeds is 20x an FID-50k run.
+MAX_SEEDS = 1_000_000
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'0-3,10' -> [0, 1, 2, 3, 10], as the authors' --seeds."""
-    seeds: list[int] = []
+    """'0-3,10' -> [0, 1, 2, 3, 10], as the authors' --seeds.
+
+    Refused: seeds outside [0, 2^32) (the per-seed generators' range: larger
+    seeds would alias smaller ones), a seed given twice (it would be one image
+    under two counts), and more than :data:`MAX_SEEDS` seeds (counted before
+    any list is built).
+    """
+    spans: list[tuple[int, int]] = []  # inclusive (low, high) per part
     for part in text.split(","):
         part = part.strip()
-        m = _RANGE.match(part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise LegoError(f"seed range {part!r} runs backwards; write LOW-HIGH")
-            seeds.extend(range(lo, hi + 1))
-        elif part.isdigit():
-            seeds.append(int(part))
-        else:
-            raise LegoError(f"cannot parse seeds {text!r}; write a list like 0-63,100")
-    if not seeds:
+        m = _PART.match(part)
+        if not m:
+            raise LegoError(f"cannot parse seeds {text[:80]!r}; write a list like 0-63,100")
+        for digits in m.groups():
+            if digits is not None and (len(digits) > _SEED_DIGITS or int(digits) >= SEED_RANGE):
+                shown = digits if len(digits) <= 20 else f"{digits[:12]}... ({len(digits)} digits)"
+                raise LegoError(f"seed {shown} is out of range: seeds run from 0 to {SEED_RANGE - 1} (2^32 - 1)")
+        lo = int(m.group(1))
+        hi = lo if m.group(2) is None else int(m.group(2))
+        if hi < lo:
+            raise LegoError(f"seed range {part!r} runs backwards; write LOW-HIGH")
+        spans.append((lo, hi))
+    count = sum(hi - lo + 1 for lo, hi in spans)
+    if count > MAX_SEEDS:
+        raise LegoError(
+            f"{count} seeds is more than the limit of {MAX_SEEDS}; split the run into several --seeds ranges"
+        )
+    if not spans:
         raise LegoError("no seeds given")
+    seeds = [s for lo, hi in spans for s in range(lo, hi + 1)]
+    if len(set(seeds)) != count:
+        seen: set[int] = set()
+        dup = next(s for s in seeds if s in seen or seen.add(s))
+        raise LegoError(f"seed {dup} is given more than once in {text!r}; list each seed once")
     return seeds
+
+
+def check_writable(directory: str | Path, option: str = "--out") -> None:
+    """Prove that files can be written in ``directory`` without creating it (OutputError otherwise).
+
+    The probe file goes into the directory, or into its nearest existing
+    ancestor when it does not exist yet, so a refused or failed run leaves no
+    empty directory behind: the commands create ``directory`` when they write
+    their first file.
+    """
+    directory = Path(directory)
+    probe = directory
+    try:
+        while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():  # a file, or a dangling symlink, on the way
+            raise OutputError(f"cannot write to {directory}: {probe} is not a directory; choose another {option}")
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise OutputError(
+            f"cannot write to {directory} ({err.strerror or err} in {probe}); choose another {option}"
+        ) from None
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:

@@ -11,6 +11,7 @@ skip holds under guidance too, and any brick can be skipped at any step.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
@@ -22,6 +23,9 @@ from lego_model.configs import check_class_index
 from lego_model.errors import LegoError
 
 Solver = Literal["heun", "euler"]
+
+SEED_RANGE = 1 << 32  # seeds are 0 .. 2^32 - 1, as the authors' StackedRandomGenerator takes them
+MAX_STEPS = 1000  # sampling steps; EDM needs 18-256, and per-step lists (skip plans, run records) stay small
 
 
 class Denoiser(Protocol):
@@ -38,7 +42,11 @@ class StackedRandomGenerator:
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
-        self.generators = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+        # The authors reduce seeds modulo 2^32, so that seed 2^32 silently gives seed 0's image: refuse instead.
+        bad = [int(s) for s in seeds if not 0 <= int(s) < SEED_RANGE]
+        if bad:
+            raise LegoError(f"seed {bad[0]} is out of range: seeds run from 0 to {SEED_RANGE - 1} (2^32 - 1)")
+        self.generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
 
     def randn(self, size: Sequence[int], dtype: torch.dtype = torch.float32, device=None) -> Tensor:
         assert size[0] == len(self.generators)
@@ -80,10 +88,26 @@ def draw_latents(
     return latents, labels, rnd
 
 
+def check_churn(S_churn: float, S_min: float, S_max: float, S_noise: float) -> None:
+    """Refuse churn settings that would turn every image into NaN (NaN, negative or infinite amounts).
+
+    A large finite ``S_churn`` is accepted: EDM caps the per-step gamma at
+    sqrt(2) - 1, so every ``S_churn >= 0.42 * steps`` samples alike.
+    """
+    if not (math.isfinite(S_churn) and S_churn >= 0):
+        raise LegoError(f"S_churn {S_churn} must be a finite number >= 0 (--S-churn; 0 = deterministic)")
+    if math.isnan(S_min) or math.isnan(S_max) or S_min < 0 or S_max < S_min:
+        raise LegoError(
+            f"churn range S_min {S_min} .. S_max {S_max} must satisfy 0 <= S_min <= S_max (--S-min/--S-max)"
+        )
+    if not math.isfinite(S_noise):
+        raise LegoError(f"S_noise {S_noise} must be a finite number (--S-noise; EDM uses 1.0 to 1.007)")
+
+
 def edm_schedule(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
     """t_0 > ... > t_{N-1} = sigma_min, then t_N = 0, in float64 (EDM Eq. 5)."""
-    if num_steps < 1:
-        raise LegoError(f"need at least 1 sampling step, got {num_steps}")
+    if not 1 <= num_steps <= MAX_STEPS:
+        raise LegoError(f"{num_steps} sampling steps: use 1 to {MAX_STEPS}")
     i = torch.arange(num_steps, dtype=torch.float64)
     denom = max(num_steps - 1, 1)
     t = (sigma_max ** (1 / rho) + i / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
@@ -95,6 +119,47 @@ def evaluations_per_step(num_steps: int, solver: Solver) -> list[int]:
     if solver == "euler":
         return [1] * num_steps
     return [2] * (num_steps - 1) + [1]
+
+
+def step_of_call(call: int, num_steps: int, solver: Solver) -> int:
+    """Sampling step (0-based) of the ``call``-th denoiser call (1-based) of an EDM run."""
+    for step, total in enumerate(itertools.accumulate(evaluations_per_step(num_steps, solver))):
+        if call <= total:
+            return step
+    return num_steps - 1
+
+
+class NonFiniteWatch:
+    """Device-side record, per watched output, of the first denoiser call at which it held NaN or Inf.
+
+    Recording needs no host synchronisation (and can be captured into a CUDA
+    graph: the tensors are created once and updated in place); :meth:`first`
+    reads the record once, when the caller chooses.  The runtime chain watches
+    each engine's output, the eager sampler each denoiser output.
+    """
+
+    def __init__(self, slots: int, device: torch.device | str) -> None:
+        self.calls = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_bad = torch.full((slots,), -1, dtype=torch.int64, device=device)
+
+    def reset(self) -> None:
+        self.calls.zero_()
+        self.first_bad.fill_(-1)
+
+    def next_call(self) -> None:
+        """Count one denoiser call (call numbers start at 1)."""
+        self.calls.add_(1)
+
+    def record(self, slot: int, out: Tensor) -> None:
+        """Note the current call for ``slot`` if ``out`` holds NaN/Inf and nothing was noted before."""
+        first = self.first_bad[slot]
+        bad = ~torch.isfinite(out).all()
+        first.copy_(torch.where(bad & (first < 0), self.calls, first))
+
+    def first(self) -> tuple[int, int] | None:
+        """(call, slot) of the earliest non-finite output (lowest slot on ties), or None; reads the device."""
+        found = [(call, slot) for slot, call in enumerate(self.first_bad.tolist()) if call >= 0]
+        return min(found) if found else None
 
 
 @torch.no_grad()  # inference: no autograd graph through 2N denoiser calls, whatever the caller's grad mode
@@ -133,6 +198,7 @@ def edm_sample(
         )
     if active_per_step is not None and len(active_per_step) != num_steps:
         raise LegoError(f"skip plan covers {len(active_per_step)} steps, sampler runs {num_steps}")
+    check_churn(S_churn, S_min, S_max, S_noise)
     # Python floats (float64) keep the schedule on the host: no device sync per step.
     t_steps = edm_schedule(num_steps, sigma_min, sigma_max, rho).tolist()
     gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)

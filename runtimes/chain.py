@@ -29,7 +29,6 @@ and the sampling step.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -37,8 +36,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from lego_model.eager import nonfinite_weight
 from lego_model.precond import CallInputs, check_active, combine_output, engine_labels, prepare_inputs
-from lego_model.sampler import Denoiser, Solver, evaluations_per_step
+from lego_model.sampler import Denoiser, NonFiniteWatch, Solver, step_of_call
 from runtimes.backends.base import Backend, BoundShape, EngineCall
 from runtimes.errors import NonFiniteError
 from runtimes.graphs import CudaGraphCache, GraphKey
@@ -53,14 +53,6 @@ def binding_plan(active: Sequence[int], num_bricks: int) -> tuple[EngineCall, ..
         src = None if k == 0 else ("zeros" if i == 0 else f"f{(i - 1) % 2}")
         calls.append(EngineCall(f"brick{k}", k, src, f"f{i % 2}"))
     return tuple(calls)
-
-
-def step_of_call(call: int, num_steps: int, solver: Solver) -> int:
-    """Sampling step (0-based) of the ``call``-th denoiser call (1-based) of an EDM run."""
-    for step, total in enumerate(itertools.accumulate(evaluations_per_step(num_steps, solver))):
-        if call <= total:
-            return step
-    return num_steps - 1
 
 
 class ChainBuffers:
@@ -139,9 +131,8 @@ class BrickChain:
         self._plans: dict[tuple[int, ...], tuple[EngineCall, ...]] = {}
         self._num_steps: int | None = None
         self._solver: Solver = "heun"
-        # Device-side NaN/Inf bookkeeping: calls so far, and per engine (embedder, brick0, ...) the first bad call.
-        self._calls = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._first_bad = torch.full((1 + self.config.num_bricks,), -1, dtype=torch.int64, device=self.device)
+        # Device-side NaN/Inf bookkeeping: per engine (embedder, brick0, ...) the first bad denoiser call.
+        self._watch = NonFiniteWatch(1 + self.config.num_bricks, self.device)
 
     # ---------------------------------------------------------------- checks before any compute
     def check(self, batch: int, height: int, width: int, cfg_scale: float | None = None) -> None:
@@ -190,8 +181,7 @@ class BrickChain:
         if guided:
             bufs.scale.fill_(cfg_scale)
         self._num_steps, self._solver = num_steps, solver
-        self._calls.zero_()
-        self._first_bad.fill_(-1)
+        self._watch.reset()
         self._open = bufs
 
         def denoise(x: Tensor, sigma: Tensor, active: tuple[int, ...]) -> Tensor:
@@ -233,32 +223,45 @@ class BrickChain:
     def _compute(self, b: ChainBuffers, plan: tuple[EngineCall, ...]) -> None:
         """D for the static inputs b.x, b.sigma (and b.scale) into b.out: no host sync, no image-sized allocation."""
         prepare_inputs(b.x, b.sigma, sigma_data=self.config.sigma_data, guided=b.guided, out=b.inputs)
-        self._calls.add_(1)
+        self._watch.next_call()
         for call in plan:
             inputs, outputs = b.feeds(call)
             self.backend.infer(call, inputs, outputs)
             if self.check_finite:
-                self._flag(call, b.slots[call.dst])
+                self._watch.record(0 if call.brick is None else 1 + call.brick, b.slots[call.dst])
         combine_output(b.inputs, b.slots[plan[-1].dst], b.scale if b.guided else None, out=b.out)
 
-    def _flag(self, call: EngineCall, out: Tensor) -> None:
-        j = 0 if call.brick is None else 1 + call.brick
-        slot = self._first_bad[j]
-        bad = ~torch.isfinite(out).all()
-        slot.copy_(torch.where(bad & (slot < 0), self._calls, slot))
-
     def _raise_if_nonfinite(self) -> None:
-        flags = self._first_bad.tolist()
-        bad = [(call, j) for j, call in enumerate(flags) if call >= 0]
-        if not bad:
+        found = self._watch.first()
+        if found is None:
             return
-        call, j = min(bad)
-        engine = "the embedder" if j == 0 else f"brick {j - 1}"
+        call, j = found
         if self._num_steps is not None:
             where = f"sampling step {step_of_call(call, self._num_steps, self._solver)} of {self._num_steps}"
         else:
             where = f"denoiser call {call}"
-        raise NonFiniteError(
-            f"{engine} produced NaN/Inf at {where}; fp16 engines can overflow: re-export with "
-            "--precision fp32 (or bf16), or skip that brick"
+        raise NonFiniteError(self._nonfinite_message(j, where))
+
+    def _nonfinite_message(self, j: int, where: str) -> str:
+        """What is known about a NaN/Inf from engine slot ``j``: engine, step, its precision, and the likely cause."""
+        backend = self.backend
+        engine, label = ("the embedder", "embedder") if j == 0 else (f"brick {j - 1}", f"brick{j - 1}")
+        entries = getattr(backend, "entries", None) or {}
+        precision = entries[label].precision if label in entries else backend.precision
+        head = f"{engine} ({backend.name}, {precision}) produced NaN/Inf at {where}"
+        model = getattr(backend, "model", None)  # the torch backend can name a broken weight
+        weight = nonfinite_weight(model) if model is not None else None
+        if weight is not None:
+            return f"{head}: its weight {weight} holds NaN/Inf; the checkpoint is damaged, use another one"
+        if precision == "fp16":
+            fix = "re-export with --precision fp32 (or bf16)" + ("" if j == 0 else ", or skip that brick")
+            return f"{head}: fp16 overflow is likely; {fix}"
+        if j == 0:  # reads only the noise level and the class label, both finite here
+            return (
+                f"{head}: the embedder reads only the noise level and the class, so its weights likely hold "
+                "NaN/Inf (it cannot be skipped); re-export from a sound checkpoint"
+            )
+        return (
+            f"{head}: {precision} does not overflow on sound weights, so its weights likely hold NaN/Inf "
+            "(re-export from a sound checkpoint), or a huge --cfg-scale or --S-noise drove its input out of range"
         )

@@ -5,16 +5,11 @@
 
 from __future__ import annotations
 
-from lego_model.errors import LegoError
+from lego_model.errors import LegoError, NonFiniteError, OutputError
+
+# NonFiniteError and OutputError are lego_model's: the eager path raises them too.
+__all__ = ["BackendError", "NonFiniteError", "OutputError"]
 
 
 class BackendError(LegoError):
     """A backend that cannot run here: missing library or GPU, or engines built for another GPU/TensorRT."""
-
-
-class NonFiniteError(LegoError):
-    """An engine produced NaN or Inf (typically fp16 overflow); names the engine and the sampling step."""
-
-
-class OutputError(LegoError):
-    """An output directory or file that cannot be written."""

@@ -1,6 +1,7 @@
 """Sample images through an engine directory: ``python -m runtimes.sample --engine-dir engines/``.
 
-One PNG per seed (``000042.png``), a grid of the first 64 seeds, optionally
+One PNG per seed (``000042.png``), ``run.json`` (the settings that decide the
+pixels, see :mod:`runtimes.outputs`), a grid of the first 64 seeds, optionally
 an npz (uint8 NHWC ``arr_0``, the input format of the ADM evaluation suite the
 LEGO authors use), and a summary: backend, precision, CUDA graphs, images/s,
 ms per denoiser call, the skip plan and its relative cost.  Same seeds and
@@ -23,9 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,21 +36,20 @@ import torch
 from tqdm import tqdm
 
 from lego_model.errors import LegoError
-from lego_model.images import make_grid, parse_seeds, save_image, to_uint8_nhwc
-from lego_model.sampler import draw_latents, edm_sample, evaluations_per_step
+from lego_model.flops import check_memory
+from lego_model.images import parse_seeds, to_uint8_nhwc
+from lego_model.sampler import MAX_STEPS, check_churn, draw_latents, edm_sample, evaluations_per_step
 from lego_model.skip import SkipPlan
 from lego_model.vae import NO_VAE_HINT
 from runtimes import distributed
 from runtimes.backends import BACKENDS, Backend, open_backend
-from runtimes.backends.ort import default_threads
+from runtimes.backends.ort import check_threads, default_threads
 from runtimes.chain import BrickChain
 from runtimes.decode import VAE_BACKENDS, Decoder, open_decoder
 from runtimes.errors import OutputError
+from runtimes.outputs import LATENTS_NPZ, RunOutputs, check_writable, run_settings, weights_identity
 
 log = logging.getLogger(__name__)
-
-GRID_MAX = 64  # images in grid.png
-LATENTS_NPZ = "latents.npz"  # a latent model's output without a decoder
 
 
 @dataclass
@@ -61,6 +59,7 @@ class SampleOptions:
     engine_dir: str | None = None
     backend: str = "auto"
     checkpoint: str | None = None
+    config: str | None = None
     seeds: str = "0-15"
     batch: int | None = None
     steps: int = 18
@@ -137,76 +136,6 @@ class SampleReport:
         return "\n".join(lines)
 
 
-def check_writable(directory: Path) -> None:
-    """Create ``directory`` and prove a file can be written there (OutputError otherwise)."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise OutputError(f"cannot write to {directory} ({err.strerror or err}); choose another --out/--npz") from None
-
-
-def seed_png(out: Path, seed: int) -> Path:
-    return out / f"{seed:06d}.png"
-
-
-def seed_latent(out: Path, seed: int) -> Path:
-    return out / f"{seed:06d}.npy"
-
-
-def write_latent(latent: np.ndarray, path: Path) -> None:
-    """One seed's float32 CHW latent, written via a temporary name and a rename as the PNGs are."""
-    tmp = path.with_name(f".{path.stem}.tmp.npy")
-    np.save(tmp, latent.astype(np.float32))
-    os.replace(tmp, path)
-
-
-def assemble_latents(out: Path, seeds: list[int]) -> Path:
-    """``latents.npz`` of all seeds (arr_0: float32 [N, C, h, w], seeds: int64), read back from the .npy files."""
-    arr = np.stack([np.load(seed_latent(out, s)) for s in seeds])
-    path = out / LATENTS_NPZ
-    tmp = out / f".{LATENTS_NPZ}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, arr_0=arr, seeds=np.asarray(seeds, dtype=np.int64))
-    os.replace(tmp, path)
-    return path
-
-
-def write_png(image: np.ndarray, path: Path) -> None:
-    """Write via a temporary name and a rename, so that an existing PNG always is a complete image."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    save_image(image, tmp)
-    os.replace(tmp, path)
-
-
-def read_png(path: Path) -> np.ndarray:
-    """uint8 HWC (grayscale files come back with one channel)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        arr = np.asarray(im)
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
-def assemble(out: Path, seeds: list[int], npz: Path | None) -> list[Path]:
-    """grid.png of the first seeds and the npz of all seeds, read back from the per-seed PNGs."""
-    written = []
-    grid_imgs = np.stack([read_png(seed_png(out, s)) for s in seeds[:GRID_MAX]])
-    tmp = out / ".grid.tmp.png"
-    save_image(make_grid(grid_imgs), tmp)
-    os.replace(tmp, out / "grid.png")
-    written.append(out / "grid.png")
-    if npz is not None:
-        arr = np.stack([read_png(seed_png(out, s)) for s in seeds])  # (N, H, W, C) uint8
-        tmp = npz.with_name(f".{npz.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=arr)
-        os.replace(tmp, npz)
-        written.append(npz)
-    return written
-
-
 def batches(seeds: list[int], size: int) -> list[list[int]]:
     return [seeds[i : i + size] for i in range(0, len(seeds), size)]
 
@@ -245,27 +174,28 @@ class SamplingRun:
     seeds: list[int]  # every seed of the run (rank 0 assembles the grid and npz from all of them)
     groups: list[list[int]]  # this rank's batches
     steps: list[tuple[int, ...]]  # active bricks per sampling step
-    out: Path
-    npz: Path | None
+    outputs: RunOutputs  # --out, --npz and run.json
     report: SampleReport
     decoder: Decoder | None = None  # latent models: latents -> images after each batch
+    wrote: bool = False  # whether this process has written a batch (run.json goes first)
 
     @property
     def writes_latents(self) -> bool:
         """A latent model without a decoder: its output is latents, not images."""
         return self.backend.config.is_latent and self.decoder is None
 
-    def seed_file(self, seed: int) -> Path:
-        return (seed_latent if self.writes_latents else seed_png)(self.out, seed)
-
 
 def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
     """Every refusal, before any compute: backend, sizes, class, guidance, plan, profiles, output paths."""
+    check_writable(Path(opts.out), "--out")  # first: before the backend reads its files
+    if opts.threads is not None:
+        check_threads(opts.threads)
     threads = opts.threads or default_threads(info.local_world_size)
     backend, why = open_backend(
         opts.backend,
         engine_dir=opts.engine_dir,
         checkpoint=opts.checkpoint,
+        config=opts.config,
         local_rank=info.local_rank,
         threads=threads,
         ort_optimization=opts.ort_optimization,
@@ -275,30 +205,46 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
     cfg.check_image_size(height, width)
     cfg.check_class(opts.class_idx)
     cfg.check_guidance(opts.cfg_scale)
+    check_churn(opts.S_churn, opts.S_min, opts.S_max, opts.S_noise)
     decoder = _open_decoder(opts, backend, threads)
     if decoder is not None:
         decoder.check(height, width)
-    if cfg.is_latent and decoder is None and opts.npz:
+    writes_latents = cfg.is_latent and decoder is None
+    if writes_latents and opts.npz:
         raise OutputError(f"--npz holds uint8 images, and this latent model has no decoder: {NO_VAE_HINT}")
-    seed_file = seed_png if decoder is not None or not cfg.is_latent else seed_latent
     seeds = parse_seeds(opts.seeds)
     plan = SkipPlan.from_text(cfg, opts.skip, opts.skip_preset)
     steps = plan.steps(opts.steps)  # refuses a plan that leaves a step without bricks
     chain = BrickChain(backend, cuda_graphs=opts.cuda_graphs)
     batch = opts.batch or default_batch(backend, opts.cfg_scale is not None)
-    out = Path(opts.out)
-    npz = Path(opts.npz) if opts.npz else None
-    todo = distributed.shard(seeds, info.rank, info.world_size)
-    skipped = 0
-    if opts.resume:
-        remaining = [s for s in todo if not seed_file(out, s).is_file()]
-        skipped, todo = len(todo) - len(remaining), remaining
+    churn = dict(S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise)
+    settings = run_settings(
+        config=cfg,
+        weights=weights_identity(opts.engine_dir, opts.checkpoint),
+        precision=backend.precision,
+        height=height,
+        width=width,
+        steps=opts.steps,
+        solver=opts.solver,
+        class_idx=opts.class_idx,
+        cfg_scale=opts.cfg_scale,
+        churn=churn,
+        active_per_step=steps,
+        output="latents" if writes_latents else "images",
+    )
+    outputs = RunOutputs(
+        Path(opts.out), Path(opts.npz) if opts.npz else None, settings, backend.name, latents=writes_latents
+    )
+    shard = distributed.shard(seeds, info.rank, info.world_size)
+    todo = outputs.check(
+        shard, resume=opts.resume, height=height, width=width, channels=cfg.img_channels, engine_dir=opts.engine_dir
+    )
+    skipped = len(shard) - len(todo)
     groups = batches(todo, batch)
     for size in sorted({len(g) for g in groups} | {batch}):
         chain.check(size, height, width, opts.cfg_scale)  # the engines' profile ranges
-    check_writable(out)
-    if npz is not None:
-        check_writable(npz.parent)
+    if backend.device.type == "cpu" and groups:  # host memory: the torch backend has no profile to bound it
+        check_memory(cfg, height, width, max(len(g) for g in groups) * (2 if opts.cfg_scale is not None else 1))
     if backend.device.type == "cpu":
         torch.set_num_threads(threads)
     else:  # CUDA graph capture and the libraries' handles follow the current device
@@ -315,7 +261,7 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
         latent=cfg.is_latent,
     )
     return SamplingRun(
-        opts, info, backend, chain, height, width, seeds, groups, steps, out, npz, report, decoder=decoder
+        opts, info, backend, chain, height, width, seeds, groups, steps, outputs, report, decoder=decoder
     )
 
 
@@ -405,8 +351,8 @@ def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[li
 
 def write_batch(run: SamplingRun, group: list[int], images: np.ndarray) -> None:
     """One PNG (or latent .npy) per seed of a batch, each written whole (a rename), so that --resume can trust it."""
-    for seed, img in zip(group, images):
-        (write_latent if run.writes_latents else write_png)(img, run.seed_file(seed))
+    run.outputs.write_batch(group, images, first=not run.wrote)
+    run.wrote = True
 
 
 def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, progress: bool = True) -> SampleReport:
@@ -421,10 +367,7 @@ def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, 
             write_batch(run, group, images)
     distributed.barrier(info)
     if info.is_main:
-        if run.writes_latents:
-            run.report.files = [assemble_latents(run.out, run.seeds)]
-        else:
-            run.report.files = assemble(run.out, run.seeds, run.npz)
+        run.report.files = run.outputs.assemble(run.seeds)
     return run.report
 
 
@@ -479,14 +422,25 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     default=None,
     help="Weights for --backend torch [default: the checkpoint recorded in the manifest].",
 )
-@click.option("--seeds", default="0-15", show_default=True, help="Seeds, e.g. 0-63,100.")
+@click.option(
+    "--config",
+    metavar="NAME",
+    default=None,
+    help="Architecture of a --checkpoint that carries none (a .pt state dict), as in lego-export and generate.",
+)
+@click.option(
+    "--seeds",
+    default="0-15",
+    show_default=True,
+    help="Seeds, e.g. 0-63,100: each once, 0 to 2^32-1, at most 1,000,000 per run.",
+)
 @click.option(
     "--batch",
     type=click.IntRange(min=1),
     default=None,
     help="Images per batch [default: up to 16, as the engine profile allows].",
 )
-@click.option("--steps", type=click.IntRange(min=1), default=18, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), default=18, show_default=True)
 @click.option("--solver", type=click.Choice(["heun", "euler"]), default="heun", show_default=True)
 @click.option(
     "--S-churn",
@@ -494,7 +448,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     type=click.FloatRange(min=0),
     default=0.0,
     show_default=True,
-    help="Stochasticity (EDM S_churn).",
+    help="Stochasticity (EDM S_churn); gamma per step is capped at sqrt(2)-1, so values above 0.42*steps act alike.",
 )
 @click.option("--S-min", "S_min", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--S-max", "S_max", type=click.FloatRange(min=0), default=math.inf, show_default=True)
@@ -502,7 +456,9 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 @click.option(
     "--class", "class_idx", type=click.IntRange(min=0), default=None, help="Class index [default: random per seed]."
 )
-@click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option(
+    "--cfg-scale", type=float, default=None, help="Classifier-free guidance scale, 0 to 100 (1 = none) [default: off]."
+)
 @click.option("--skip", multiple=True, help="Skip rule BRICKS@FROM:TO (repeatable).")
 @click.option("--skip-preset", multiple=True, help="global[@F] or local[@F] (repeatable).")
 @click.option("--height", type=click.IntRange(min=1), default=None, help="[default: training resolution]")
@@ -512,15 +468,19 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     type=click.Path(file_okay=False),
     default="samples",
     show_default=True,
-    help="One PNG per seed and grid.png.",
+    help="One PNG per seed, grid.png and run.json (the settings; a later run here must use the same).",
 )
 @click.option(
     "--npz",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Also write all images as uint8 NHWC arr_0 (ADM evaluation format).",
+    help="Also write all images as uint8 NHWC arr_0 (ADM evaluation format); never replaces another file.",
 )
-@click.option("--resume", is_flag=True, help="Do not sample seeds whose PNG already exists in --out.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Do not sample seeds whose PNG already exists in --out (each is decoded first; same settings required).",
+)
 @click.option(
     "--cuda-graphs/--no-cuda-graphs",
     default=True,
@@ -531,7 +491,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="CPU threads per process [default: usable cores / processes on this machine].",
+    help="CPU threads per process, at most the usable cores [default: usable cores / processes on this machine].",
 )
 @click.option(
     "--ort-optimization",

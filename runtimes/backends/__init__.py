@@ -56,6 +56,7 @@ def open_backend(
     *,
     engine_dir: str | Path | None = None,
     checkpoint: str | Path | None = None,
+    config: str | None = None,
     local_rank: int = 0,
     threads: int | None = None,
     ort_optimization: str = "all",
@@ -64,13 +65,17 @@ def open_backend(
 
     Everything that can refuse (manifest checks, missing libraries or GPU,
     engines built for another GPU or TensorRT) refuses here, before any compute.
+    ``config`` names the architecture of a ``checkpoint`` that carries none.
     """
     from runtimes.backends.ort import cuda_provider_available
+
+    if config is not None and (requested != "torch" or checkpoint is None):
+        raise BackendError("--config names the architecture of a --checkpoint for --backend torch; leave it out")
 
     if engine_dir is None:
         if requested != "torch" or checkpoint is None:
             raise BackendError("--engine-dir is required (only --backend torch --checkpoint FILE runs without engines)")
-        model = load_checkpoint(checkpoint)
+        model = load_checkpoint(checkpoint, config)
         return _torch_backend(model, local_rank), "requested, weights from --checkpoint"
 
     from export.manifest import load_manifest
@@ -88,7 +93,11 @@ def open_backend(
     if name == "torch":
         from runtimes.backends.torch_backend import model_from_manifest
 
-        model = load_checkpoint(checkpoint) if checkpoint else model_from_manifest(manifest, engine_dir)
+        model = (
+            load_checkpoint(checkpoint, config or manifest.config)
+            if checkpoint
+            else model_from_manifest(manifest, engine_dir)
+        )
         return _torch_backend(model, local_rank), why
     if name == "tensorrt":
         from runtimes.backends.trt import TensorRTBackend

@@ -64,8 +64,21 @@ def default_threads(local_world_size: int = 1) -> int:
     Oversubscribing (ORT's default of one thread per physical core in every
     torchrun worker) makes the workers fight for the same cores.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world_size))
+    return max(1, usable_cores() // max(1, local_world_size))
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_threads(threads: int) -> None:
+    """Refuse more CPU threads than this process has cores: they only contend (and 100000 exhaust the OS)."""
+    cores = usable_cores()
+    if not 1 <= threads <= cores:
+        raise BackendError(
+            f"--threads {threads} is outside 1..{cores}, the cores this process may use; pass at most {cores}"
+        )
 
 
 class OnnxRuntimeBackend(EngineBackend):

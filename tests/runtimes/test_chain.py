@@ -114,7 +114,8 @@ def test_nonfinite_output_names_brick_and_step(brick):
         chain = BrickChain(backend)
         steps = [(0, 1), (0, 1), (0, 1, 2), (0, 1, 2)]  # brick 2 first runs at step 2
         with pytest.raises(
-            NonFiniteError, match=f"brick {brick} produced NaN/Inf at sampling step {0 if brick == 0 else 2} of 4"
+            NonFiniteError,
+            match=rf"brick {brick} \(torch, fp32\) produced NaN/Inf at sampling step {0 if brick == 0 else 2} of 4",
         ):
             with chain.batch(labels, batch=2, height=16, width=16, num_steps=4, solver="heun") as denoise:
                 edm_sample(denoise, x, num_steps=4, active_per_step=steps)
@@ -127,7 +128,9 @@ def test_nonfinite_embedder_is_named():
         model.model.t_embedder.mlp[2].bias.fill_(float("nan"))
     with TorchBackend(model, device=CPU) as backend, torch.no_grad():
         chain = BrickChain(backend)
-        with pytest.raises(NonFiniteError, match="the embedder produced NaN/Inf at denoiser call 1"):
+        with pytest.raises(
+            NonFiniteError, match=r"the embedder \(torch, fp32\) produced NaN/Inf at denoiser call 1: its weight"
+        ):
             with chain.batch(labels, batch=1, height=16, width=16) as denoise:
                 denoise(x, sigma, (0,))
 
@@ -141,7 +144,10 @@ def test_nonfinite_detection_through_onnxruntime(tmp_path):
     backend, _ = open_backend("onnxruntime-cpu", engine_dir=engine_dir, threads=1)
     with backend, torch.no_grad():
         chain = BrickChain(backend)
-        with pytest.raises(NonFiniteError, match="brick 1 produced NaN/Inf at sampling step 1 of 3"):
+        with pytest.raises(
+            NonFiniteError,
+            match=r"brick 1 \(onnxruntime-cpu, fp32\) produced NaN/Inf at sampling step 1 of 3: fp32 does not overflow",
+        ):
             with chain.batch(None, batch=1, height=16, width=16, num_steps=3, solver="euler") as denoise:
                 denoise(x, sigma, (0,))
                 denoise(x, sigma, (0, 1, 2))
@@ -207,7 +213,7 @@ def test_batch_block_checks_nonfinite_even_when_sampling_raises():
     with TorchBackend(model, device=CPU) as backend:
         chain = BrickChain(backend)
         chain.check_each_call = False  # as on CUDA: no read per call, only the one at the block's end
-        with pytest.raises(NonFiniteError, match="brick 1 produced NaN/Inf at denoiser call 1"):
+        with pytest.raises(NonFiniteError, match=r"brick 1 \(torch, fp32\) produced NaN/Inf at denoiser call 1"):
             with chain.batch(labels, batch=1, height=16, width=16) as denoise:
                 denoise(x, sigma, (0, 1))
         # An error inside the block stays the error raised; the NaN/Inf found afterwards is a note on it.
@@ -215,7 +221,7 @@ def test_batch_block_checks_nonfinite_even_when_sampling_raises():
             with chain.batch(labels, batch=1, height=16, width=16) as denoise:
                 denoise(x, sigma, (0, 1))
                 raise KeyError("interrupted")
-        assert any("brick 1 produced NaN/Inf" in note for note in raised.value.__notes__)
+        assert any("brick 1 (torch, fp32) produced NaN/Inf" in note for note in raised.value.__notes__)
         with pytest.raises(AssertionError, match="finished"):
             denoise(x, sigma, (0,))
 

@@ -77,7 +77,7 @@ def test_nonfinite_is_reported_at_the_end_of_a_graphed_batch():
         model.bricks[1].final_layer.linear.bias.fill_(float("inf"))
     with TorchBackend(model, device=torch.device("cuda", 0)) as backend, torch.no_grad():
         chain = BrickChain(backend, cuda_graphs=True)
-        with pytest.raises(NonFiniteError, match="brick 1 produced NaN/Inf at sampling step 0 of 3"):
+        with pytest.raises(NonFiniteError, match=r"brick 1 \(torch, fp32\) produced NaN/Inf at sampling step 0 of 3"):
             sample(chain, [0], 3, SkipPlan(3))
 
 

@@ -19,7 +19,8 @@ from lego_model.skip import SkipPlan
 from runtimes.backends import open_backend
 from runtimes.backends.torch_backend import TorchBackend
 from runtimes.chain import BrickChain
-from runtimes.sample import main, read_png
+from runtimes.outputs import read_png
+from runtimes.sample import main
 from tests.runtimes.conftest import export_onnx_dir, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,7 +83,7 @@ def test_cli_writes_pngs_grid_npz_and_summary(engines_pg, tmp_path):
     for text in ("backend: onnxruntime-cpu", "precision fp32", "CUDA graphs off", "images/s", "ms per denoiser call",
                  "skip plan: 2@0.6:1", "relative cost"):  # fmt: skip
         assert text in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == [f"{s:06d}.png" for s in range(5)] + ["grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{s:06d}.png" for s in range(5)] + ["grid.png", "run.json"]
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
     np.testing.assert_array_equal(arr[4], read_png(out / "000004.png"))

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from lego_model.errors import VaeError
 from lego_model.generate import main as generate_main
 from runtimes.errors import OutputError
-from runtimes.sample import SampleOptions, main, read_png, run_sampling
+from runtimes.outputs import read_png
+from runtimes.sample import SampleOptions, main, run_sampling
 from tests.conftest import make_vae_dir
 from tests.runtimes.conftest import export_onnx_dir, tiny_model
 

@@ -1,0 +1,334 @@
+"""The output side of a sampling run: per-seed PNGs, grid.png, the npz, run.json, and what ``--resume`` may reuse.
+
+Every file is written under a temporary name and renamed into place, so that
+a file that exists is always complete.  ``run.json`` beside the PNGs records
+the settings that decide their pixels (:func:`run_settings`); a later run into
+the same ``--out``, resumed or not, must have the same settings, so one
+directory (and its npz) never mixes two runs.  Which seeds a run samples, the
+batch size and the backend do not change a seed's image beyond rounding
+(backends of one precision agree to one uint8 level): a resume may add seeds
+or continue on another backend of the same precision.  Nothing is created
+before the first PNG is written, so a refused or failed run leaves no empty
+directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lego_model.checkpoints import file_sha256
+from lego_model.configs import LegoConfig
+from lego_model.images import check_writable, make_grid, save_image
+from runtimes.errors import OutputError
+
+__all__ = [
+    "GRID_MAX",
+    "LATENTS_NPZ",
+    "RUN_FILE",
+    "RunOutputs",
+    "check_writable",
+    "read_png",
+    "run_settings",
+    "seed_latent",
+    "seed_png",
+]
+
+GRID_MAX = 64  # images in grid.png
+RUN_FILE = "run.json"
+RUN_FORMAT = "lego-sample-run/1"
+LATENTS_NPZ = "latents.npz"  # a latent model's output without a decoder
+_OUR_FILE = re.compile(
+    r"^(\d{6,}\.(png|npy)|grid\.png|latents\.npz)$"
+)  # the names a run writes into --out (besides run.json)
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # PNG mode of an image with that many channels
+
+
+def seed_png(out: Path, seed: int) -> Path:
+    """The PNG of ``seed`` in the output directory ``out``."""
+    return out / f"{seed:06d}.png"
+
+
+def seed_latent(out: Path, seed: int) -> Path:
+    """The latent (.npy, float32 CHW) of ``seed`` in ``out``: a latent model's output without a decoder."""
+    return out / f"{seed:06d}.npy"
+
+
+def write_latent(latent: np.ndarray, path: Path) -> None:
+    """One seed's float32 CHW latent, written via a temporary name and a rename as the PNGs are."""
+    tmp = path.with_name(f".{path.stem}.tmp.npy")
+    np.save(tmp, latent.astype(np.float32))
+    os.replace(tmp, path)
+
+
+def assemble_latents(out: Path, seeds: list[int]) -> Path:
+    """``latents.npz`` of all seeds (arr_0: float32 [N, C, h, w], seeds: int64), read back from the .npy files."""
+    arr = np.stack([np.load(seed_latent(out, s)) for s in seeds])
+    path = out / LATENTS_NPZ
+    tmp = out / f".{LATENTS_NPZ}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, arr_0=arr, seeds=np.asarray(seeds, dtype=np.int64))
+    os.replace(tmp, path)
+    return path
+
+
+def write_png(image: np.ndarray, path: Path) -> None:
+    """Write via a temporary name and a rename, so that an existing PNG always is a complete image."""
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    save_image(image, tmp)
+    os.replace(tmp, path)
+
+
+def read_png(path: Path) -> np.ndarray:
+    """uint8 HWC (grayscale files come back with one channel)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def assemble(out: Path, seeds: list[int], npz: Path | None) -> list[Path]:
+    """grid.png of the first seeds and the npz of all seeds, read back from the per-seed PNGs."""
+    written = []
+    grid_imgs = np.stack([read_png(seed_png(out, s)) for s in seeds[:GRID_MAX]])
+    tmp = out / ".grid.tmp.png"
+    save_image(make_grid(grid_imgs), tmp)
+    os.replace(tmp, out / "grid.png")
+    written.append(out / "grid.png")
+    if npz is not None:
+        arr = np.stack([read_png(seed_png(out, s)) for s in seeds])  # (N, H, W, C) uint8
+        tmp = npz.with_name(f".{npz.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=arr)
+        os.replace(tmp, npz)
+        written.append(npz)
+    return written
+
+
+def weights_identity(engine_dir: str | Path | None, checkpoint: str | Path | None) -> str:
+    """What the images' weights are: the sha256 of --checkpoint, else the checkpoint record of the manifest."""
+    if checkpoint is not None:
+        return f"sha256:{file_sha256(checkpoint)}"
+    from export.manifest import load_manifest
+
+    record = load_manifest(engine_dir, verify_hashes=False).checkpoint  # the backend verified the hashes
+    if record.random_init_seed is not None:
+        return f"random init seed {record.random_init_seed}"
+    return f"sha256:{record.sha256}"
+
+
+def run_settings(
+    *,
+    config: LegoConfig,
+    weights: str,
+    precision: str,
+    height: int,
+    width: int,
+    steps: int,
+    solver: str,
+    class_idx: int | None,
+    cfg_scale: float | None,
+    churn: dict[str, float],
+    active_per_step: Sequence[tuple[int, ...]],
+    output: str = "images",
+) -> dict[str, Any]:
+    """The settings that decide a seed's pixels, in the order a difference is reported (JSON values)."""
+    settings = {
+        "model": config.name,
+        "config": config.to_dict(),
+        "weights": weights,
+        "precision": precision,
+        "size": f"{height}x{width}",
+        "steps": steps,
+        "solver": solver,
+        "class": "random" if class_idx is None else class_idx,
+        "guidance": "off" if cfg_scale is None else cfg_scale,
+        # Without churn the S_min/S_max/S_noise values do not reach the images.
+        "churn": churn if churn.get("S_churn") else "off",
+        "bricks per step": [list(a) for a in active_per_step],
+        "output": output,  # "images", or "latents" for a latent model without a decoder
+    }
+    return json.loads(json.dumps(settings))  # tuples become lists, as when read back
+
+
+def first_difference(recorded: dict[str, Any], settings: dict[str, Any]) -> str | None:
+    """'steps 18 (this run: 4)' for the first setting that differs, or None."""
+    for key, value in settings.items():
+        old = recorded.get(key)
+        if old != value:
+            show = (lambda v: str(v)) if key != "config" else (lambda v: json.dumps(v, sort_keys=True))
+            old_s, new_s = show(old), show(value)
+            if len(old_s) > 60 or len(new_s) > 60:
+                old_s, new_s = old_s[:57] + "...", new_s[:57] + "..."
+            return f"{key} {old_s} (this run: {new_s})"
+    return None
+
+
+def check_png(path: Path, height: int, width: int, channels: int) -> str | None:
+    """Why ``path`` is not a complete height x width image of ``channels`` channels, or None when it is."""
+    from PIL import Image
+
+    want = _MODES.get(channels, "?")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes every row: a truncated file fails here
+            mode, size = im.mode, im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return f"cannot be decoded ({err})"
+    if size != (width, height) or mode != want:
+        return f"is a {size[1]}x{size[0]} {mode} image, this run writes {height}x{width} {want}"
+    return None
+
+
+def check_latent(path: Path, height: int, width: int, channels: int) -> str | None:
+    """Why ``path`` is not a complete float32 latent of shape (channels, height, width), or None when it is."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        return f"cannot be read ({err})"
+    if arr.shape != (channels, height, width) or arr.dtype != np.float32:
+        return (
+            f"holds a {arr.dtype} array of shape {list(arr.shape)}, this run writes float32 {[channels, height, width]}"
+        )
+    return None
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())
+
+
+@dataclass
+class RunOutputs:
+    """Where one sampling run writes (``out``, ``npz``), the settings it records, and the checks before compute."""
+
+    out: Path
+    npz: Path | None
+    settings: dict[str, Any]
+    backend: str  # recorded for the reader, not compared
+    latents: bool = False  # a latent model without a decoder writes .npy latents and latents.npz, not PNGs
+
+    def seed_file(self, seed: int) -> Path:
+        """The file ``seed`` is written to: its PNG, or its latent .npy."""
+        return (seed_latent if self.latents else seed_png)(self.out, seed)
+
+    # ---------------------------------------------------------------- before any compute
+    def check(
+        self, seeds: list[int], *, resume: bool, height: int, width: int, channels: int, engine_dir: str | Path | None
+    ) -> list[int]:
+        """Refuse outputs that would destroy or mix anything; returns the seeds still to sample.
+
+        Refused: --out or --npz inside the engine directory; an --out that
+        holds PNGs without run.json, or a run.json of other settings (the first
+        difference is named); an existing --npz that is not this run's own; on
+        --resume, an existing PNG of these seeds that does not decode to this
+        run's size and mode (named; delete it and resume again to re-sample it).
+        """
+        if engine_dir is not None:
+            for path, option in ((self.out, "--out"), (self.npz, "--npz")):
+                if path is not None and _inside(path, Path(engine_dir)):
+                    raise OutputError(
+                        f"{option} {path} lies inside the engine directory {engine_dir}; "
+                        "write samples elsewhere (lego-export owns that directory)"
+                    )
+        check_writable(self.out, "--out")
+        recorded = self._recorded()
+        if recorded is None:
+            ours = sorted(p.name for p in self._listing() if _OUR_FILE.match(p.name))
+            if ours:
+                raise OutputError(
+                    f"{self.out} holds {ours[0]} (and {len(ours) - 1} more) but no {RUN_FILE}, so their settings "
+                    "are unknown; choose another --out, or move them away"
+                )
+        else:
+            diff = first_difference(recorded["settings"], self.settings)
+            if diff is not None:
+                raise OutputError(
+                    f"{self.out} holds a run with {diff}; run with the same settings (--resume continues it) "
+                    "or choose another --out"
+                )
+        if self.npz is not None:
+            self._check_npz(recorded)
+        if not resume:
+            return list(seeds)
+        todo, bad = [], []
+        check_file = check_latent if self.latents else check_png
+        for s in seeds:
+            path = self.seed_file(s)
+            if not path.is_file():
+                todo.append(s)
+            elif (why := check_file(path, height, width, channels)) is not None:
+                bad.append(f"{path} {why}")
+        if bad:
+            more = f" ({len(bad) - 1} more bad files)" if len(bad) > 1 else ""
+            raise OutputError(f"{bad[0]}{more}; delete it and run --resume again to re-sample it")
+        return todo
+
+    def _listing(self) -> list[Path]:
+        return list(self.out.iterdir()) if self.out.is_dir() else []
+
+    def _recorded(self) -> dict[str, Any] | None:
+        path = self.out / RUN_FILE
+        if not path.exists():
+            return None
+        if not path.is_file():
+            raise OutputError(f"{path} is not a file; choose another --out")
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise OutputError(f"{path} cannot be read ({err}); choose another --out") from None
+        if not (isinstance(recorded, dict) and recorded.get("format") == RUN_FORMAT):
+            raise OutputError(f"{path} is not a {RUN_FORMAT} record; choose another --out")
+        if not isinstance(recorded.get("settings"), dict):
+            raise OutputError(f"{path} has no settings; choose another --out")
+        return recorded
+
+    def _check_npz(self, recorded: dict[str, Any] | None) -> None:
+        npz = self.npz
+        assert npz is not None
+        if npz.resolve().parent == self.out.resolve() and (_OUR_FILE.match(npz.name) or npz.name == RUN_FILE):
+            raise OutputError(f"--npz {npz} would overwrite this run's own {npz.name}; choose another --npz")
+        check_writable(npz.parent, "--npz")
+        if not npz.exists():
+            return
+        mine = (recorded or {}).get("npz") or {}
+        if mine.get("path") == str(npz.resolve()) and mine.get("sha256") in (None, file_sha256(npz)):
+            return  # this run's own npz (same settings, checked above): replaced when the run ends
+        raise OutputError(
+            f"--npz {npz} already exists and is not this run's npz; choose another --npz or remove the file"
+        )
+
+    # ---------------------------------------------------------------- writing
+    def write_record(self, npz_sha256: str | None = None) -> None:
+        """Write run.json (before the first PNG of a process, again with the npz's sha256 when it is written)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        npz = None if self.npz is None else {"path": str(self.npz.resolve()), "sha256": npz_sha256}
+        record = {"format": RUN_FORMAT, "settings": self.settings, "backend": self.backend, "npz": npz}
+        # A unique temporary name: every torchrun rank may write the (same) record at once.
+        with tempfile.NamedTemporaryFile("w", dir=self.out, prefix=".run-", suffix=".json", delete=False) as f:
+            json.dump(record, f, indent=1)
+        os.replace(f.name, self.out / RUN_FILE)
+
+    def write_batch(self, seeds: Sequence[int], images: np.ndarray, first: bool) -> None:
+        """One PNG per seed, each written whole (a rename); the first batch of a process writes run.json first."""
+        if first:
+            self.write_record()
+        write = write_latent if self.latents else write_png
+        for seed, img in zip(seeds, images):
+            write(img, self.seed_file(seed))
+
+    def assemble(self, seeds: list[int]) -> list[Path]:
+        """grid.png and the npz from the PNGs of all ``seeds``; run.json then records the npz's sha256."""
+        if self.npz is not None:
+            self.npz.parent.mkdir(parents=True, exist_ok=True)
+        files = [assemble_latents(self.out, seeds)] if self.latents else assemble(self.out, seeds, self.npz)
+        self.write_record(None if self.npz is None else file_sha256(self.npz))
+        return files
