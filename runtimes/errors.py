@@ -18,3 +18,7 @@ class NonFiniteError(LegoError):
 
 class OutputError(LegoError):
     """An output directory or file that cannot be written."""
+
+
+class UsageError(LegoError):
+    """The API used out of order or with arguments of the wrong shape, dtype or range; says what to pass."""
