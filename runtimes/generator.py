@@ -78,7 +78,9 @@ class Generator:
     Build it with :meth:`from_engine_dir` or :meth:`from_checkpoint` (or around
     a :class:`runtimes.Backend` of your own).  The backend loads on
     ``with generator:``, :meth:`load` or the first request, and is released by
-    :meth:`close` (or the end of the ``with`` block).  ``max_buffer_sets``
+    :meth:`close` (or the end of the ``with`` block).  A backend that is
+    already loaded (``with backend:`` around several generators sharing it)
+    stays the caller's: the generator neither loads nor closes it.  ``max_buffer_sets``
     bounds the per-(batch, size, guidance) buffer sets kept for reuse
     (:meth:`clear_buffers` drops them).  Thread-safe: requests are serialized
     by a lock (see the module docstring).
@@ -100,7 +102,7 @@ class Generator:
             backend, cuda_graphs=cuda_graphs, check_finite=check_finite, max_buffer_sets=max_buffer_sets
         )
         self._lock = threading.RLock()
-        self._state = "new"  # new -> loaded -> closed
+        self._state = "new"  # new -> loaded (or borrowed: the caller loaded the backend) -> closed
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -176,7 +178,9 @@ class Generator:
         with self._lock:
             if self._state == "closed":
                 raise UsageError("this Generator is closed; build a new one")
-            if self._state == "new":
+            if self._state == "new" and self.backend.loaded:
+                self._state = "borrowed"
+            elif self._state == "new":
                 self.backend.__enter__()
                 self._state = "loaded"
         return self
@@ -184,8 +188,9 @@ class Generator:
     def close(self) -> None:
         """Release the backend and every buffer set; the generator cannot be used afterwards."""
         with self._lock:
-            if self._state == "loaded":
+            if self._state in ("loaded", "borrowed"):
                 self.chain.clear()
+            if self._state == "loaded":
                 self.backend.__exit__(None, None, None)
             self._state = "closed"
 
