@@ -23,6 +23,8 @@ buffers of each chain and locked.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -283,36 +285,46 @@ class Generator:
         churn = {k: float(v) for k, v in churn.items()}
         if self._state == "closed":
             raise UsageError("this Generator is closed; build a new one")
-        seed_list = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else list(seeds)
+        seeds_expected = "ints in [0, 2**32)"
+        if _is_int(seeds):
+            seed_list = [_as_int(seeds, "seeds", seeds_expected)]
+        else:
+            seed_list = [_as_int(s, "seeds", seeds_expected) for s in _as_list(seeds, "seeds", seeds_expected)]
         if not seed_list:
             raise UsageError("seeds: pass at least one seed")
         for s in seed_list:
-            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < SEED_LIMIT:
-                raise UsageError(f"seeds: expected ints in [0, 2**32), got {s!r}")
-        if classes is not None and not isinstance(classes, int):
-            classes = list(classes)
+            if not 0 <= s < SEED_LIMIT:
+                raise UsageError(f"seeds: expected {seeds_expected}, got {s!r}")
+        class_expected = f"ints in [0, {cfg.label_dim})"
+        if _is_int(classes):
+            classes = _as_int(classes, "classes", class_expected)
+        elif classes is not None:
+            classes = [_as_int(c, "classes", class_expected) for c in _as_list(classes, "classes", class_expected)]
             if len(classes) != len(seed_list):
                 raise UsageError(
                     f"classes: {len(classes)} given for {len(seed_list)} seeds; pass one per seed or one int"
                 )
-        for c in [classes] if classes is None or isinstance(classes, int) else classes:
-            if c is not None and (isinstance(c, bool) or not isinstance(c, int)):
-                raise UsageError(f"classes: expected ints in [0, {cfg.label_dim}), got {c!r}")
+        for c in classes if isinstance(classes, list) else [classes]:
             cfg.check_class(c)
+        size_expected = "(height, width) ints or one int"
         if size is None:
             height = width = cfg.resolution
-        elif isinstance(size, int):
-            height = width = size
+        elif _is_int(size):
+            height = width = _as_int(size, "size", size_expected)
         else:
-            height, width = size if len(size) == 2 else (None, None)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (height, width)):
-            raise UsageError(f"size: expected (height, width) ints or one int, got {size!r}")
+            sides = _as_list(size, "size", size_expected)
+            if len(sides) != 2:
+                raise UsageError(f"size: expected {size_expected}, got {size!r}")
+            height, width = (_as_int(v, "size", size_expected) for v in sides)
         cfg.check_image_size(height, width)
-        if cfg_scale is not None and not math.isfinite(float(cfg_scale)):
-            raise UsageError(f"cfg_scale must be a finite number or None, got {cfg_scale}")
+        if cfg_scale is not None:
+            if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale):
+                raise UsageError(f"cfg_scale must be a finite number or None, got {cfg_scale!r}")
+            cfg_scale = float(cfg_scale)
         cfg.check_guidance(cfg_scale)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if not _is_int(steps) or steps < 1:
             raise UsageError(f"steps must be a positive int, got {steps!r}")
+        steps = int(steps)
         if solver not in ("heun", "euler"):
             raise UsageError(f"solver must be 'heun' or 'euler', got {solver!r}")
         if output not in OUTPUTS:
@@ -320,8 +332,9 @@ class Generator:
         skip = SkipPlan.of(plan, cfg)
         guided = cfg_scale is not None
         size_b = self.max_batch(guided) if batch is None else batch
-        if isinstance(size_b, bool) or not isinstance(size_b, int) or size_b < 1:
+        if not _is_int(size_b) or size_b < 1:
             raise UsageError(f"batch must be a positive int, got {batch!r}")
+        size_b = int(size_b)
         chunks = [seed_list[i : i + size_b] for i in range(0, len(seed_list), size_b)]
         for n in sorted({len(c) for c in chunks}):
             self.chain.check(n, height, width, cfg_scale)  # the engines' profile ranges
@@ -378,6 +391,34 @@ class _Request:
     active: list[tuple[int, ...]]
     output: Output
     churn: dict[str, float]
+
+
+def _is_int(value: object) -> bool:
+    """An integer (Python, numpy or a 0-dim integer tensor), not a bool."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _as_int(value: object, name: str, expected: str) -> int:
+    if not _is_int(value):
+        raise UsageError(f"{name}: expected {expected}, got {value!r}")
+    return operator.index(value)
+
+
+def _as_list(value: object, name: str, expected: str) -> list:
+    if isinstance(value, (str, bytes)):
+        raise UsageError(f"{name}: expected {expected}, got {value!r}")
+    try:
+        return list(value)
+    except TypeError:
+        raise UsageError(f"{name}: expected {expected}, got {value!r}") from None
 
 
 def _convert(images: Tensor, output: Output) -> Tensor | np.ndarray | list[Any]:
