@@ -128,8 +128,7 @@ class Generator:
         CPU), or one of ``runtimes.BACKENDS``; ``torch`` runs the checkpoint
         the manifest records (or ``checkpoint``) on ``device``.  ``threads``:
         ONNX Runtime's intra-op threads; ``ort_arena=False`` turns ONNX
-        Runtime's CPU memory arena off (memory of a large request is returned
-        after it).
+        Runtime's CPU memory arena off (the system allocator serves it instead).
         """
         be, why = open_backend(
             backend,

@@ -65,8 +65,8 @@ def open_backend(
     """Build (not yet enter) the backend for a sampling run, and say why it was chosen.
 
     ``threads``: intra-op threads of ONNX Runtime's sessions (default: the
-    usable cores).  ``ort_arena``: ONNX Runtime's CPU memory arena (off: memory
-    of a large request goes back after it, at no measured cost in speed).
+    usable cores).  ``ort_arena``: ONNX Runtime's CPU memory arena (off: the
+    sessions allocate from the system allocator instead).
     ``device``: where the torch backend runs ("cpu", "cuda", "cuda:1"; default
     GPU ``local_rank`` when torch sees one, else the CPU); engine backends run
     where their engines do.  Everything that can refuse (manifest checks,

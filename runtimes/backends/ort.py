@@ -8,11 +8,10 @@ copies nothing in or out of the sessions.  The bindings live in a bounded
 cache keyed by those buffers (:class:`runtimes.backends.base.BindingCache`):
 any number of chains may share one backend, and new buffers always rebind.
 
-Memory: ONNX Runtime's CPU arena (``arena=True``, its default) keeps the peak
-of the largest request allocated for the session's lifetime; ``arena=False``
-returns it after each run (on the shipped model's 200 mixed requests, resident
-memory stayed at the torch chain's level at the same speed; see
-benchmarks/soak.py).
+Memory: ONNX Runtime's CPU arena (``arena=True``, its default) keeps what the
+largest request allocated for the session's lifetime; ``arena=False`` leaves
+allocation to the system allocator.  ``python -m benchmarks.soak`` measures
+resident memory along 200 mixed requests with either.
 
 Graph optimizations (``optimization``): ``"all"`` (default) is ONNX Runtime's
 ``ORT_ENABLE_ALL`` (constant folding, LayerNorm/GELU/MatMul+Add fusions,
