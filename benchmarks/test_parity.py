@@ -40,14 +40,11 @@ def _labels(cfg, batch, seed=0):
 @pytest.mark.parametrize("name", MODELS)
 def test_engine_parity(bench_models, report, name, backend):
     """Embedder and every brick alone, on the same inputs as the eager modules, at three shapes (batch 2)."""
-    from runtimes.backends.base import BoundShape
-
     bm = _get(bench_models, name)
     cfg, model = bm.config, bm.model.to(DEVICE)
     worst = 0.0
     with open_engines(bm, {"torch-graphs": "torch"}.get(backend, backend)) as be, torch.inference_mode():
         for shape_name, (h, w) in bm.shapes().items():
-            be.bind(BoundShape(2, h, w))
             g = torch.Generator().manual_seed(1)
             sigma = torch.tensor([0.05, 20.0])
             _, _, c_in, c_noise = edm_scalings(sigma)

@@ -23,7 +23,7 @@ def plans(cfg) -> dict[str, SkipPlan]:
     n = cfg.num_bricks
     out = {"full": SkipPlan(n)}
     for k in range(n):
-        out[f"skip brick {k}"] = SkipPlan.parse([f"{k}@0:1"], n)
+        out[f"skip brick {k}"] = SkipPlan.parse([f"{k}@0:1"], cfg)
     for spec in ("global@0.4", "global@0.6", "local@0.4", "local@0.6"):
         out[spec] = SkipPlan.preset(spec, cfg)
     return out

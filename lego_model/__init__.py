@@ -6,6 +6,7 @@ from lego_model.errors import CheckpointError, ConfigError, LegoError, ShapeErro
 from lego_model.model import LegoModel
 from lego_model.precond import denoise_with_bricks, edm_scalings
 from lego_model.sampler import Denoiser, StackedRandomGenerator, draw_latents, edm_sample, edm_schedule
+from lego_model.shipped import shipped_checkpoint
 from lego_model.skip import SkipPlan
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "get_config",
     "load_checkpoint",
     "save_checkpoint",
+    "shipped_checkpoint",
 ]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lego_model.configs import check_class_index
-from lego_model.errors import LegoError
+from lego_model.errors import LegoError, ShapeError
 
 Solver = Literal["heun", "euler"]
 
@@ -68,21 +68,33 @@ def draw_latents(
     height: int,
     width: int,
     label_dim: int = 0,
-    class_idx: int | None = None,
+    class_idx: int | Sequence[int] | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor | None, StackedRandomGenerator]:
     """Per-seed latents [B, C, H, W] and one-hot labels [B, label_dim] (None when unconditional).
 
-    Random labels are drawn even when ``class_idx`` fixes them, as the authors
-    do, so that the churn draws that follow stay aligned with theirs.
+    ``class_idx``: None (a random class per seed), one class for every seed,
+    or one class per seed.  Random labels are drawn even when ``class_idx``
+    fixes them, as the authors do, so that the churn draws that follow stay
+    aligned with theirs (and an image depends on its seed and class alone).
     """
+    per_seed = class_idx is not None and not isinstance(class_idx, int)
+    if per_seed:
+        class_idx = [int(c) for c in class_idx]
+        if len(class_idx) != len(seeds):
+            raise ShapeError(f"classes: {len(class_idx)} given for {len(seeds)} seeds; pass one per seed or one int")
+        for c in class_idx:
+            check_class_index("this model", label_dim, c)
+    else:
+        check_class_index("this model", label_dim, class_idx)
     rnd = StackedRandomGenerator(seeds, device)
     latents = rnd.randn([len(seeds), img_channels, height, width], device=device)
     labels = None
-    check_class_index("this model", label_dim, class_idx)
     if label_dim:
         idx = rnd.randint(label_dim, size=[len(seeds)], device=device)
-        if class_idx is not None:
+        if per_seed:
+            idx = torch.tensor(class_idx, dtype=idx.dtype, device=idx.device)
+        elif class_idx is not None:
             idx = torch.full_like(idx, class_idx)
         labels = torch.eye(label_dim, device=device)[idx]
     return latents, labels, rnd

@@ -46,18 +46,52 @@ class SkipPlan:
     rules: tuple[SkipRule, ...] = ()
 
     @classmethod
-    def parse(cls, rules: str | Sequence[str], num_bricks: int) -> SkipPlan:
-        """Plan from ``--skip`` texts such as ``2@0.6:1`` or ``top,0@0:0.25`` (one rule or a sequence of rules)."""
+    def parse(cls, rules: str | Sequence[str], config: LegoConfig) -> SkipPlan:
+        """Plan for ``config`` from ``--skip`` texts such as ``2@0.6:1`` or ``top,0@0:0.25`` (one text or several)."""
+        if not isinstance(config, LegoConfig):
+            raise SkipPlanError(
+                f"SkipPlan.parse(rules, config) takes the model's LegoConfig (model.config), got {config!r}"
+            )
         if isinstance(rules, str):
             rules = (rules,)
-        return cls(num_bricks, tuple(_parse_rule(text, num_bricks) for text in rules))
+        n = config.num_bricks
+        return cls(n, tuple(_parse_rule(text, n) for text in rules))
+
+    @classmethod
+    def of(cls, plan: SkipPlan | str | Sequence[str] | None, config: LegoConfig) -> SkipPlan:
+        """The plan an API argument names, for ``config``: None (the full stack), a SkipPlan, or text.
+
+        Text is one item or a sequence of items, each a rule (``2@0.6:1``) or a
+        preset (``global``, ``local@0.3``); ``"full stack"`` (what ``str()`` of
+        an empty plan gives) and ``""`` are the full stack.
+        """
+        if plan is None:
+            return cls(config.num_bricks)
+        if isinstance(plan, SkipPlan):
+            if plan.num_bricks != config.num_bricks:
+                raise SkipPlanError(
+                    f"skip plan {plan} is for {plan.num_bricks} bricks; {config.name} has {config.num_bricks}"
+                )
+            return plan
+        items = (plan,) if isinstance(plan, str) else tuple(plan)
+        if not all(isinstance(t, str) for t in items):
+            raise SkipPlanError(f"plan: pass a SkipPlan, rule text such as '2@0.6:1', or preset names; got {plan!r}")
+        result = cls(config.num_bricks)
+        for text in items:
+            if text.strip() in ("", "full stack"):
+                continue
+            if text.partition("@")[0].strip() in PRESETS:
+                result = result + cls.preset(text.strip(), config)
+            else:
+                result = result + cls.parse(text, config)
+        return result
 
     @classmethod
     def from_text(
         cls, config: LegoConfig, skip: str | Sequence[str] = (), presets: str | Sequence[str] = ()
     ) -> SkipPlan:
         """One plan from ``--skip`` rules and ``--skip-preset`` names (each a text or a sequence of texts)."""
-        plan = cls.parse(skip, config.num_bricks)
+        plan = cls.parse(skip, config)
         for name in (presets,) if isinstance(presets, str) else presets:
             plan = plan + cls.preset(name, config)
         return plan

@@ -8,7 +8,8 @@
 One batch is one ``with chain.batch(labels, batch=..., ...) as denoise:``
 block; ``denoise`` is a :class:`lego_model.sampler.Denoiser` the sampler of
 ``lego_model`` drives unchanged.  Everything it touches is allocated once per
-(batch, H, W, guidance) in :class:`ChainBuffers` and reused at every step:
+(batch, H, W, guidance) in :class:`ChainBuffers` -- kept in a bounded LRU
+cache (``max_buffer_sets``, :meth:`BrickChain.clear`) -- and reused at every step:
 the coordinate channels of ``x_in`` are written once per shape, the label rows
 and the guidance scale once per batch, ``f`` ping-pongs between two buffers (a brick never
 reads and writes the same one), and a skipped brick is simply absent from the
@@ -18,6 +19,20 @@ so that chain and eager model agree to the bit for the same engines.  With
 CUDA graphs the whole call (EDM math and every active brick) is captured per
 (batch, H, W, active set, guidance) and replayed; the guidance scale is a
 device tensor the graph reads, so a new scale needs no new capture.
+
+Backends bind to whatever buffers they are handed (their own caches are keyed
+by the buffers), so any number of chains may share one backend.  Threads: a
+chain runs one batch at a time -- ``batch()`` holds the chain's lock for the
+whole block, so a second thread waits for the first one's batch to end (and
+one thread nesting two blocks is refused).  The caller's grad mode does not
+matter: buffers are created outside inference mode and every call runs under
+``torch.no_grad()``.
+
+Misuse is refused with a :class:`runtimes.errors.UsageError` (or a
+ShapeError/ProfileError for sizes the engines cannot take) before any engine
+runs: labels that are not one-hot rows [batch, label_dim], latents of another
+batch, size or channel count than the block's, sigma not of shape [batch],
+a denoiser used outside its block.
 
 NaN/Inf: after every engine a device-side flag records the first denoiser
 call at which that engine produced a non-finite value.  On the CPU it is read
@@ -30,17 +45,20 @@ and the sampling step.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
+from lego_model.configs import refuse_unconditional
 from lego_model.eager import nonfinite_weight
 from lego_model.precond import CallInputs, check_active, combine_output, engine_labels, prepare_inputs
 from lego_model.sampler import Denoiser, NonFiniteWatch, Solver, step_of_call
-from runtimes.backends.base import Backend, BoundShape, EngineCall
-from runtimes.errors import NonFiniteError
+from runtimes.backends.base import Backend, EngineCall
+from runtimes.errors import NonFiniteError, UsageError
 from runtimes.graphs import CudaGraphCache, GraphKey
 
 log = logging.getLogger(__name__)
@@ -59,14 +77,16 @@ class ChainBuffers:
     """Every tensor of a denoiser call at one (batch, H, W, guidance), allocated once.
 
     Engine rows are [cond; null] under guidance, so ``rows`` is twice the batch.
+    Created outside inference mode whatever the caller's mode, so that later
+    calls under ``no_grad`` or grad mode may write into them.
     """
 
+    @torch.inference_mode(False)
     def __init__(self, backend: Backend, batch: int, height: int, width: int, guided: bool) -> None:
         cfg, dev, dt = backend.config, backend.device, backend.dtypes
         C, D, L = cfg.img_channels, cfg.hidden_size, cfg.label_dim
         self.batch, self.height, self.width, self.guided = batch, height, width, guided
         self.rows = rows = 2 * batch if guided else batch
-        self.shape = BoundShape(rows, height, width)
         # Inputs of the denoiser call (the static inputs of a CUDA graph) and its output.
         self.x = torch.zeros(batch, C, height, width, dtype=torch.float64, device=dev)
         self.sigma = torch.ones(batch, dtype=torch.float64, device=dev)
@@ -110,10 +130,18 @@ class BrickChain:
 
     ``batch`` yields the denoiser for ``edm_sample``; the D it returns is the
     chain's output buffer, overwritten by the next call (the sampler copies it
-    at once).  Calls run under ``torch.no_grad()``.
+    at once).  Calls run under ``torch.no_grad()``.  ``max_buffer_sets``
+    bounds the buffer sets (and their CUDA graphs) kept for reuse, least
+    recently used first out; :meth:`clear` drops them all.  Thread-safe: one
+    batch block at a time per chain (the others wait on its lock).
     """
 
-    def __init__(self, backend: Backend, *, cuda_graphs: bool = False, check_finite: bool = True) -> None:
+    @torch.inference_mode(False)
+    def __init__(
+        self, backend: Backend, *, cuda_graphs: bool = False, check_finite: bool = True, max_buffer_sets: int = 8
+    ) -> None:
+        if max_buffer_sets < 1:
+            raise UsageError(f"max_buffer_sets must be at least 1, got {max_buffer_sets}")
         self.backend = backend
         self.config = backend.config
         self.device = backend.device
@@ -125,9 +153,11 @@ class BrickChain:
             log.info("%s cannot be captured into CUDA graphs; running without", backend.name)
             use_graphs = False
         self.graphs = CudaGraphCache(self.device) if use_graphs else None
-        self._buffers: dict[tuple[int, int, int, bool], ChainBuffers] = {}
-        self._bound: ChainBuffers | None = None  # the buffers the backend is bound to
+        self.max_buffer_sets = max_buffer_sets
+        self._buffers: OrderedDict[tuple[int, int, int, bool], ChainBuffers] = OrderedDict()  # LRU, newest last
         self._open: ChainBuffers | None = None  # the buffers of the batch block in progress
+        self._lock = threading.Lock()  # held for a whole batch block
+        self._owner: int | None = None  # the thread inside a batch block
         self._plans: dict[tuple[int, ...], tuple[EngineCall, ...]] = {}
         self._num_steps: int | None = None
         self._solver: Solver = "heun"
@@ -137,6 +167,9 @@ class BrickChain:
     # ---------------------------------------------------------------- checks before any compute
     def check(self, batch: int, height: int, width: int, cfg_scale: float | None = None) -> None:
         """Refuse a batch, size or guidance the engines cannot take (raises ShapeError / ProfileError)."""
+        for name, value in (("batch", batch), ("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be a positive int, got {value!r}")
         self.config.check_guidance(cfg_scale)
         rows = 2 * batch if cfg_scale is not None else batch
         self.backend.check_shape(rows, height, width)
@@ -161,32 +194,51 @@ class BrickChain:
         raised inside the block is never masked: NaN/Inf found after it is added
         to it as a note.
         """
-        assert self._open is None, "chain.batch() blocks do not nest: they share the NaN/Inf flags"
+        if self._owner == threading.get_ident():
+            raise UsageError("chain.batch() blocks do not nest: finish the open block first (they share the NaN flags)")
         self.check(batch, height, width, cfg_scale)
+        self.check_labels(labels, batch)
+        self.backend.require_loaded()
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                with self._block(labels, batch, height, width, cfg_scale, num_steps, solver) as denoise:
+                    yield denoise
+            finally:
+                self._owner = None
+
+    @contextmanager
+    def _block(self, labels, batch, height, width, cfg_scale, num_steps, solver) -> Iterator[Denoiser]:
         guided = cfg_scale is not None
-        key = (batch, height, width, guided)
-        bufs = self._buffers.get(key)
-        if bufs is None:
-            bufs = self._buffers[key] = ChainBuffers(self.backend, batch, height, width, guided)
-        if bufs is not self._bound:
-            self.backend.bind(bufs.shape)
-            self._bound = bufs
-        engine_labels(
-            None if labels is None else labels.to(self.device),
-            batch,
-            self.config,
-            guided=guided,
-            out=bufs.labels,
-        )
-        if guided:
-            bufs.scale.fill_(cfg_scale)
+        bufs = self._buffer_set(batch, height, width, guided)
+        with torch.inference_mode(False), torch.no_grad():
+            engine_labels(
+                None if labels is None else labels.to(self.device, torch.float32),
+                batch,
+                self.config,
+                guided=guided,
+                out=bufs.labels,
+            )
+            if guided:
+                bufs.scale.fill_(cfg_scale)
+            self._watch.reset()
         self._num_steps, self._solver = num_steps, solver
-        self._watch.reset()
         self._open = bufs
+        C = self.config.img_channels
 
         def denoise(x: Tensor, sigma: Tensor, active: tuple[int, ...]) -> Tensor:
-            assert self._open is bufs, "this denoiser belongs to a finished chain.batch() block"
-            with torch.no_grad():
+            if self._open is not bufs:
+                raise UsageError("this denoiser belongs to a finished chain.batch() block; open a new block")
+            if not isinstance(x, Tensor) or tuple(x.shape) != (batch, C, height, width) or not x.is_floating_point():
+                got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+                raise UsageError(
+                    f"x: expected a float tensor of shape {(batch, C, height, width)} "
+                    f"([batch, channels, height, width] of this block), got {got}"
+                )
+            if not isinstance(sigma, Tensor) or tuple(sigma.shape) not in ((batch,), ()):
+                got = tuple(sigma.shape) if isinstance(sigma, Tensor) else type(sigma).__name__
+                raise UsageError(f"sigma: expected a tensor of shape ({batch},) (one noise level per image), got {got}")
+            with torch.inference_mode(False), torch.no_grad():  # the buffers are normal tensors
                 return self._denoise(bufs, x, sigma, active)
 
         try:
@@ -203,6 +255,50 @@ class BrickChain:
                 self._raise_if_nonfinite()
         finally:
             self._open = None
+
+    def check_labels(self, labels: Tensor | None, batch: int) -> None:
+        """Refuse labels that are not one-hot (or soft) rows [batch, label_dim], naming what to pass instead."""
+        L = self.config.label_dim
+        if labels is None:
+            return
+        if not L:
+            refuse_unconditional(self.config.name, L, "class labels")
+        hint = f"one-hot rows of shape ({batch}, {L}), e.g. torch.nn.functional.one_hot(classes, {L}).float()"
+        if not isinstance(labels, Tensor):
+            raise UsageError(f"labels: expected a tensor of {hint}, got {type(labels).__name__}")
+        if labels.dim() == 1 and not labels.is_floating_point():
+            raise UsageError(f"labels: got class indices of shape {tuple(labels.shape)}; pass {hint}")
+        if not labels.is_floating_point():
+            raise UsageError(f"labels: expected a float tensor of {hint}, got dtype {labels.dtype}")
+        if tuple(labels.shape) != (batch, L):
+            raise UsageError(f"labels: expected {hint}, got shape {tuple(labels.shape)}")
+
+    def _buffer_set(self, batch: int, height: int, width: int, guided: bool) -> ChainBuffers:
+        """The buffers of this shape (least recently used set, and its graphs, evicted past the bound)."""
+        key = (batch, height, width, guided)
+        bufs = self._buffers.get(key)
+        if bufs is not None:
+            self._buffers.move_to_end(key)
+            return bufs
+        bufs = self._buffers[key] = ChainBuffers(self.backend, batch, height, width, guided)
+        while len(self._buffers) > self.max_buffer_sets:
+            old, _ = self._buffers.popitem(last=False)
+            if self.graphs is not None:  # their graphs point into the evicted buffers
+                self.graphs.discard(lambda k, old=old: (k.batch, k.height, k.width, k.guided) == old)
+        return bufs
+
+    def clear(self) -> None:
+        """Drop every buffer set (and CUDA graph); the next batch of each shape allocates afresh."""
+        if self._owner == threading.get_ident():
+            raise UsageError("chain.clear() inside a chain.batch() block: clear after the block ends")
+        with self._lock:
+            self._buffers.clear()
+            if self.graphs is not None:
+                self.graphs.discard(lambda k: True)
+
+    def __len__(self) -> int:
+        """Buffer sets kept."""
+        return len(self._buffers)
 
     def _denoise(self, bufs: ChainBuffers, x: Tensor, sigma: Tensor, active: tuple[int, ...]) -> Tensor:
         plan = self._plans.get(active)

@@ -64,6 +64,13 @@ class CudaGraphCache:
     def __contains__(self, key: GraphKey) -> bool:
         return key in self._graphs
 
+    def discard(self, which: Callable[[GraphKey], bool]) -> int:
+        """Drop the graphs whose key ``which`` accepts (their buffers are going away); returns how many."""
+        gone = [k for k in self._graphs if which(k)]
+        for k in gone:
+            del self._graphs[k]
+        return len(gone)
+
     def run(self, key: GraphKey, step: Callable[[], None]) -> None:
         """Replay the graph of ``key``; on its first use run ``step`` eagerly (the real call), then capture it."""
         graph = self._graphs.get(key)

@@ -26,7 +26,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,15 +38,15 @@ from tqdm import tqdm
 from lego_model.errors import LegoError
 from lego_model.flops import check_memory
 from lego_model.images import parse_seeds, to_uint8_nhwc
-from lego_model.sampler import MAX_STEPS, check_churn, draw_latents, edm_sample, evaluations_per_step
+from lego_model.sampler import MAX_STEPS, check_churn, evaluations_per_step
 from lego_model.skip import SkipPlan
 from lego_model.vae import NO_VAE_HINT
 from runtimes import distributed
 from runtimes.backends import BACKENDS, Backend, open_backend
 from runtimes.backends.ort import check_threads, default_threads
-from runtimes.chain import BrickChain
 from runtimes.decode import VAE_BACKENDS, Decoder, open_decoder
 from runtimes.errors import OutputError
+from runtimes.generator import Generator
 from runtimes.outputs import LATENTS_NPZ, RunOutputs, check_writable, run_settings, weights_identity
 
 log = logging.getLogger(__name__)
@@ -140,40 +140,18 @@ def batches(seeds: list[int], size: int) -> list[list[int]]:
     return [seeds[i : i + size] for i in range(0, len(seeds), size)]
 
 
-def default_batch(backend: Backend, guided: bool, cap: int = 16) -> int:
-    """The largest batch up to ``cap`` that every engine's profile takes (guidance doubles the rows)."""
-    max_rows = backend.max_rows()
-    if max_rows is None:
-        return cap
-    return max(1, min(cap, max_rows // (2 if guided else 1)))
-
-
-def make_randn_like(rnd, device: torch.device, churn: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Per-seed noise for the sampler's churn, drawn on the CPU generators as the eager path does.
-
-    Without churn the sampler multiplies the noise by 0, so zeros give the same
-    images without drawing (and without a host-to-device copy per step).
-    """
-    if not churn:
-        return torch.zeros_like
-    if device.type == "cpu":
-        return rnd.randn_like
-    return lambda x: rnd.randn(x.shape, dtype=x.dtype).to(x.device, non_blocking=True)
-
-
 @dataclass
 class SamplingRun:
-    """A run that passed every check: its backend (loaded by ``with run.backend``), chain, and this rank's work."""
+    """A run that passed every check: its generator (loaded by ``with run.generator``) and this rank's work."""
 
     opts: SampleOptions
     info: distributed.RankInfo
-    backend: Backend
-    chain: BrickChain
+    generator: Generator
     height: int
     width: int
+    plan: SkipPlan
     seeds: list[int]  # every seed of the run (rank 0 assembles the grid and npz from all of them)
     groups: list[list[int]]  # this rank's batches
-    steps: list[tuple[int, ...]]  # active bricks per sampling step
     outputs: RunOutputs  # --out, --npz and run.json
     report: SampleReport
     decoder: Decoder | None = None  # latent models: latents -> images after each batch
@@ -182,7 +160,7 @@ class SamplingRun:
     @property
     def writes_latents(self) -> bool:
         """A latent model without a decoder: its output is latents, not images."""
-        return self.backend.config.is_latent and self.decoder is None
+        return self.generator.config.is_latent and self.decoder is None
 
 
 def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
@@ -200,7 +178,8 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
         threads=threads,
         ort_optimization=opts.ort_optimization,
     )
-    cfg = backend.config
+    gen = Generator(backend, cuda_graphs=opts.cuda_graphs, why=why)
+    cfg = gen.config
     height, width = opts.height or cfg.resolution, opts.width or cfg.resolution
     cfg.check_image_size(height, width)
     cfg.check_class(opts.class_idx)
@@ -215,8 +194,7 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
     seeds = parse_seeds(opts.seeds)
     plan = SkipPlan.from_text(cfg, opts.skip, opts.skip_preset)
     steps = plan.steps(opts.steps)  # refuses a plan that leaves a step without bricks
-    chain = BrickChain(backend, cuda_graphs=opts.cuda_graphs)
-    batch = opts.batch or default_batch(backend, opts.cfg_scale is not None)
+    batch = opts.batch or gen.max_batch(opts.cfg_scale is not None)
     churn = dict(S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise)
     settings = run_settings(
         config=cfg,
@@ -241,8 +219,8 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
     )
     skipped = len(shard) - len(todo)
     groups = batches(todo, batch)
-    for size in sorted({len(g) for g in groups} | {batch}):
-        chain.check(size, height, width, opts.cfg_scale)  # the engines' profile ranges
+    for group in [[0] * batch, *({len(g): g for g in groups}.values())]:  # every batch size a request will have
+        gen.check(group, **request_args(opts, height, width, plan, batch))
     if backend.device.type == "cpu" and groups:  # host memory: the torch backend has no profile to bound it
         check_memory(cfg, height, width, max(len(g) for g in groups) * (2 if opts.cfg_scale is not None else 1))
     if backend.device.type == "cpu":
@@ -254,15 +232,13 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
         why=why,
         precision=backend.precision,
         device=str(backend.device),
-        graphs=chain.graphs is not None,
+        graphs=gen.chain.graphs is not None,
         plan_text=plan.describe(cfg, opts.steps, opts.solver, height, width),
         skipped_existing=skipped,
         decoder=None if decoder is None else decoder.name,
         latent=cfg.is_latent,
     )
-    return SamplingRun(
-        opts, info, backend, chain, height, width, seeds, groups, steps, outputs, report, decoder=decoder
-    )
+    return SamplingRun(opts, info, gen, height, width, plan, seeds, groups, outputs, report, decoder=decoder)
 
 
 def _open_decoder(opts: SampleOptions, backend: Backend, threads: int) -> Decoder | None:
@@ -284,20 +260,40 @@ def _open_decoder(opts: SampleOptions, backend: Backend, threads: int) -> Decode
     )
 
 
+def request_args(
+    opts: SampleOptions, height: int, width: int, plan: SkipPlan, batch: int, latent: bool = False
+) -> dict:
+    """The ``Generator.generate`` arguments of one batch of this run (all but its seeds).
+
+    A latent model's batch comes back as float64 latents (``output="tensor"``), to be decoded or saved.
+    """
+    return dict(
+        classes=opts.class_idx,
+        size=(height, width),
+        plan=plan,
+        cfg_scale=opts.cfg_scale,
+        steps=opts.steps,
+        solver=opts.solver,
+        S_churn=opts.S_churn,
+        S_min=opts.S_min,
+        S_max=opts.S_max,
+        S_noise=opts.S_noise,
+        batch=batch,
+        output="tensor" if latent else "uint8",
+    )
+
+
 def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[list[int], np.ndarray]]:
     """Sample this rank's batches: (seeds, uint8 NHWC images) per batch; timing goes into ``run.report``.
 
-    A latent model's batch is decoded after the sampling clock stops (the
-    decoder has its own); without a decoder the batch comes as float32 NCHW
-    latents.  Call it inside ``with run.backend`` (and ``run.decoder``).
+    Each batch is one ``Generator.generate`` request.  A latent model's batch is
+    decoded after the sampling clock stops (the decoder has its own); without a
+    decoder the batch comes as float32 NCHW latents.  Call it inside ``with
+    run.generator`` (and ``run.decoder``).
     """
-    opts, info, cfg, report = run.opts, run.info, run.backend.config, run.report
+    opts, info, report, cfg = run.opts, run.info, run.report, run.generator.config
     calls_per_batch = sum(evaluations_per_step(opts.steps, opts.solver))
-    churn = dict(S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise)
     for i, group in enumerate(run.groups):
-        latents, labels, rnd = draw_latents(
-            group, cfg.img_channels, run.height, run.width, cfg.label_dim, opts.class_idx
-        )
         where = f"batch {i + 1}/{len(run.groups)}"
         bar = tqdm(
             total=opts.steps,
@@ -308,29 +304,10 @@ def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[li
             position=info.rank,
         )
         t0 = time.perf_counter()
-        with run.chain.batch(
-            labels,
-            batch=len(group),
-            height=run.height,
-            width=run.width,
-            cfg_scale=opts.cfg_scale,
-            num_steps=opts.steps,
-            solver=opts.solver,
-        ) as denoise:
-            images = edm_sample(
-                denoise,
-                latents.to(run.backend.device),
-                num_steps=opts.steps,
-                solver=opts.solver,
-                randn_like=make_randn_like(rnd, run.backend.device, opts.S_churn > 0),
-                active_per_step=run.steps,
-                on_step=lambda _, bar=bar: bar.update(),
-                **churn,
-            )
+        kwargs = request_args(opts, run.height, run.width, run.plan, len(group), latent=cfg.is_latent)
+        arr = run.generator.generate(group, on_step=lambda _, bar=bar: bar.update(), **kwargs)
         if cfg.is_latent:
-            arr = images.float().cpu()  # copies to the host: the clock below reads finished work
-        else:
-            arr = to_uint8_nhwc(images)  # copies to the host: the clock below reads finished work
+            arr = arr.float().cpu()  # copies to the host: the clock below reads finished work
         elapsed = time.perf_counter() - t0
         bar.close()
         if run.decoder is not None:  # once per batch, outside the sampling loop and its CUDA graphs
@@ -362,7 +339,7 @@ def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, 
     """
     info = info or distributed.rank_info()
     run = prepare_run(opts, info)
-    with run.backend, run.decoder or contextlib.nullcontext():
+    with run.generator, run.decoder or contextlib.nullcontext():
         for group, images in sample_batches(run, progress):
             write_batch(run, group, images)
     distributed.barrier(info)

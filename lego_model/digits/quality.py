@@ -73,7 +73,7 @@ def standard_plans(config: LegoConfig) -> list[tuple[str, SkipPlan]]:
     plans = [("full stack", SkipPlan(K))]
     for k in range(K - 1):
         trailing = ",".join(str(j) for j in range(k + 1, K))
-        plans.append((f"exit after brick {k}", SkipPlan.parse([f"{trailing}@0:1"], K)))
+        plans.append((f"exit after brick {k}", SkipPlan.parse([f"{trailing}@0:1"], config)))
     if config.global_bricks != config.local_bricks:
         plans += [(f"global@{p:g}", SkipPlan.preset(f"global@{p:g}", config)) for p in GLOBAL_POINTS]
         plans += [(f"local@{p:g}", SkipPlan.preset(f"local@{p:g}", config)) for p in LOCAL_POINTS]

@@ -9,14 +9,14 @@ import torch
 
 from lego_model.checkpoints import load_checkpoint
 from lego_model.errors import LegoError
-from runtimes.backends.base import Backend, BoundShape
+from runtimes.backends.base import Backend
 from runtimes.errors import BackendError
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "torch")
 
-__all__ = ["BACKENDS", "Backend", "BoundShape", "choose_backend", "open_backend"]
+__all__ = ["BACKENDS", "Backend", "choose_backend", "open_backend"]
 
 
 def choose_backend(requested: str, *, formats: list[str], trt_problem: str | None, ort_cuda: bool) -> tuple[str, str]:
@@ -60,23 +60,35 @@ def open_backend(
     local_rank: int = 0,
     threads: int | None = None,
     ort_optimization: str = "all",
+    ort_arena: bool = True,
+    device: str | torch.device | None = None,
 ) -> tuple[Backend, str]:
     """Build (not yet enter) the backend for a sampling run, and say why it was chosen.
 
-    Everything that can refuse (manifest checks, missing libraries or GPU,
-    engines built for another GPU or TensorRT) refuses here, before any compute.
-    ``config`` names the architecture of a ``checkpoint`` that carries none.
+    ``threads``: intra-op threads of ONNX Runtime's sessions (default: the
+    usable cores).  ``ort_arena``: ONNX Runtime's CPU memory arena (off: the
+    sessions allocate from the system allocator instead).
+    ``device``: where the torch backend runs ("cpu", "cuda", "cuda:1"; default
+    GPU ``local_rank`` when torch sees one, else the CPU); engine backends run
+    where their engines do.  ``config`` names the architecture of a
+    ``checkpoint`` that carries none.  Everything that can refuse (manifest
+    checks, missing libraries or GPU, engines built for another GPU or
+    TensorRT) refuses here, before any compute.
     """
     from runtimes.backends.ort import cuda_provider_available
 
     if config is not None and (requested != "torch" or checkpoint is None):
         raise BackendError("--config names the architecture of a --checkpoint for --backend torch; leave it out")
-
+    if device is not None and requested != "torch":
+        raise BackendError(
+            f"device= chooses where the torch backend runs; backend {requested!r} runs where its engines do "
+            "(pass backend='torch' with device=)"
+        )
     if engine_dir is None:
         if requested != "torch" or checkpoint is None:
             raise BackendError("--engine-dir is required (only --backend torch --checkpoint FILE runs without engines)")
         model = load_checkpoint(checkpoint, config)
-        return _torch_backend(model, local_rank), "requested, weights from --checkpoint"
+        return _torch_backend(model, local_rank, device), "requested, weights from --checkpoint"
 
     from export.manifest import load_manifest
 
@@ -98,7 +110,7 @@ def open_backend(
             if checkpoint
             else model_from_manifest(manifest, engine_dir)
         )
-        return _torch_backend(model, local_rank), why
+        return _torch_backend(model, local_rank, device), why
     if name == "tensorrt":
         from runtimes.backends.trt import TensorRTBackend
 
@@ -109,16 +121,22 @@ def open_backend(
         raise BackendError("--backend onnxruntime-cuda needs onnxruntime-gpu and a visible GPU; use onnxruntime-cpu")
     kind = "cuda" if name == "onnxruntime-cuda" else "cpu"
     backend = OnnxRuntimeBackend(
-        manifest, engine_dir, device=_device(kind, local_rank), threads=threads, optimization=ort_optimization
+        manifest,
+        engine_dir,
+        device=_device(kind, local_rank),
+        threads=threads,
+        optimization=ort_optimization,
+        arena=ort_arena,
     )
     return backend, why
 
 
-def _torch_backend(model, local_rank: int) -> Backend:
+def _torch_backend(model, local_rank: int, device: str | torch.device | None = None) -> Backend:
     from runtimes.backends.torch_backend import TorchBackend
 
-    kind = "cuda" if torch.cuda.is_available() else "cpu"
-    return TorchBackend(model, device=_device(kind, local_rank))
+    if device is None:
+        device = _device("cuda" if torch.cuda.is_available() else "cpu", local_rank)
+    return TorchBackend(model, device=device)
 
 
 def _tensorrt_problem(manifest, local_rank: int) -> str | None:

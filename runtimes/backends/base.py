@@ -4,18 +4,28 @@ A backend runs one engine ("embedder", "brick0", "brick1", ...) on tensors the
 brick chain owns.  Lifecycle, as Polygraphy's runners::
 
     with SomeBackend(...) as backend:           # load: sessions / engines / model, once
-        backend.bind(shape)                      # once per (rows, H, W): set shapes, drop stale bindings
-        backend.infer(call, inputs, outputs)     # per engine call, on the bound buffers
+        backend.infer(call, inputs, outputs)     # per engine call, on the caller's buffers
 
 ``inputs`` and ``outputs`` map the engine's tensor names (DESIGN.md, "Engine
-contract") to torch tensors of the chain; a backend may cache whatever it
-derives from them per ``call`` until the next :meth:`Backend.bind`, because
-the chain hands the same tensors for the same call and shape.
+contract") to torch tensors of the caller (a chain's buffers).  Whatever a
+backend derives from them (ONNX Runtime I/O bindings, TensorRT input shapes)
+it caches keyed by the buffers themselves -- data pointer, shape and dtype of
+every tensor (:func:`buffers_key`) -- in a bounded cache it owns, so any
+number of chains, and callers with tensors of their own, may share one
+backend: handed other buffers, it rebinds.  Nothing is keyed by the call
+alone, and no caller tells a backend when to rebind.
+
+Threads: ``infer`` may be called from several threads on distinct buffers
+(the binding cache is locked; ONNX Runtime's ``run`` is thread-safe); one set
+of buffers must not be used by two threads at once, which the chain ensures
+with its own lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,7 +34,7 @@ from torch import Tensor
 
 from export.manifest import TORCH_DTYPES
 from lego_model.configs import LegoConfig
-from runtimes.errors import BackendError
+from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
     from export.manifest import EngineEntry
@@ -36,9 +46,9 @@ class EngineCall:
 
     ``src`` is None for engines without ``f_prev`` (the embedder, brick 0),
     ``"zeros"`` for the first active brick when brick 0 is skipped, else the
-    ping-pong buffer ``"f0"``/``"f1"`` the previous active brick wrote.  The
-    chain hands the same call object with the same tensors every time, so a
-    backend may key per-call state (I/O bindings) by it.
+    ping-pong buffer ``"f0"``/``"f1"`` the previous active brick wrote.  It
+    names the slots of a chain's buffer set, not the tensors: a backend keys
+    its bindings by the tensors it is handed (:func:`buffers_key`).
     """
 
     engine: str
@@ -47,13 +57,53 @@ class EngineCall:
     dst: str
 
 
-@dataclass(frozen=True)
-class BoundShape:
-    """The shape a backend is bound to: engine batch rows (2x the images under guidance), height, width."""
+def buffers_key(engine: str, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> Hashable:
+    """What a binding of ``engine`` to these tensors depends on: per tensor its name, data pointer, shape, dtype.
 
-    rows: int
-    height: int
-    width: int
+    Two calls with equal keys may share a binding (it points at the same
+    memory, read as the same shape and dtype); any other change of buffers
+    gives another key, hence a new binding.
+    """
+    return (
+        engine,
+        tuple((n, t.data_ptr(), tuple(t.shape), t.dtype, t.device) for n, t in inputs.items()),
+        tuple((n, t.data_ptr(), tuple(t.shape), t.dtype, t.device) for n, t in outputs.items()),
+    )
+
+
+class BindingCache:
+    """A bounded, locked LRU cache of bindings by :func:`buffers_key`; ``get(key, make)`` builds on a miss.
+
+    Bounded because callers' buffers come and go (a chain evicts buffer sets,
+    callers pass tensors of their own): a binding whose buffers were freed is
+    only ever reused by buffers with the same pointer, shape and dtype, for
+    which it is exactly right, and the oldest are dropped past ``size``.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, object] = OrderedDict()
+        self._lock = threading.Lock()
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable, make: Callable[[], object]) -> object:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+                return found
+            found = self._items[key] = make()
+            self.misses += 1
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return found
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
 
 
 @dataclass(frozen=True)
@@ -111,15 +161,25 @@ class Backend:
         self.config = config
         self.device = device
         self.dtypes = BufferDtypes()
-        self.shape: BoundShape | None = None
+        self.loaded = False
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> Backend:
         self.load()
+        self.loaded = True
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.loaded = False
         self.close()
+
+    def require_loaded(self) -> None:
+        """Refuse engine calls before ``with backend:`` loaded it (or after it closed)."""
+        if not self.loaded:
+            raise UsageError(
+                f"the {self.name} backend is not loaded: run engines inside `with backend:` "
+                "(or use runtimes.Generator, which loads its backend)"
+            )
 
     def load(self) -> None:
         """Create sessions / engines / model; called once by ``__enter__``."""
@@ -138,13 +198,13 @@ class Backend:
         """Largest batch (in engine rows) every engine takes; None when unlimited."""
         return None
 
-    def bind(self, shape: BoundShape) -> None:
-        """Prepare for calls at ``shape``; cached per-call state of another shape is dropped."""
-        self.check_shape(shape.rows, shape.height, shape.width)
-        self.shape = shape
-
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
-        """Run engine ``call.engine`` reading ``inputs`` and writing into ``outputs`` (no allocation of I/O)."""
+        """Run engine ``call.engine`` reading ``inputs`` and writing into ``outputs`` (no allocation of I/O).
+
+        Any tensors may be handed (contiguous, on :attr:`device`, of the
+        engine's dtypes); the backend rebinds when they differ from the last
+        ones it bound for this engine.  Call it inside ``with backend:``.
+        """
         raise NotImplementedError
 
 

@@ -1,9 +1,17 @@
 """ONNX Runtime backend: one InferenceSession per engine, I/O bound to the chain's torch buffers.
 
 The buffers are torch tensors (CPU, or CUDA for the CUDA execution provider);
-each (engine call, shape) gets one ``IOBinding`` that points ONNX Runtime at
-their memory, created on first use and reused for every later step, so a
-denoiser call copies nothing in or out of the sessions.
+each set of buffers an engine is handed gets one ``IOBinding`` that points
+ONNX Runtime at their memory, created on first use and reused whenever the
+same buffers (data pointers, shapes, dtypes) come again, so a denoiser call
+copies nothing in or out of the sessions.  The bindings live in a bounded
+cache keyed by those buffers (:class:`runtimes.backends.base.BindingCache`):
+any number of chains may share one backend, and new buffers always rebind.
+
+Memory: ONNX Runtime's CPU arena (``arena=True``, its default) keeps what the
+largest request allocated for the session's lifetime; ``arena=False`` leaves
+allocation to the system allocator.  ``python -m benchmarks.soak`` measures
+resident memory along 200 mixed requests with either.
 
 Graph optimizations (``optimization``): ``"all"`` (default) is ONNX Runtime's
 ``ORT_ENABLE_ALL`` (constant folding, LayerNorm/GELU/MatMul+Add fusions,
@@ -27,8 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from runtimes.backends.base import BoundShape, EngineBackend, EngineCall, buffer_dtypes, check_engine_set
-from runtimes.errors import BackendError
+from runtimes.backends.base import BindingCache, EngineBackend, EngineCall, buffer_dtypes, buffers_key, check_engine_set
+from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
     from export.manifest import EngineEntry, Manifest
@@ -93,6 +101,8 @@ class OnnxRuntimeBackend(EngineBackend):
         threads: int | None = None,
         optimization: str = "all",
         spin: bool = False,
+        arena: bool = True,
+        max_bindings: int = 256,
     ) -> None:
         super().__init__(manifest.config, device)
         self.manifest = manifest
@@ -100,6 +110,7 @@ class OnnxRuntimeBackend(EngineBackend):
         self.threads = threads or default_threads()
         self.optimization = optimization
         self.spin = spin
+        self.arena = arena
         self.entries: dict[str, EngineEntry] = manifest.engines_for("onnx")
         check_engine_set(self.entries, manifest.config, "onnx")
         precisions = sorted({e.precision for e in self.entries.values()})
@@ -110,7 +121,7 @@ class OnnxRuntimeBackend(EngineBackend):
                 raise BackendError(f"ONNX Runtime cannot bind {dtype} tensors ({name}); use fp32 or fp16 engines")
         self.name = "onnxruntime-cuda" if device.type == "cuda" else "onnxruntime-cpu"
         self.sessions: dict[str, Any] = {}
-        self._bindings: dict[EngineCall, Any] = {}
+        self._bindings = BindingCache(max_bindings)
         self._run_options: Any = None
         self._stream: torch.cuda.Stream | None = None
 
@@ -153,6 +164,7 @@ class OnnxRuntimeBackend(EngineBackend):
             opts.inter_op_num_threads = 1
             opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             opts.log_severity_level = 3
+            opts.enable_cpu_mem_arena = self.arena
             # Spinning worker threads cut wake-up latency between small ops, but on cores shared with other
             # processes they burn the time slices the work needs: lego_S_PG_64, 2 threads on a loaded 2-core
             # machine ran 472 ms per call without spinning and 788 ms with it (benchmarks/test_runtime.py).
@@ -189,15 +201,10 @@ class OnnxRuntimeBackend(EngineBackend):
         self._bindings.clear()
         self.sessions.clear()
 
-    def bind(self, shape: BoundShape) -> None:
-        if shape != self.shape:
-            self._bindings.clear()
-        super().bind(shape)
-
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
-        binding = self._bindings.get(call)
-        if binding is None:
-            binding = self._bindings[call] = self._make_binding(call, inputs, outputs)
+        self.require_loaded()
+        key = buffers_key(call.engine, inputs, outputs)
+        binding = self._bindings.get(key, lambda: self._make_binding(call, inputs, outputs))
         if self._stream is None:
             self.sessions[call.engine].run_with_iobinding(binding, self._run_options)
             return
@@ -216,8 +223,13 @@ class OnnxRuntimeBackend(EngineBackend):
             ([o.name for o in session.get_outputs()], outputs, binding.bind_output),
         ):
             for name in names:
-                t = tensors[name]
-                assert t.is_contiguous() and t.device == self.device, f"{call.engine}.{name} is not a bound buffer"
+                t = tensors.get(name)
+                if t is None or not t.is_contiguous() or t.device != self.device or t.dtype not in _NUMPY:
+                    raise UsageError(
+                        f"{call.engine}.{name}: pass a contiguous {self.device} tensor of "
+                        f"{' or '.join(map(str, _NUMPY))}, got "
+                        + ("nothing" if t is None else f"{t.dtype} on {t.device}, contiguous={t.is_contiguous()}")
+                    )
                 bind(
                     name=name,
                     device_type=device_type,

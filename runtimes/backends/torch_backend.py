@@ -8,6 +8,7 @@ verified, or its random-init seed replayed) or from ``--checkpoint``.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,8 @@ from torch import Tensor
 from lego_model.checkpoints import file_sha256, load_checkpoint
 from lego_model.errors import CheckpointError
 from lego_model.model import LegoModel
-from runtimes.backends.base import Backend, EngineCall
+from runtimes.backends.base import Backend, EngineCall, require_cuda
+from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
     from export.manifest import Manifest
@@ -57,23 +59,42 @@ def model_from_manifest(manifest: Manifest, engine_dir: str | Path) -> LegoModel
 
 
 class TorchBackend(Backend):
-    """The embedder and bricks of a LegoModel, run eagerly (and capturable into CUDA graphs)."""
+    """The embedder and bricks of a LegoModel, run eagerly (and capturable into CUDA graphs).
+
+    The caller's model is never modified: it is run as it is when it already
+    sits on ``device`` in eval mode, and a copy is moved there otherwise (also
+    for a model in training mode, whose flag ``.eval()`` would flip).  A CUDA
+    ``device`` where torch sees no GPU is refused here, with a BackendError.  Calls run under
+    ``torch.no_grad()``, so the weights' ``requires_grad`` is left as it is.
+    """
 
     name = "torch"
     precision = "fp32"
 
-    def __init__(self, model: LegoModel, *, device: torch.device) -> None:
+    def __init__(self, model: LegoModel, *, device: torch.device | str = "cpu") -> None:
+        device = torch.device(device)
+        if device.type == "cuda":
+            device = require_cuda("the torch backend on a CUDA device", device.index or 0)
+        elif device.type != "cpu":
+            raise BackendError(f"the torch backend runs on 'cpu' or 'cuda[:N]', not {str(device)!r}")
         super().__init__(model.config, device)
+        self.source = model
         self.model = model
-        self.supports_cuda_graphs = device.type == "cuda"
+        self.supports_cuda_graphs = self.device.type == "cuda"
 
     def load(self) -> None:
-        self.model = self.model.to(self.device).eval().requires_grad_(False)
+        src = self.source
+        on_device = all(p.device == self.device for p in src.parameters())
+        if on_device and not src.training:
+            self.model = src
+        else:  # nn.Module.to and .eval() work in place: move a copy, leave the caller's model alone
+            self.model = copy.deepcopy(src).to(self.device).eval()
 
     def close(self) -> None:
-        pass  # the model belongs to the caller
+        self.model = self.source  # drop a copy made by load(); the source belongs to the caller
 
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
+        self.require_loaded()
         with torch.no_grad():
             if call.brick is None:
                 outputs["cond"].copy_(self.model.embed(inputs["c_noise"], inputs.get("class_labels")))

@@ -20,6 +20,7 @@ manifest entry, so a plan in another engine's slot is refused before it runs.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from export.manifest import FileTensor, check_engine_io, check_plan_identity, entry_identity
-from runtimes.backends.base import BoundShape, EngineBackend, EngineCall, buffer_dtypes, check_engine_set, require_cuda
+from runtimes.backends.base import EngineBackend, EngineCall, buffer_dtypes, check_engine_set, require_cuda
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
@@ -151,6 +152,7 @@ class TensorRTBackend(EngineBackend):
         self._scratch: Tensor | None = None
         self._trt: Any = None
         self._runtime: Any = None
+        self._lock = threading.Lock()  # an execution context is not thread-safe: shapes, addresses, enqueue
 
     def load(self) -> None:
         for warning in check_engines_here(self.entries, self.device):
@@ -202,19 +204,19 @@ class TensorRTBackend(EngineBackend):
         self._runtime = None
         self._scratch = None
 
-    def bind(self, shape: BoundShape) -> None:
-        super().bind(shape)
-        for name, entry in self.entries.items():
-            ctx = self.contexts[name]
-            for spec in entry.inputs:
-                dims = spec.concrete(shape.rows, shape.height, shape.width)
-                if not ctx.set_input_shape(spec.name, dims):
-                    raise BackendError(
-                        f"TensorRT refused shape {dims} for {name}.{spec.name}; check the engine profile"
-                    )
-
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
+        self.require_loaded()
+        with self._lock:
+            self._enqueue(call, inputs, outputs)
+
+    def _enqueue(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         ctx = self.contexts[call.engine]
+        # The context's input shapes and addresses follow the tensors handed now (whoever handed them):
+        # both are host-side settings, cheap to repeat, so nothing is cached that another caller could stale.
+        for name, t in inputs.items():
+            dims = tuple(t.shape)
+            if tuple(ctx.get_tensor_shape(name)) != dims and not ctx.set_input_shape(name, dims):
+                raise BackendError(f"TensorRT refused shape {dims} for {call.engine}.{name}; check the engine profile")
         for tensors in (inputs, outputs):
             for name, t in tensors.items():
                 ctx.set_tensor_address(name, t.data_ptr())

@@ -31,7 +31,7 @@ def test_forward_and_early_exits(official, name, case):
         for k in range(n):
             # The authors' early exit after brick k is the plan that skips bricks k+1.. on every step.
             trailing = ",".join(str(j) for j in range(k + 1, n))
-            plan = SkipPlan.parse([f"{trailing}@0:1"] if trailing else [], n)
+            plan = SkipPlan.parse([f"{trailing}@0:1"] if trailing else [], model.config)
             (active,) = plan.steps(1)
             assert active == tuple(range(k + 1))
             torch.testing.assert_close(

@@ -85,7 +85,7 @@ def test_sample_per_class_and_evaluate_plan():
     torch.manual_seed(0)
     classifier = DigitClassifier().eval()
     real = torch.randn(50, 64)
-    plan = SkipPlan.parse(["2@0:1"], 3)
+    plan = SkipPlan.parse(["2@0:1"], TINY)
     row = evaluate_plan(model, classifier, real, "exit after brick 1", plan, 2, num_steps=2)
     assert 0 <= row.accuracy <= 1 and row.frechet >= 0
     assert row.relative_cost == pytest.approx(plan.relative_cost(TINY, 2, "heun", 16, 16))

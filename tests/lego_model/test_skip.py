@@ -11,16 +11,32 @@ PG, PR, U = get_config("lego_S_PG_64"), get_config("lego_S_PR_64"), get_config("
 
 
 def test_rule_covers_from_inclusive_to_exclusive():
-    plan = SkipPlan.parse(["2@0.5:1"], 3)
+    plan = SkipPlan.parse(["2@0.5:1"], PG)
     assert plan.steps(4) == [(0, 1, 2), (0, 1, 2), (0, 1), (0, 1)]
 
 
 def test_top_and_lists_and_several_rules():
-    plan = SkipPlan.parse(["top@0:0.25", "0, 1@0.75:1"], 4)
+    plan = SkipPlan.parse(["top@0:0.25", "0, 1@0.75:1"], U)  # 5 bricks: top is brick 4
     steps = plan.steps(8)
-    assert steps[0] == steps[1] == (0, 1, 2)
-    assert steps[2] == (0, 1, 2, 3)
-    assert steps[6] == steps[7] == (2, 3)
+    assert steps[0] == steps[1] == (0, 1, 2, 3)
+    assert steps[2] == (0, 1, 2, 3, 4)
+    assert steps[6] == steps[7] == (2, 3, 4)
+
+
+def test_parse_takes_the_config_like_preset_and_of_accepts_plans_and_text():
+    with pytest.raises(SkipPlanError, match="takes the model's LegoConfig"):
+        SkipPlan.parse("2@0.6:1", 3)
+    one = SkipPlan.parse("2@0.6:1", PG)  # one rule as a string, not its characters
+    assert one.rules[0].bricks == (2,) and one == SkipPlan.parse(["2@0.6:1"], PG)
+    assert SkipPlan.of(None, PG) == SkipPlan(3) == SkipPlan.of("full stack", PG) == SkipPlan.of(str(SkipPlan(3)), PG)
+    assert SkipPlan.of(one, PG) is one
+    assert SkipPlan.of("2@0.6:1", PG) == one
+    both = SkipPlan.of(["global@0.5", "0@0:0.2"], PG)
+    assert both == SkipPlan.preset("global@0.5", PG) + SkipPlan.parse("0@0:0.2", PG)
+    with pytest.raises(SkipPlanError, match="is for 5 bricks"):
+        SkipPlan.of(SkipPlan(5), PG)
+    with pytest.raises(SkipPlanError, match="pass a SkipPlan"):
+        SkipPlan.of([2], PG)
 
 
 def test_presets_pick_global_and_local_bricks_by_tile_size():
@@ -47,11 +63,11 @@ def test_presets_pick_global_and_local_bricks_by_tile_size():
 )
 def test_bad_rules(rule, message):
     with pytest.raises(SkipPlanError, match=message):
-        SkipPlan.parse([rule], 3)
+        SkipPlan.parse([rule], PG)
 
 
 def test_a_step_with_no_brick_is_an_error():
-    plan = SkipPlan.parse(["0,1@0.5:1", "2@0.5:1"], 3)
+    plan = SkipPlan.parse(["0,1@0.5:1", "2@0.5:1"], PG)
     assert plan.active(0, 2) == (0, 1, 2)
     with pytest.raises(SkipPlanError, match="leaves step 1 of 2 with no brick"):
         plan.steps(2)
@@ -68,11 +84,11 @@ def test_relative_cost_from_flops():
     full = SkipPlan(3)
     assert full.relative_cost(PG, 18, "heun", 64, 64) == pytest.approx(1.0)
     # Skip brick 2 on every step: cost = (embedder + bricks 0, 1) / (all).
-    plan = SkipPlan.parse(["2@0:1"], 3)
+    plan = SkipPlan.parse(["2@0:1"], PG)
     expected = denoiser_flops(PG, 64, 64, (0, 1)) / denoiser_flops(PG, 64, 64)
     assert plan.relative_cost(PG, 18, "euler", 64, 64) == pytest.approx(expected)
     # Heun weights steps by their denoiser calls: the last step has one call, the others two.
-    last = SkipPlan.parse(["2@0.9:1"], 3)  # only step 9 of 10 skips brick 2
+    last = SkipPlan.parse(["2@0.9:1"], PG)  # only step 9 of 10 skips brick 2
     saved = brick_flops(PG, 2, 64, 64) / (19 * denoiser_flops(PG, 64, 64))
     assert last.relative_cost(PG, 10, "heun", 64, 64) == pytest.approx(1 - saved)
 

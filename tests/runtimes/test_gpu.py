@@ -32,7 +32,7 @@ def sample(chain: BrickChain, seeds, steps: int, plan: SkipPlan, cfg_scale=None,
 @pytest.mark.parametrize("cfg_scale", [None, 2.0])
 def test_cuda_graphs_equal_eager_chain_and_capture_once_per_key(cfg_scale):
     model = tiny_model("tiny_PG_16")
-    plan = SkipPlan.parse(["2@0.5:1"], 3)
+    plan = SkipPlan.parse(["2@0.5:1"], model.config)
     device = torch.device("cuda", 0)
     with TorchBackend(model, device=device) as backend, torch.no_grad():
         plain = sample(BrickChain(backend, cuda_graphs=False), [0, 1], 6, plan, cfg_scale)
@@ -56,7 +56,7 @@ def test_cuda_graphs_equal_eager_chain_and_capture_once_per_key(cfg_scale):
 @needs_gpu
 def test_a_new_guidance_scale_replays_the_captured_graphs():
     model = tiny_model("tiny_PG_16")
-    plan = SkipPlan.parse(["2@0.5:1"], 3)
+    plan = SkipPlan.parse(["2@0.5:1"], model.config)
     with TorchBackend(model, device=torch.device("cuda", 0)) as backend:
         chain = BrickChain(backend, cuda_graphs=True)
         sample(chain, [0, 1], 6, plan, 2.0)

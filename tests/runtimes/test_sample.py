@@ -52,7 +52,7 @@ CASES = {
 def test_runtime_backends_match_the_eager_sampler(engines_pg, case):
     spec = dict(CASES[case])
     model = tiny_model("tiny_PG_16")
-    plan = SkipPlan.parse(spec.pop("plan"), 3)
+    plan = SkipPlan.parse(spec.pop("plan"), model.config)
     seeds, steps = [3, 7], 5
     want = sample_images(model, seeds, num_steps=steps, plan=plan, **spec)
     ort_backend, _ = open_backend("onnxruntime-cpu", engine_dir=engines_pg, threads=1)
