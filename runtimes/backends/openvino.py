@@ -177,6 +177,3 @@ class OpenVinoBackend(EngineBackend):
             assert t.is_contiguous() and t.device.type == "cpu", f"{engine}.{name} is not a bound buffer"
             request.set_tensor(name, ov.Tensor(t.numpy(), shared_memory=True))
         self._bound[engine] = (key, [t for _, t in tensors])
-
-    def describe(self) -> str:
-        return f"openvino on cpu ({self.precision}: {self.precision_why}), {self.threads} threads"
