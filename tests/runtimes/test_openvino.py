@@ -59,8 +59,9 @@ def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
 def chain_outputs(backend, labels, x, sigma, height, width, cfg_scale, patterns):
     with backend, torch.no_grad():
         chain = BrickChain(backend)
-        chain.begin(labels, batch=x.shape[0], height=height, width=width, cfg_scale=cfg_scale)
-        return {act: chain(x, sigma, act).clone() for act in patterns}
+        kw = dict(batch=x.shape[0], height=height, width=width, cfg_scale=cfg_scale)
+        with chain.batch(labels, **kw) as denoise:
+            return {act: denoise(x, sigma, act).clone() for act in patterns}
 
 
 @needs_openvino
@@ -121,24 +122,25 @@ def test_requests_are_bound_to_the_chain_buffers_and_rebound_when_they_change(en
     backend, _ = open_backend("openvino", engine_dir=engines_pg, threads=1, precision="fp32")
     with backend, torch.no_grad():
         chain = BrickChain(backend)
-        chain.begin(labels, batch=2, height=16, width=16)
 
         def reads(engine: str, name: str) -> int:
             return backend.requests[engine].get_tensor(name).data.ctypes.data
 
-        chain(x, sigma, (0, 1, 2))  # brick1 reads f0 (written by brick0), writes f1
-        bufs = chain._cur
-        assert reads("brick1", "f_prev") == bufs.slots["f0"].data_ptr()
-        assert reads("brick1", "f") == bufs.slots["f1"].data_ptr()
-        assert reads("embedder", "cond") == bufs.cond.data_ptr()
-        first = chain(x, sigma, (1, 2)).clone()  # brick1 first: reads the zeros, writes f0
-        assert reads("brick1", "f_prev") == bufs.slots["zeros"].data_ptr()
-        assert reads("brick1", "f") == bufs.slots["f0"].data_ptr()
-        chain.begin(labels[:1], batch=1, height=32, width=16)  # another shape: other buffers
-        chain(x[:1].repeat(1, 1, 2, 1), sigma[:1], (1, 2))
-        assert reads("brick1", "f_prev") == chain._cur.slots["zeros"].data_ptr()
-        chain.begin(labels, batch=2, height=16, width=16)
-        torch.testing.assert_close(chain(x, sigma, (1, 2)), first, rtol=0, atol=0)
+        with chain.batch(labels, batch=2, height=16, width=16) as denoise:
+            denoise(x, sigma, (0, 1, 2))  # brick1 reads f0 (written by brick0), writes f1
+            bufs = chain._buffers[(2, 16, 16, False)]
+            slots = bufs.slots
+            assert reads("embedder", "cond") == bufs.cond.data_ptr()
+            assert reads("brick1", "f_prev") == slots["f0"].data_ptr()
+            assert reads("brick1", "f") == slots["f1"].data_ptr()
+            first = denoise(x, sigma, (1, 2)).clone()  # brick1 first: reads the zeros, writes f0
+            assert reads("brick1", "f_prev") == slots["zeros"].data_ptr()
+            assert reads("brick1", "f") == slots["f0"].data_ptr()
+        with chain.batch(labels[:1], batch=1, height=32, width=16) as denoise:  # another shape: other buffers
+            denoise(x[:1].repeat(1, 1, 2, 1), sigma[:1], (1, 2))
+            assert reads("brick1", "f_prev") == chain._buffers[(1, 32, 16, False)].slots["zeros"].data_ptr()
+        with chain.batch(labels, batch=2, height=16, width=16) as denoise:
+            torch.testing.assert_close(denoise(x, sigma, (1, 2)), first, rtol=0, atol=0)
 
 
 def test_auto_takes_openvino_on_a_cpu_when_installed_else_onnxruntime():
