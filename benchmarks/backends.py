@@ -3,7 +3,10 @@
 ``eager`` and ``compile`` call the reference model directly (what a user of
 plain PyTorch runs); every other name goes through the runtime's brick chain
 exactly as ``python -m runtimes.sample`` does.  :func:`chain_batch` is the one place the benchmarks use the
-chain, :func:`run_engine` the one place they call an engine alone.
+chain, :func:`run_engine` the one place they call an engine alone.  Names ending in ``-fp32`` / ``-bf16`` are
+one runtime backend at a run-time precision (``--precision``, :data:`RUNTIME`): ``openvino-*`` where
+OpenVINO is installed, ``torch-bf16`` and ``openvino-bf16`` only where the hardware has bf16 units
+(elsewhere the runtime refuses bf16).
 """
 
 from __future__ import annotations
@@ -26,15 +29,41 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 Denoise = Callable[[Tensor, Tensor, tuple[int, ...]], Tensor]
 
 
+# Benchmark name -> (runtime backend, --precision); names not listed are the runtime backend at fp32.
+RUNTIME = {
+    "torch-graphs": ("torch", "fp32"),
+    "torch-bf16": ("torch", "bf16"),
+    "openvino-fp32": ("openvino", "fp32"),
+    "openvino-bf16": ("openvino", "bf16"),
+}
+
+
+def precision_of(backend: str) -> str:
+    """The compute precision a benchmarked backend runs at."""
+    return RUNTIME.get(backend, (backend, "fp32"))[1]
+
+
+def _bf16_hardware() -> bool:
+    from runtimes.backends.precision import cpu_bf16_units
+
+    return torch.cuda.is_bf16_supported() if DEVICE.type == "cuda" else bool(cpu_bf16_units())
+
+
 def available_backends() -> list[str]:
     """Backends this machine can run, eager first."""
+    from runtimes.backends.openvino import openvino_available
+
     names = ["eager", "compile", "onnxruntime-cpu"]
+    if openvino_available():
+        names += ["openvino-fp32", "openvino-bf16"] if _bf16_hardware() else ["openvino-fp32"]
     if DEVICE.type == "cuda":
         names += ["torch-graphs"]
         from runtimes.backends.ort import cuda_provider_available
 
         if cuda_provider_available():
             names.append("onnxruntime-cuda")
+    if _bf16_hardware():
+        names.append("torch-bf16")  # on CUDA with graphs, like torch-graphs
     return names
 
 
@@ -52,8 +81,13 @@ def denoiser(
     labels: Tensor | None,
     cfg_scale: float | None = None,
     num_steps: int | None = None,
+    threads: int | None = None,
 ) -> Iterator[Denoise]:
-    """A ready denoiser of ``backend`` for this batch shape; outputs are float32 on DEVICE."""
+    """A ready denoiser of ``backend`` for this batch shape; outputs are float32 on DEVICE.
+
+    ``threads`` goes to the runtime's CPU backends (ONNX Runtime, OpenVINO; default: every core); the torch
+    paths use torch's own setting (``torch.set_num_threads``).
+    """
     model = bm.model.to(DEVICE)
     labels = None if labels is None else labels.to(DEVICE)
     if backend in ("eager", "compile"):
@@ -68,9 +102,8 @@ def denoiser(
         yield eager
         return
 
-    kind = {"torch-graphs": "torch"}.get(backend, backend)
     with (
-        open_engines(bm, kind) as be,
+        open_engines(bm, backend, threads=threads) as be,
         chain_batch(
             be,
             labels,
@@ -79,7 +112,7 @@ def denoiser(
             width=width,
             cfg_scale=cfg_scale,
             num_steps=num_steps,
-            cuda_graphs=backend == "torch-graphs",
+            cuda_graphs=be.name == "torch",  # graphs only where the device is CUDA
         ) as (_, fn),
     ):
         if be.device == DEVICE:
@@ -93,14 +126,16 @@ def denoiser(
 
 
 @contextlib.contextmanager
-def open_engines(bm: BenchModel, kind: str, **options: Any) -> Iterator[Backend]:
-    """The runtime backend ``kind`` over ``bm``'s engine directory, loaded; the torch backend reuses bm's weights.
+def open_engines(bm: BenchModel, backend: str, **options: Any) -> Iterator[Backend]:
+    """The runtime backend of ``backend`` (a runtime name or a :data:`RUNTIME` name) over ``bm``'s engine
+    directory, loaded; the torch backend reuses bm's weights.
 
     ``options`` go to :func:`runtimes.backends.open_backend` (threads, ort_optimization).
     """
     from runtimes.backends import open_backend
 
-    be, _ = open_backend(kind, engine_dir=bm.engine_dir, **options)
+    kind, precision = RUNTIME.get(backend, (backend, "fp32"))
+    be, _ = open_backend(kind, engine_dir=bm.engine_dir, precision=precision, **options)
     if kind == "torch":
         be.model = bm.model.to(DEVICE)  # the already loaded reference weights
     with be:

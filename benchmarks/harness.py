@@ -106,7 +106,13 @@ def counted_flops(fn: Callable[[], Any]) -> int:
 
 
 def matmul_peak_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096), seconds: float = 1.0) -> float:
-    """This machine's measured matrix-multiply rate, in GFLOP/s: the best of square products of a few sizes."""
+    """This machine's measured matrix-multiply rate, in GFLOP/s: the best of square products of a few sizes.
+
+    On the CPU the best of torch and the CPU libraries the backends use: ONNX
+    Runtime's MLAS for fp32 (faster than torch's kernels on some CPUs) and
+    OpenVINO for fp32 and bf16 (its oneDNN AMX kernels), so that an engine is
+    compared with the fastest matmul of its own precision here.
+    """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     best = 0.0
     for n in sizes:
@@ -116,7 +122,20 @@ def matmul_peak_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048,
         best = max(best, 2 * n**3 / (stats["min_ms"] * 1e-3) / 1e9)
     if device == "cpu" and dtype == torch.float32:
         best = max(best, _ort_matmul_gflops(sizes, seconds))
+    if device == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        best = max(best, _openvino_matmul_gflops(sizes, seconds, "f32" if dtype == torch.float32 else "bf16"))
     return best
+
+
+def _matmul_onnx(n: int) -> bytes | None:
+    """A one-node ONNX model C = A @ B for float32 [n, n] inputs (None without the onnx package)."""
+    try:
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ABC"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "mm", io[:2], io[2:])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
 def _ort_matmul_gflops(sizes: tuple[int, ...], seconds: float) -> float:
@@ -124,17 +143,37 @@ def _ort_matmul_gflops(sizes: tuple[int, ...], seconds: float) -> float:
     try:
         import numpy as np
         import onnxruntime as ort
-        from onnx import TensorProto, helper
     except ImportError:
         return 0.0
     best = 0.0
     for n in sizes:
-        io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ABC"]
-        graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "mm", io[:2], io[2:])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        model = _matmul_onnx(n)
+        if model is None:
+            return 0.0
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
         feeds = {"A": np.random.randn(n, n).astype(np.float32), "B": np.random.randn(n, n).astype(np.float32)}
         stats = time_ms(lambda s=session, f=feeds: s.run(None, f), warmup=2, repeats=3, min_seconds=seconds)
+        best = max(best, 2 * n**3 / (stats["min_ms"] * 1e-3) / 1e9)
+    return best
+
+
+def _openvino_matmul_gflops(sizes: tuple[int, ...], seconds: float, hint: str) -> float:
+    """MatMul rate of OpenVINO on the CPU at inference precision ``hint`` (f32 or bf16), all cores, one stream."""
+    try:
+        import numpy as np
+        import openvino as ov
+    except ImportError:
+        return 0.0
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    best = 0.0
+    for n in sizes:
+        model = _matmul_onnx(n)
+        if model is None:
+            return 0.0
+        request = core.compile_model(core.read_model(model, b""), "CPU", config).create_infer_request()
+        feeds = {"A": np.random.randn(n, n).astype(np.float32), "B": np.random.randn(n, n).astype(np.float32)}
+        stats = time_ms(lambda r=request, f=feeds: r.infer(f), warmup=2, repeats=3, min_seconds=seconds)
         best = max(best, 2 * n**3 / (stats["min_ms"] * 1e-3) / 1e9)
     return best
 
@@ -159,9 +198,10 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "amx_bf16": "amx_bf16" in cpu_flags(),
+        "avx512_bf16": "avx512_bf16" in cpu_flags(),
         "avx512f": "avx512f" in cpu_flags(),
     }
-    for lib in ("onnx", "onnxruntime", "tensorrt"):
+    for lib in ("onnx", "onnxruntime", "openvino", "tensorrt"):
         try:
             info[lib] = __import__(lib).__version__
         except ImportError:

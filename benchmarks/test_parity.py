@@ -1,7 +1,10 @@
 """Parity of every backend with eager fp32: per engine, per denoiser call, per sampling run.
 
-Tolerances are explicit per precision (only fp32 engines are exported on a
-CPU machine); a breach fails the benchmark after its row is recorded.
+Tolerances are explicit per precision; a breach fails the benchmark after
+its row is recorded.  bf16 (OpenVINO and torch at run time) is held to its
+tolerance on the shipped, trained model only: with random weights the
+activations are chaotic and bf16 rounding is amplified far beyond what it
+does to a trained model (rows are recorded for them, not asserted).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.backends import DEVICE, available_backends, denoiser, open_engines, run_engine
+from benchmarks.backends import DEVICE, available_backends, denoiser, open_engines, precision_of, run_engine
 from benchmarks.conftest import SHIPPED
 from benchmarks.harness import max_abs, psnr, rel_l2
 from lego_model import SkipPlan, draw_latents, edm_sample
@@ -17,10 +20,24 @@ from lego_model.precond import canvas_coords, edm_scalings, model_input
 
 pytestmark = pytest.mark.benchmark
 
-# fp32 engines: relative L2 per engine / denoiser call, max abs for images in [-1, 1] units.
-TOLERANCE = {"fp32": {"rel_l2": 1e-4, "image_max_abs": 1e-3}}
+# Relative L2 per engine / denoiser call, max abs for images in [-1, 1] units.  bf16 keeps 8 significant bits
+# (step 2^-8 = 0.4 %); through a trained model's bricks that stays a few 1e-3 per call, and 18 Heun steps move a
+# pixel by at most a few uint8 levels (0.05 in [-1, 1] units is 6 levels).
+TOLERANCE = {
+    "fp32": {"rel_l2": 1e-4, "image_max_abs": 1e-3},
+    "bf16": {"rel_l2": 3e-2, "image_max_abs": 5e-2},
+}
 ENGINE_BACKENDS = [b for b in available_backends() if b not in ("eager", "compile")]
 MODELS = [SHIPPED, "lego_S_PG_64", "lego_S_PR_64", "lego_S_U_64"]
+
+
+def _check(name: str, backend: str, what: str, worst: float) -> None:
+    """Fail when ``worst`` breaches the backend's precision tolerance (bf16: on the trained model only)."""
+    precision = precision_of(backend)
+    if precision == "bf16" and name != SHIPPED:
+        return
+    limit = TOLERANCE[precision][what]
+    assert worst <= limit, f"{name}/{backend}: worst {what} {worst:.2e} > {limit:g}"
 
 
 def _get(bench_models, name):
@@ -43,7 +60,7 @@ def test_engine_parity(bench_models, report, name, backend):
     bm = _get(bench_models, name)
     cfg, model = bm.config, bm.model.to(DEVICE)
     worst = 0.0
-    with open_engines(bm, {"torch-graphs": "torch"}.get(backend, backend)) as be, torch.inference_mode():
+    with open_engines(bm, backend) as be, torch.inference_mode():
         for shape_name, (h, w) in bm.shapes().items():
             g = torch.Generator().manual_seed(1)
             sigma = torch.tensor([0.05, 20.0])
@@ -75,7 +92,7 @@ def test_engine_parity(bench_models, report, name, backend):
                     "parity: engines", model=name, backend=backend, engine=engine, shape=f"{h}x{w}",
                     size=shape_name, max_abs=max_abs(out, ref), rel_l2=err,
                 )  # fmt: skip
-    assert worst <= TOLERANCE["fp32"]["rel_l2"], f"{name}/{backend}: worst engine rel L2 {worst:.2e}"
+    _check(name, backend, "rel_l2", worst)
 
 
 def _active_sets(cfg) -> list[tuple[int, ...]]:
@@ -120,7 +137,7 @@ def test_denoiser_parity(bench_models, report, name, backend):
                         guidance=cfg_scale or "-", active=",".join(map(str, active)),
                         max_abs=max_abs(out, ref), rel_l2=err,
                     )  # fmt: skip
-    assert worst <= TOLERANCE["fp32"]["rel_l2"], f"{name}/{backend}: worst denoiser rel L2 {worst:.2e}"
+    _check(name, backend, "rel_l2", worst)
 
 
 @pytest.mark.parametrize("backend", ENGINE_BACKENDS)
@@ -159,4 +176,4 @@ def test_sampling_parity(bench_models, report, name, backend):
             guidance=cfg_scale or "-", plan=plan_name, max_abs=err,
             psnr_db=psnr(images[backend].clamp(-1, 1), images["eager"].clamp(-1, 1)),
         )  # fmt: skip
-    assert worst <= TOLERANCE["fp32"]["image_max_abs"], f"{name}/{backend}: worst image max abs {worst:.2e}"
+    _check(name, backend, "image_max_abs", worst)

@@ -2,18 +2,22 @@
 
 Per (model, backend, batch, size): median ms per denoiser call (full stack,
 no guidance), images/s of an 18-step Heun run (35 calls per image), the ratio
-to eager in the same run, counted FLOPs over time against this machine's
-measured matmul peak, and the peak resident memory while that backend ran.
+to eager fp32 and to torch.compile in the same run, counted FLOPs over time
+against this machine's measured matmul peaks (fp32 and bf16; ``pct_own_peak``
+is against the peak of the backend's precision), and the peak resident memory
+while that backend ran.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import statistics
 
 import pytest
 import torch
 
-from benchmarks.backends import DEVICE, available_backends, denoiser
+from benchmarks.backends import DEVICE, available_backends, denoiser, precision_of
 from benchmarks.conftest import SHIPPED
 from benchmarks.harness import PeakMemory, counted_flops, current_rss_mib, matmul_peak_gflops, time_ms
 from lego_model.sampler import evaluations_per_step
@@ -33,8 +37,8 @@ def peaks(report):
         bf16 = matmul_peak_gflops(torch.bfloat16)
     report.add("machine peak", device=str(DEVICE), fp32_gflops=fp32, bf16_gflops=bf16 or float("nan"))
     report.notes.append(
-        "fp32 peak: the best square matmul rate of torch and ONNX Runtime (MLAS is faster than torch's kernels here); "
-        "bf16 peak: torch."
+        "fp32 peak: the best square matmul rate of torch, ONNX Runtime (MLAS) and OpenVINO; "
+        "bf16 peak: the best of torch and OpenVINO (oneDNN, AMX where present)."
     )
     return fp32, bf16
 
@@ -62,7 +66,7 @@ def test_speed(bench_models, report, peaks, name):
         sigma = torch.full((batch,), 1.3, dtype=torch.float64, device=DEVICE)
         labels = torch.eye(cfg.label_dim)[torch.arange(batch) % cfg.label_dim] if cfg.label_dim else None
         flops = counted_flops(functools.partial(bm.model.to(DEVICE), x, sigma, labels))
-        eager_ms = None
+        eager_ms = compile_ms = None
         for backend in available_backends():
             # torch.compile costs a compilation per shape (a minute on this CPU): the peer is measured at
             # batch 1 and the training size of the shipped model and lego_S_PG_64.
@@ -77,19 +81,82 @@ def test_speed(bench_models, report, peaks, name):
             ms = stats["median_ms"]
             if backend == "eager":
                 eager_ms = ms
+            if backend == "compile":
+                compile_ms = ms
             gflops = flops / (ms * 1e-3) / 1e9
+            precision = precision_of(backend)
+            own_peak = bf16_peak if precision == "bf16" else fp32_peak
             report.add(
-                "speed", model=name, backend=backend, batch=batch, size=f"{h}x{w}", pixels=h * w,
-                ms_per_call=ms, ms_per_image_call=ms / batch,
+                "speed", model=name, backend=backend, precision=precision, batch=batch, size=f"{h}x{w}",
+                pixels=h * w, ms_per_call=ms, ms_per_image_call=ms / batch,
                 images_per_s=batch / (CALLS_PER_IMAGE * ms * 1e-3),
                 speedup_vs_eager=(eager_ms / ms) if eager_ms else float("nan"),
+                speedup_vs_compile=(compile_ms / ms) if compile_ms else float("nan"),
             )  # fmt: skip
             report.add(
-                "efficiency", model=name, backend=backend, batch=batch, size=f"{h}x{w}",
+                "efficiency", model=name, backend=backend, precision=precision, batch=batch, size=f"{h}x{w}",
                 gflop_per_call=flops / 1e9, achieved_gflops=gflops, pct_fp32_peak=100 * gflops / fp32_peak,
                 pct_bf16_peak=100 * gflops / bf16_peak if bf16_peak else float("nan"),
+                pct_own_peak=100 * gflops / own_peak if own_peak else float("nan"),
             )  # fmt: skip
             report.add(
                 "memory", model=name, backend=backend, batch=batch, size=f"{h}x{w}",
                 peak_rss_mib=mem.rss_mib, rss_before_mib=baseline, peak_cuda_mib=mem.cuda_mib,
             )  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [None, 1], ids=["all-cores", "1-thread"])
+@pytest.mark.parametrize("name", COMPILED)
+def test_speed_interleaved(bench_models, report, peaks, name, threads):
+    """Batch 1 at the training size, every backend open at once and timed call by call in turn.
+
+    On a shared machine the load drifts over the minutes a backend-by-backend
+    run takes; interleaving exposes every backend to the same load, so the
+    ratios between them hold even when the absolute times move.  The 1-thread
+    variant (every backend on one thread) is the robust one on an oversubscribed
+    machine: multi-threaded torch waits at every op for its slowest thread.
+    ``pct_own_peak`` is against the all-cores peak in both.
+    """
+    if name not in bench_models:
+        pytest.skip(f"{name} is not available on this machine")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        _interleaved(bench_models[name], report, peaks, name, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _interleaved(bm, report, peaks, name: str, threads: int | None) -> None:
+    cfg = bm.config
+    fp32_peak, bf16_peak = peaks
+    h = w = cfg.resolution
+    full = tuple(range(cfg.num_bricks))
+    x = torch.randn(1, cfg.img_channels, h, w, dtype=torch.float64, device=DEVICE)
+    sigma = torch.full((1,), 1.3, dtype=torch.float64, device=DEVICE)
+    labels = torch.eye(cfg.label_dim)[:1] if cfg.label_dim else None
+    flops = counted_flops(functools.partial(bm.model.to(DEVICE), x, sigma, labels))
+    names = available_backends()
+    samples: dict[str, list[float]] = {b: [] for b in names}
+    with contextlib.ExitStack() as stack:
+        kw = dict(batch=1, height=h, width=w, labels=labels, threads=threads)
+        fns = {b: stack.enter_context(denoiser(bm, b, **kw)) for b in names}
+        for fn in fns.values():  # warm-up: compilation, bindings, first-call allocations
+            for _ in range(2):
+                fn(x, sigma, full)
+        for _ in range(15):
+            for b, fn in fns.items():
+                samples[b].append(time_ms(functools.partial(fn, x, sigma, full), warmup=0, repeats=1)["median_ms"])
+    ms = {b: statistics.median(v) for b, v in samples.items()}
+    for b in names:
+        precision = precision_of(b)
+        gflops = flops / (ms[b] * 1e-3) / 1e9
+        own_peak = bf16_peak if precision == "bf16" else fp32_peak
+        q1, _, q3 = statistics.quantiles(samples[b], n=4)
+        report.add(
+            "speed: interleaved", model=name, backend=b, precision=precision, size=f"{h}x{w}", batch=1,
+            threads=threads or torch.get_num_threads(),
+            ms_per_call=ms[b], ms_q1=q1, ms_q3=q3, speedup_vs_eager=ms["eager"] / ms[b],
+            speedup_vs_compile=ms["compile"] / ms[b] if "compile" in ms else float("nan"),
+            achieved_gflops=gflops, pct_own_peak=100 * gflops / own_peak if own_peak else float("nan"),
+        )  # fmt: skip

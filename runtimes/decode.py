@@ -218,7 +218,9 @@ def open_decoder(
     if manifest is not None and engine_dir is not None:
         if backend == "tensorrt" and (entry := manifest.decoder_for("tensorrt")) is not None:
             return TensorRTDecoder(entry, engine_dir, _architecture(record), device=device)
-        if backend.startswith("onnxruntime") and (entry := manifest.decoder_for("onnx")) is not None:
+        # The openvino backend runs the same ONNX files; its vae_decoder.onnx is decoded by ONNX Runtime (cpu extra).
+        onnx_brick_backend = backend.startswith("onnxruntime") or backend == "openvino"
+        if onnx_brick_backend and (entry := manifest.decoder_for("onnx")) is not None:
             return OnnxDecoder(entry, engine_dir, _architecture(record), device=device, threads=threads)
     if backend == "torch" and record is not None:
         return TorchDecoder(_eager_vae(config, None, record), device)

@@ -44,6 +44,7 @@ from lego_model.vae import NO_VAE_HINT
 from runtimes import distributed
 from runtimes.backends import BACKENDS, Backend, open_backend
 from runtimes.backends.ort import check_threads, default_threads
+from runtimes.backends.precision import PRECISIONS
 from runtimes.decode import VAE_BACKENDS, Decoder, open_decoder
 from runtimes.errors import OutputError
 from runtimes.generator import Generator
@@ -82,6 +83,7 @@ class SampleOptions:
     ort_optimization: str = "all"
     vae: str | None = None
     vae_backend: str = "engine"
+    precision: str = "auto"
 
 
 @dataclass
@@ -177,6 +179,7 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
         local_rank=info.local_rank,
         threads=threads,
         ort_optimization=opts.ort_optimization,
+        precision=opts.precision,
     )
     gen = Generator(backend, cuda_graphs=opts.cuda_graphs, why=why)
     cfg = gen.config
@@ -230,7 +233,7 @@ def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
     report = SampleReport(
         backend=backend.name,
         why=why,
-        precision=backend.precision,
+        precision=f"{backend.precision} ({backend.precision_why})",
         device=str(backend.device),
         graphs=gen.chain.graphs is not None,
         plan_text=plan.describe(cfg, opts.steps, opts.solver, height, width),
@@ -391,7 +394,8 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     type=click.Choice(BACKENDS),
     default="auto",
     show_default=True,
-    help="auto: TensorRT if its engines run here, else ONNX Runtime CUDA, else ONNX Runtime CPU.",
+    help="auto: TensorRT if its engines run here, else ONNX Runtime CUDA, else on the CPU OpenVINO "
+    "when installed, else ONNX Runtime CPU.",
 )
 @click.option(
     "--checkpoint",
@@ -491,6 +495,15 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     show_default=True,
     help="Latent models: engine = the vae_decoder engine of the brick backend's format when the directory has "
     "one; torch = diffusers eager (weights from --vae or the manifest). With neither, latents are written.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="auto",
+    show_default=True,
+    help="Compute precision of the openvino and torch backends (the files stay fp32). auto: bf16 on OpenVINO "
+    "when the CPU has AMX or AVX512-BF16, else fp32; torch runs fp32 unless bf16 is asked. ONNX Runtime and "
+    "TensorRT run the precision the engines were exported in.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(quiet: bool, **kwargs) -> None:

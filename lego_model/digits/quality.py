@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +34,10 @@ from lego_model.model import LegoModel
 from lego_model.skip import SkipPlan
 
 log = logging.getLogger(__name__)
+
+# (seeds, class index, plan) -> images (N, C, H, W) in [-1, 1]: another sampling path (a runtime backend) for the
+# same seeds; the eager model's sampler when not given.
+Sampler = Callable[[list[int], int, SkipPlan], Tensor]
 
 GLOBAL_POINTS = (0.4, 0.6, 0.8)
 LOCAL_POINTS = (0.2, 0.4, 0.6)
@@ -101,10 +106,12 @@ def sample_per_class(
     solver: str = "heun",
     cfg_scale: float | None = None,
     seed_base: int = 0,
+    sample: Sampler | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``per_class`` samples of every class: (images (N, C, H, W) float32 in [-1, 1], requested classes (N,)).
 
-    Class c uses seeds seed_base + c * per_class + i, so every plan sees the same latents.
+    Class c uses seeds seed_base + c * per_class + i, so every plan (and every
+    ``sample`` path) sees the same latents.
     """
     from lego_model.eager import sample_images
 
@@ -113,17 +120,20 @@ def sample_per_class(
     images, classes = [], []
     for c in range(cfg.label_dim):
         seeds = list(range(seed_base + c * per_class, seed_base + (c + 1) * per_class))
-        x = sample_images(
-            model,
-            seeds,
-            height=cfg.resolution,
-            width=cfg.resolution,
-            num_steps=num_steps,
-            solver=solver,
-            class_idx=c,
-            cfg_scale=cfg_scale,
-            plan=plan,
-        )
+        if sample is not None:
+            x = sample(seeds, c, plan)
+        else:
+            x = sample_images(
+                model,
+                seeds,
+                height=cfg.resolution,
+                width=cfg.resolution,
+                num_steps=num_steps,
+                solver=solver,
+                class_idx=c,
+                cfg_scale=cfg_scale,
+                plan=plan,
+            )
         images.append(x.clamp(-1, 1).float())
         classes.append(torch.full((per_class,), c))
     return torch.cat(images), torch.cat(classes)
@@ -140,11 +150,15 @@ def evaluate_plan(
     num_steps: int = 18,
     solver: str = "heun",
     cfg_scale: float | None = None,
+    sample: Sampler | None = None,
 ) -> PlanQuality:
-    """Sample with ``plan`` and score the samples against the real features."""
+    """Sample with ``plan`` (through ``sample`` when given, else eagerly) and score the samples against the real
+    features."""
     cfg = model.config
     t0 = time.perf_counter()
-    images, classes = sample_per_class(model, plan, per_class, num_steps=num_steps, solver=solver, cfg_scale=cfg_scale)
+    images, classes = sample_per_class(
+        model, plan, per_class, num_steps=num_steps, solver=solver, cfg_scale=cfg_scale, sample=sample
+    )
     seconds = time.perf_counter() - t0
     pred, feats = predict(classifier, images)
     return PlanQuality(

@@ -155,6 +155,7 @@ class Backend:
 
     name: str = "backend"
     precision: str = "fp32"
+    precision_why: str = "the precision the engines were exported in"
     supports_cuda_graphs: bool = False
 
     def __init__(self, config: LegoConfig, device: torch.device) -> None:

@@ -4,6 +4,13 @@ Eager and engine paths then share the chain, the sampler and the CUDA graphs:
 on a GPU without TensorRT this backend with CUDA graphs is the fast path.
 The weights come from the checkpoint the manifest records (its sha256 is
 verified, or its random-init seed replayed) or from ``--checkpoint``.
+
+``precision="bf16"`` runs the model in bfloat16, so that eager and engine
+paths can be compared at equal precision: on the CPU under autocast (the
+weights stay fp32; torch casts them for each matmul, which its bf16 kernels
+need anyway), on a GPU through the exporter's bf16 forwards
+(``EngineSpec.module``: weights cast once, LayerNorm, the attention softmax
+and the timestep sinusoid kept in fp32, float32 I/O), which CUDA graphs capture.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from lego_model.checkpoints import file_sha256, load_checkpoint
 from lego_model.errors import CheckpointError
 from lego_model.model import LegoModel
 from runtimes.backends.base import Backend, EngineCall, require_cuda
+from runtimes.backends.precision import resolve_precision
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
@@ -69,9 +77,8 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
-    precision = "fp32"
 
-    def __init__(self, model: LegoModel, *, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: LegoModel, *, device: torch.device | str = "cpu", precision: str = "fp32") -> None:
         device = torch.device(device)
         if device.type == "cuda":
             device = require_cuda("the torch backend on a CUDA device", device.index or 0)
@@ -81,6 +88,9 @@ class TorchBackend(Backend):
         self.source = model
         self.model = model
         self.supports_cuda_graphs = self.device.type == "cuda"
+        # The reference model runs fp32 unless bf16 is asked: auto does not lean to bf16 here.
+        self.precision, self.precision_why = resolve_precision(precision, self.device, auto_bf16=False)
+        self._graphs: dict[str, tuple[torch.nn.Module, list[str], str]] = {}
 
     def load(self) -> None:
         src = self.source
@@ -89,13 +99,27 @@ class TorchBackend(Backend):
             self.model = src
         else:  # nn.Module.to and .eval() work in place: move a copy, leave the caller's model alone
             self.model = copy.deepcopy(src).to(self.device).eval()
+        if self.precision == "bf16" and self.device.type == "cuda":
+            from export.specs import engine_specs
+
+            # The exporter's bf16 forwards (weights cast once; LayerNorm, softmax, sinusoid in fp32); copies.
+            for spec in engine_specs(self.config):
+                graph = spec.module(self.model, "bf16").to(self.device).requires_grad_(False)
+                self._graphs[spec.name] = (graph, spec.input_names, spec.output_names[0])
 
     def close(self) -> None:
+        self._graphs.clear()
         self.model = self.source  # drop a copy made by load(); the source belongs to the caller
 
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         self.require_loaded()
-        with torch.no_grad():
+        if self._graphs:
+            graph, names, out = self._graphs[call.engine]
+            with torch.no_grad():
+                outputs[out].copy_(graph(*(inputs[n] for n in names)))
+            return
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        with torch.no_grad(), autocast:
             if call.brick is None:
                 outputs["cond"].copy_(self.model.embed(inputs["c_noise"], inputs.get("class_labels")))
             else:

@@ -149,7 +149,8 @@ def test_state_dict_checkpoint_asks_for_an_option_sample_has(tmp_path):
 
 # ---------------------------------------------------------------- resume with other settings, damaged outputs
 
-BASE = ["--seeds", "0-3", "--steps", "2", "--batch", "2"]
+# ONNX Runtime: auto would take OpenVINO, which computes bf16 where the CPU has bf16 units (run.json records it).
+BASE = ["--backend", "onnxruntime-cpu", "--seeds", "0-3", "--steps", "2", "--batch", "2"]
 
 CHANGED = {
     "steps": (["--steps", "3"], "steps 2 (this run: 3)"),
@@ -258,7 +259,18 @@ def _bytes_file(tmp_path: Path, data: bytes) -> Path:
 def test_nonfinite_fp32_engine_names_engine_step_precision_not_fp16(engines_nan, tmp_path):
     out = tmp_path / "new" / "deep" / "out"
     line = refused(
-        run_cli("--engine-dir", str(engines_nan), "--seeds", "0", "--steps", "3", "--out", str(out)),
+        run_cli(
+            "--engine-dir",
+            str(engines_nan),
+            "--backend",
+            "onnxruntime-cpu",
+            "--seeds",
+            "0",
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+        ),
         "brick 1 (onnxruntime-cpu, fp32) produced NaN/Inf at sampling step 0 of 3",
     )
     assert "fp16" not in line and "its weights likely hold NaN/Inf" in line
@@ -306,7 +318,7 @@ def test_resume_may_switch_to_another_backend_of_the_same_precision(engines_pg, 
     out = tmp_path / "out"
     assert run_cli("--engine-dir", str(engines_pg), *BASE, "--out", str(out)).exit_code == 0
     (out / "000003.png").unlink()
-    result = run_cli("--engine-dir", str(engines_pg), "--backend", "torch", *BASE, "--out", str(out), "--resume")
+    result = run_cli("--engine-dir", str(engines_pg), *BASE, "--backend", "torch", "--out", str(out), "--resume")
     assert result.exit_code == 0, result.output
     assert "sampled 1 images (3 already there)" in result.stdout
     assert json.loads((out / "run.json").read_text())["backend"] == "torch"

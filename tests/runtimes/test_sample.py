@@ -76,8 +76,8 @@ def one_line_error(result, pattern: str) -> None:
 def test_cli_writes_pngs_grid_npz_and_summary(engines_pg, tmp_path):
     out, npz = tmp_path / "out", tmp_path / "x.npz"
     result = run_cli(
-        "--engine-dir", str(engines_pg), "--seeds", "0-4", "--steps", "3", "--batch", "2",
-        "--skip-preset", "global", "--out", str(out), "--npz", str(npz),
+        "--engine-dir", str(engines_pg), "--backend", "onnxruntime-cpu", "--seeds", "0-4", "--steps", "3",
+        "--batch", "2", "--skip-preset", "global", "--out", str(out), "--npz", str(npz),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     for text in ("backend: onnxruntime-cpu", "precision fp32", "CUDA graphs off", "images/s", "ms per denoiser call",
@@ -207,8 +207,8 @@ def shipped_engines(tmp_path_factory) -> Path:
 
 def test_cli_end_to_end_on_the_shipped_model(shipped_engines, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("--engine-dir", str(shipped_engines), "--seeds", "0-3", "--steps", "4", "--batch", "2",
-                     "--out", str(out))  # fmt: skip
+    result = run_cli("--engine-dir", str(shipped_engines), "--backend", "onnxruntime-cpu", "--seeds", "0-3",
+                     "--steps", "4", "--batch", "2", "--out", str(out))  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "backend: onnxruntime-cpu" in result.stdout
     # The torch backend rebuilds the model from the manifest's checkpoint record (sha256 verified).
@@ -245,7 +245,7 @@ def test_torch_backend_verifies_the_manifest_checkpoint(tmp_path):
 
 def test_torch_backend_replays_a_random_init_manifest(engines_pg, tmp_path):
     common = ["--engine-dir", str(engines_pg), "--seeds", "0-1", "--steps", "3"]
-    assert run_cli(*common, "--out", str(tmp_path / "ort")).exit_code == 0
+    assert run_cli(*common, "--backend", "onnxruntime-cpu", "--out", str(tmp_path / "ort")).exit_code == 0
     result = run_cli(*common, "--backend", "torch", "--out", str(tmp_path / "torch"))
     assert result.exit_code == 0, result.output
     assert "backend: torch (requested) on cpu" in result.stdout

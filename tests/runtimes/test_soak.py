@@ -33,7 +33,8 @@ def test_mixed_requests_through_shared_backend_equal_eager(engines_pg, kind, cap
     model = tiny_model("tiny_PG_16")
     requests = list(mixed_requests(model.config, REQUESTS, seed=1, max_batch=3, max_side=32))
     assert len({(len(r["seeds"]), r["size"], r["cfg_scale"] is not None) for r in requests}) > BUFFER_SETS
-    options = {"device": "cpu"} if kind == "torch" else {"threads": 1}
+    # fp32 everywhere: the soak checks exactness against eager fp32 (bf16 has its own tolerance tests).
+    options = {"device": "cpu"} if kind == "torch" else {"threads": 1, "precision": "fp32"}
     backend, _ = open_backend(kind, engine_dir=engines_pg, **options)
     with backend:
         generators = [Generator(backend, max_buffer_sets=BUFFER_SETS) for _ in range(CHAINS)]

@@ -1,0 +1,180 @@
+"""OpenVINO backend: the manifest's ONNX files compiled for the CPU in fp32 or bf16, I/O on the chain's buffers.
+
+The files stay as exported (fp32); the precision is OpenVINO's
+``INFERENCE_PRECISION_HINT`` chosen when the backend loads
+(:func:`runtimes.backends.precision.resolve_precision`): ``auto`` is bf16
+where the CPU has AMX or AVX512-BF16 units, where OpenVINO runs the matmuls
+on them and keeps its own fp32 islands (normalisation statistics, softmax
+accumulation), else fp32.
+
+Each engine is compiled once with dynamic batch and spatial axes (a static
+reshape per (rows, H, W) measured no faster on lego_S_PG_64 and would cost a
+compile per shape) and gets one infer request.  Its inputs and outputs are
+``ov.Tensor`` views of the chain's torch buffers (zero copy, shared memory);
+a request is rebound when the buffers handed in change (their data pointers
+or shapes), since the chain's ping-pong buffers swap roles between skip
+patterns.  OpenVINO's model cache (``CACHE_DIR``, one directory per precision
+under :func:`default_model_cache`) keeps compiled blobs keyed by OpenVINO on
+the model and the device, so a second load skips compilation.
+
+Not thread-safe: an infer request bound to shared buffers serves one caller at a time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from runtimes.backends.base import EngineBackend, EngineCall, buffer_dtypes, buffers_key, check_engine_set
+from runtimes.backends.precision import resolve_precision
+from runtimes.errors import BackendError, UsageError
+
+if TYPE_CHECKING:
+    from export.manifest import EngineEntry, Manifest
+
+log = logging.getLogger(__name__)
+
+# OpenVINO's names for the inference precisions.
+_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+def import_openvino() -> Any:
+    """The openvino module, or a BackendError that says which extra installs it."""
+    try:
+        import openvino
+    except ImportError:
+        raise BackendError(
+            "openvino is not installed: pip install 'lego-deploy[cpu]' (or pip install openvino)"
+        ) from None
+    return openvino
+
+
+def openvino_available() -> bool:
+    """Whether the openvino package is importable here (without importing it)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+def cores_present() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_model_cache() -> Path:
+    """``openvino/`` under the project's cache directory ($LEGO_CACHE_DIR or ~/.cache/lego-deploy)."""
+    from export.tensorrt_build import default_cache_dir
+
+    return default_cache_dir() / "openvino"
+
+
+class OpenVinoBackend(EngineBackend):
+    """Runs the manifest's ONNX files with OpenVINO on the CPU at a precision chosen at load time."""
+
+    name = "openvino"
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        engine_dir: str | Path,
+        *,
+        precision: str = "auto",
+        threads: int | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__(manifest.config, torch.device("cpu"))
+        self.manifest = manifest
+        self.engine_dir = Path(engine_dir)
+        self.entries: dict[str, EngineEntry] = manifest.engines_for("onnx")
+        check_engine_set(self.entries, manifest.config, "onnx")
+        self.dtypes = buffer_dtypes(self.entries)
+        for tensor, dtype in vars(self.dtypes).items():
+            if dtype != torch.float32:
+                raise BackendError(
+                    f"OpenVINO runs float32 engine I/O, these engines have {dtype} {tensor}; "
+                    "export with lego-export --engines onnx (float32 I/O at every precision)"
+                )
+        self.precision, self.precision_why = resolve_precision(precision, self.device)
+        file_precisions = sorted({e.precision for e in self.entries.values()})
+        if file_precisions != ["fp32"]:
+            self.precision_why += f"; files exported in {'/'.join(file_precisions)}"
+        cores = cores_present()
+        self.threads = min(threads or cores, cores)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_model_cache()
+        self.requests: dict[str, Any] = {}
+        self.loaded_from_cache: dict[str, bool] = {}
+        # Per engine: the buffers_key of the tensors its request is bound to, and those tensors (held so that
+        # the memory an ov.Tensor points at outlives the binding).  One request per engine, shared by every
+        # chain on this backend: a request is re-pointed whenever it is handed other tensors, under the lock
+        # (an infer request is not thread-safe).
+        self._bound: dict[str, tuple[Hashable, list[Tensor]]] = {}
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        ov = import_openvino()
+        core = ov.Core()
+        # One cache directory per precision: OpenVINO's cache key leaves INFERENCE_PRECISION_HINT out (2026.4),
+        # and an fp32 blob loaded with the bf16 hint returned NaN.
+        cache = self.cache_dir / self.precision
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(cache)})
+        except OSError as err:  # a read-only home: compile every time rather than refuse
+            log.warning("OpenVINO model cache %s not writable (%s); compiling without it", cache, err)
+        config = {
+            "INFERENCE_PRECISION_HINT": _HINTS[self.precision],
+            # One request at a time, as fast as possible: one stream with all the threads.
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": "1",
+            "INFERENCE_NUM_THREADS": str(self.threads),
+        }
+        for name, entry in self.entries.items():
+            path = entry.path(self.engine_dir)
+            try:
+                compiled = core.compile_model(str(path), "CPU", config)
+            except RuntimeError as err:
+                msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise BackendError(
+                    f"OpenVINO cannot compile {path}: {msg}; re-export with lego-export --force"
+                ) from None
+            self.loaded_from_cache[name] = bool(compiled.get_property("LOADED_FROM_CACHE"))
+            self.requests[name] = compiled.create_infer_request()
+        log.info(
+            "openvino %s: %d engines, %s, %d threads, %d of them from the model cache %s",
+            ov.__version__,
+            len(self.requests),
+            self.precision,
+            self.threads,
+            sum(self.loaded_from_cache.values()),
+            cache,
+        )
+
+    def close(self) -> None:
+        self._bound.clear()
+        self.requests.clear()
+
+    def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
+        self.require_loaded()
+        request = self.requests[call.engine]
+        key = buffers_key(call.engine, inputs, outputs)
+        with self._lock:
+            bound = self._bound.get(call.engine)
+            if bound is None or bound[0] != key:
+                self._rebind(request, call.engine, [*inputs.items(), *outputs.items()], key)
+            request.infer()
+
+    def _rebind(self, request: Any, engine: str, tensors: list[tuple[str, Tensor]], key: Hashable) -> None:
+        """Point ``request``'s inputs and outputs at the torch buffers' memory (no copy)."""
+        import openvino as ov
+
+        for name, t in tensors:
+            if not t.is_contiguous() or t.device.type != "cpu":
+                raise UsageError(f"{engine}.{name}: pass a contiguous CPU tensor, got one on {t.device}")
+            request.set_tensor(name, ov.Tensor(t.numpy(), shared_memory=True))
+        self._bound[engine] = (key, [t for _, t in tensors])
