@@ -37,7 +37,7 @@ from torch import Tensor
 from lego_model.checkpoints import load_checkpoint
 from lego_model.images import to_uint8_nhwc
 from lego_model.model import LegoModel
-from lego_model.sampler import Solver, draw_latents, edm_sample
+from lego_model.sampler import MAX_STEPS, SEED_RANGE, Solver, check_churn, draw_latents, edm_sample
 from lego_model.shipped import shipped_checkpoint
 from lego_model.skip import SkipPlan
 from runtimes.backends import Backend, open_backend
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 Output = Literal["tensor", "uint8", "pil"]
 OUTPUTS = ("tensor", "uint8", "pil")
-SEED_LIMIT = 1 << 32  # per-seed generators take the seed modulo 2**32: larger seeds would repeat images
 BATCH_CAP = 16  # default largest batch, where the engine profiles allow it
 
 
@@ -279,9 +278,10 @@ class Generator:
         """Every refusal of a request, before any compute; the request, normalised."""
         cfg = self.config
         for name, value in churn.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-                raise UsageError(f"{name} must be a non-negative number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UsageError(f"{name} must be a number, got {value!r}")
         churn = {k: float(v) for k, v in churn.items()}
+        check_churn(**churn)  # the ranges, as the CLIs check them
         if self._state == "closed":
             raise UsageError("this Generator is closed; build a new one")
         seeds_expected = "ints in [0, 2**32)"
@@ -292,7 +292,7 @@ class Generator:
         if not seed_list:
             raise UsageError("seeds: pass at least one seed")
         for s in seed_list:
-            if not 0 <= s < SEED_LIMIT:
+            if not 0 <= s < SEED_RANGE:
                 raise UsageError(f"seeds: expected {seeds_expected}, got {s!r}")
         class_expected = f"ints in [0, {cfg.label_dim})"
         if _is_int(classes):
@@ -321,8 +321,8 @@ class Generator:
                 raise UsageError(f"cfg_scale must be a finite number or None, got {cfg_scale!r}")
             cfg_scale = float(cfg_scale)
         cfg.check_guidance(cfg_scale)
-        if not _is_int(steps) or steps < 1:
-            raise UsageError(f"steps must be a positive int, got {steps!r}")
+        if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
+            raise UsageError(f"steps must be an int in 1..{MAX_STEPS}, got {steps!r}")
         steps = int(steps)
         if solver not in ("heun", "euler"):
             raise UsageError(f"solver must be 'heun' or 'euler', got {solver!r}")

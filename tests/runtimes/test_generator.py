@@ -15,7 +15,7 @@ import torch
 from export.errors import ProfileError
 from lego_model import SkipPlan, shipped_checkpoint
 from lego_model.eager import sample_images
-from lego_model.errors import ShapeError, SkipPlanError
+from lego_model.errors import LegoError, ShapeError, SkipPlanError
 from runtimes import Generator
 from runtimes.backends import open_backend
 from runtimes.backends.base import EngineCall
@@ -375,14 +375,18 @@ GENERATE_MISUSE = [
     (dict(seeds=[0], size=(16,)), UsageError, r"size: expected \(height, width\)"),
     (dict(seeds=[0], size=(80, 16)), ProfileError, r"height 80 not in \[16, 64\]"),  # the engines' profile
     (dict(seeds=[0], cfg_scale=float("nan")), UsageError, "cfg_scale must be a finite number"),
-    (dict(seeds=[0], steps=0), UsageError, "steps must be a positive int"),
+    (dict(seeds=[0], steps=0), UsageError, r"steps must be an int in 1\.\.1000"),
+    (dict(seeds=[0], steps=10**7), UsageError, r"steps must be an int in 1\.\.1000"),
     (dict(seeds=[0], solver="dpm"), UsageError, "solver must be 'heun' or 'euler'"),
     (dict(seeds=[0], output="png"), UsageError, "output must be one of tensor, uint8, pil"),
     (dict(seeds=[0], plan="2@0.6"), SkipPlanError, "cannot parse skip rule"),
     (dict(seeds=[0], plan=["0,1,2@0:1"]), SkipPlanError, "leaves step 0"),
     (dict(seeds=[0], batch=0), UsageError, "batch must be a positive int"),
     (dict(seeds=list(range(9)), batch=9), ProfileError, r"batch 9 not in \[1, 8\]"),
-    (dict(seeds=[0], S_churn=-1.0), UsageError, "S_churn must be a non-negative number"),
+    (dict(seeds=[0], S_churn=-1.0), LegoError, "S_churn -1.0 must be a finite number >= 0"),
+    (dict(seeds=[0], S_churn=float("inf")), LegoError, "S_churn inf must be a finite number >= 0"),
+    (dict(seeds=[0], S_min=2.0, S_max=1.0), LegoError, "must satisfy 0 <= S_min <= S_max"),
+    (dict(seeds=[0], S_noise="1"), UsageError, "S_noise must be a number"),
 ]
 
 
