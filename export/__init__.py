@@ -5,7 +5,8 @@ directory without loading onnx, onnxruntime or tensorrt.
 """
 
 from export.errors import ExportError, ManifestError, MissingDependencyError, ProfileError, VerificationError
-from export.manifest import (
+from export.manifest import load_manifest, write_manifest
+from export.records import (
     SCHEMA_VERSION,
     BuiltWith,
     CheckpointRecord,
@@ -15,8 +16,6 @@ from export.manifest import (
     TensorSpec,
     VaeRecord,
     Verification,
-    load_manifest,
-    write_manifest,
 )
 
 __all__ = [

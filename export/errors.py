@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from lego_model.errors import LegoError, ShapeError
 
+# How a ManifestError says to fix an engine directory that this toolchain's exporter did not write as it is.
+REEXPORT = "re-run lego-export --force"
+
 
 class ExportError(LegoError):
     """An export that cannot start or cannot finish (existing target, bad option, failed build)."""

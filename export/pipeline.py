@@ -34,26 +34,15 @@ from typing import Any
 import onnx
 import torch
 
-from export.errors import ExportError
-from export.manifest import (
-    MANIFEST_NAME,
-    BuiltWith,
-    CheckpointRecord,
-    EngineEntry,
-    Manifest,
-    ManifestError,
-    Profile,
-    Verification,
-    engine_identity,
-    file_sha256,
-    load_manifest,
-    read_manifest_json,
-    write_manifest,
-)
+from export.errors import ExportError, ManifestError
+from export.identity import engine_identity
+from export.manifest import MANIFEST_NAME, load_manifest, read_manifest_json, write_manifest
 from export.onnx_export import DEFAULT_OPSET, onnx_from_spec
+from export.records import BuiltWith, CheckpointRecord, EngineEntry, Manifest, Profile, Verification
 from export.specs import check_profile, default_profile, engine_specs
 from export.vae_spec import DEFAULT_VAE_BATCH, vae_decoder_spec, vae_profile, vae_record
 from export.verify import onnx_runner, verification_shapes, verify_engine
+from lego_model.checkpoints import file_sha256
 from lego_model.model import LegoModel
 from lego_model.vae import Vae
 

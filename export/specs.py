@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from export.errors import ProfileError
-from export.manifest import IO_DTYPE, PRECISION_DTYPES, PROFILE_LIMITS, TORCH_DTYPES, Profile, TensorSpec, contract_io
+from export.records import IO_DTYPE, PRECISION_DTYPES, PROFILE_LIMITS, TORCH_DTYPES, Profile, TensorSpec, contract_io
 from lego_model.configs import LegoConfig
 from lego_model.model import Attention, Brick, LegoModel
 from lego_model.precond import prepare_inputs

@@ -28,9 +28,11 @@ from typing import Any
 import numpy as np
 
 from export.errors import ExportError, MissingDependencyError, VerificationError
-from export.manifest import Profile, file_sha256, plan_name
+from export.identity import plan_name
+from export.records import Profile
 from export.specs import EngineSpec, profile_shapes
 from export.verify import EngineRunner
+from lego_model.checkpoints import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +160,7 @@ def engine_from_onnx(
 ) -> None:
     """Build one strongly typed TensorRT plan from an ONNX file with one optimization profile.
 
-    ``identity`` (:func:`export.manifest.engine_identity`) becomes the network's
+    ``identity`` (:func:`export.identity.engine_identity`) becomes the network's
     name, which the plan keeps (``ICudaEngine.name``) and the TensorRT backend checks.
     """
     import tensorrt as trt

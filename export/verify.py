@@ -30,7 +30,7 @@ import onnx
 import torch
 
 from export.errors import MissingDependencyError, VerificationError
-from export.manifest import MeasuredError, Profile, Verification
+from export.records import MeasuredError, Profile, Verification
 from export.specs import EngineSpec
 from lego_model.configs import LegoConfig
 from lego_model.model import LegoModel

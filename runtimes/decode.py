@@ -33,7 +33,7 @@ from lego_model.vae import DECODE_BUDGET_BYTES, Vae, decode_chunk, load_vae, req
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
-    from export.manifest import EngineEntry, Manifest
+    from export.records import EngineEntry, Manifest
 
 log = logging.getLogger(__name__)
 

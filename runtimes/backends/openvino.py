@@ -38,7 +38,7 @@ from runtimes.backends.precision import resolve_precision
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
-    from export.manifest import EngineEntry, Manifest
+    from export.records import EngineEntry, Manifest
 
 log = logging.getLogger(__name__)
 

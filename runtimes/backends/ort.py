@@ -39,7 +39,7 @@ from runtimes.backends.base import BindingCache, EngineBackend, EngineCall, buff
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
-    from export.manifest import EngineEntry, Manifest
+    from export.records import EngineEntry, Manifest
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from runtimes.backends.precision import resolve_precision
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
-    from export.manifest import Manifest
+    from export.records import Manifest
 
 log = logging.getLogger(__name__)
 

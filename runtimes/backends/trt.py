@@ -12,7 +12,7 @@ which keeps captured CUDA graphs valid when the shape changes.
 An engine only runs on the GPU architecture and TensorRT version it was
 built with; :func:`check_engine_compat` compares the manifest's
 ``built_with`` with what is here before anything is deserialized.  Each
-deserialized plan's identity (its network name, :func:`export.manifest.plan_name`)
+deserialized plan's identity (its network name, :func:`export.identity.plan_name`)
 and inputs and outputs (names, dtypes, static dims) are then compared with its
 manifest entry, so a plan in another engine's slot is refused before it runs.
 """
@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from export.manifest import FileTensor, check_engine_io, check_plan_identity, entry_identity
+from export.identity import check_engine_io, check_plan_identity, entry_identity
+from export.records import FileTensor
 from runtimes.backends.base import EngineBackend, EngineCall, buffer_dtypes, check_engine_set, require_cuda
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
-    from export.manifest import BuiltWith, EngineEntry, Manifest
+    from export.records import BuiltWith, EngineEntry, Manifest
 
 log = logging.getLogger(__name__)
 

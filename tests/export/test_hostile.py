@@ -25,22 +25,12 @@ from safetensors.torch import save_file
 
 from export import cli, pipeline
 from export.errors import ManifestError
-from export.manifest import (
-    MANIFEST_NAME,
-    PROFILE_LIMITS,
-    CheckpointRecord,
-    FileTensor,
-    TensorSpec,
-    check_engine_io,
-    check_plan_identity,
-    engine_identity,
-    file_sha256,
-    load_manifest,
-    onnx_declaration,
-    plan_name,
-)
+from export.identity import check_engine_io, check_plan_identity, engine_identity, plan_name
+from export.manifest import MANIFEST_NAME, load_manifest
+from export.onnx_wire import onnx_declaration
 from export.pipeline import ExportResult
-from lego_model.checkpoints import FORMAT_TAG, save_checkpoint
+from export.records import PROFILE_LIMITS, CheckpointRecord, FileTensor, TensorSpec
+from lego_model.checkpoints import FORMAT_TAG, file_sha256, save_checkpoint
 from lego_model.configs import get_config
 from lego_model.model import LegoModel
 
