@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from export import cli, pipeline
+from export import atomic, cli, pipeline
 from export.errors import ManifestError
 from export.identity import check_engine_io, check_plan_identity, engine_identity, plan_name
 from export.manifest import MANIFEST_NAME, load_manifest
@@ -633,7 +633,7 @@ def test_force_onto_a_symlinked_directory(previous: Path, tmp_path: Path) -> Non
 
 def test_replace_without_an_atomic_exchange(previous: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where renameat2 is missing, the fallback swap still replaces the directory and leaves nothing behind."""
-    monkeypatch.setattr(pipeline, "exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     result = export_cli("--config", TINY, "--random-init", "--seed", "7", "--out", previous, "--force", *FAST)
     assert result.exit_code == 0, result.output
     assert load_manifest(previous).checkpoint == CheckpointRecord.random_init(7)
@@ -645,7 +645,7 @@ def test_exchange_swaps_two_directories(tmp_path: Path) -> None:
     (tmp_path / "a" / "x").write_text("a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x").write_text("b")
-    if not pipeline.exchange(tmp_path / "a", tmp_path / "b"):
+    if not atomic.exchange(tmp_path / "a", tmp_path / "b"):
         pytest.skip("no renameat2 RENAME_EXCHANGE on this system")
     assert (tmp_path / "a" / "x").read_text() == "b" and (tmp_path / "b" / "x").read_text() == "a"
 
