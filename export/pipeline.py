@@ -39,7 +39,7 @@ from export.specs import check_profile, default_profile, engine_specs
 from export.vae_spec import DEFAULT_VAE_BATCH, vae_decoder_spec, vae_profile, vae_record
 from export.verify import onnx_runner, verification_shapes, verify_engine
 from lego_model.checkpoints import file_sha256
-from lego_model.files import check_writable
+from lego_model.files import check_writable, default_cache_dir
 from lego_model.model import LegoModel
 from lego_model.vae import Vae
 
@@ -58,7 +58,7 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     force: bool = False
     exporter: str = "dynamo"
-    cache_dir: Path | None = None  # TensorRT timing and engine caches; None: tensorrt_build.default_cache_dir()
+    cache_dir: Path | None = None  # TensorRT timing and engine caches; None: lego_model.files.default_cache_dir()
     seed: int = 0  # of the verification inputs
     vae: Vae | None = None  # adds a vae_decoder engine (latent models), always fp32 (export.vae_spec)
     vae_batch: tuple[int, int, int] = DEFAULT_VAE_BATCH  # its own batch range: guidance does not double it
@@ -241,7 +241,7 @@ def export_engine_dir(
         inputs.append(options.vae.source)
     trt_env = None
     if want_trt:
-        from export.tensorrt_build import default_cache_dir, require_tensorrt  # raises before anything is written
+        from export.tensorrt_build import require_tensorrt  # raises before anything is written
 
         trt_env = require_tensorrt(options.engines)
         inputs.append(options.cache_dir or default_cache_dir())
@@ -372,7 +372,6 @@ def _tensorrt_engine(
     """Build (or take from the engine cache) one plan, verify it on the GPU, and describe it."""
     from export.tensorrt_build import (
         EngineCache,
-        default_cache_dir,
         engine_cache_key,
         engine_cache_parts,
         engine_from_onnx,

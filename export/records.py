@@ -31,6 +31,7 @@ from export.errors import REEXPORT, ManifestError, ProfileError
 from lego_model.checkpoints import file_sha256
 from lego_model.configs import LegoConfig
 from lego_model.errors import ConfigError
+from lego_model.forwards import PRECISION_TORCH_DTYPES
 
 __all__ = [
     "DTYPES",
@@ -39,7 +40,6 @@ __all__ = [
     "KINDS",
     "MANIFEST_NAME",
     "PRECISIONS",
-    "PRECISION_DTYPES",
     "PROFILE_LIMITS",
     "SCHEMA_VERSION",
     "SYMBOLIC_DIMS",
@@ -63,9 +63,8 @@ __all__ = [
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("onnx", "tensorrt")
-# Engine precision (what --precision says) -> the dtype name its half-precision weights and casts use.
-PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-PRECISIONS = tuple(PRECISION_DTYPES)
+# Engine precisions (what --precision says): the forwards lego-export exports are computed in them.
+PRECISIONS = tuple(PRECISION_TORCH_DTYPES)
 # Tensor dtype names of the manifest -> torch dtypes (the runtimes' buffers, the exporter's casts).
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPES = tuple(TORCH_DTYPES)
@@ -74,7 +73,7 @@ VAE_ENGINE = "vae_decoder"
 VAE_UPSCALE = 8  # image side per latent side of the Stable Diffusion VAE (the contract's 8h x 8w)
 # The decoder's output sides are multiples of its input sides: "8*H", "8*W" (the ONNX files' own dim names).
 _SCALED_DIM = re.compile(r"^[1-9][0-9]*\*[HW]$")
-# Engine I/O is float32 at every precision (export/specs.py says why).
+# Engine I/O is float32 at every precision (lego_model/forwards.py says why).
 IO_DTYPE = "float32"
 # Largest MAX of a profile range lego-export writes and the runtimes accept.  A TensorRT engine sizes its
 # scratch memory for the profile's largest shape, and the runtimes allocate it once at load: a batch of

@@ -113,14 +113,6 @@ def timing_cache_name(tensorrt_version: str, compute_capability: str) -> str:
     return f"timing-trt{tensorrt_version}-sm{compute_capability.replace('.', '')}.cache"
 
 
-def default_cache_dir() -> Path:
-    """``$LEGO_CACHE_DIR``, else ``$XDG_CACHE_HOME/lego-deploy``, else ``~/.cache/lego-deploy``."""
-    if os.environ.get("LEGO_CACHE_DIR"):
-        return Path(os.environ["LEGO_CACHE_DIR"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "lego-deploy"
-
-
 class EngineCache:
     """Plans stored as ``<key>.plan`` with ``<key>.json`` holding the key's parts and the plan's sha256."""
 
