@@ -4,7 +4,14 @@ Only the manifest API is imported here, so that runtimes can read an engine
 directory without loading onnx, onnxruntime or tensorrt.
 """
 
-from export.errors import ExportError, ManifestError, MissingDependencyError, ProfileError, VerificationError
+from export.errors import (
+    BackendError,
+    ExportError,
+    ManifestError,
+    MissingDependencyError,
+    ProfileError,
+    VerificationError,
+)
 from export.manifest import load_manifest, write_manifest
 from export.records import (
     SCHEMA_VERSION,
@@ -20,6 +27,7 @@ from export.records import (
 
 __all__ = [
     "SCHEMA_VERSION",
+    "BackendError",
     "BuiltWith",
     "CheckpointRecord",
     "EngineEntry",

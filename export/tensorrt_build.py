@@ -29,6 +29,7 @@ import numpy as np
 
 from export.errors import ExportError, MissingDependencyError, VerificationError
 from export.identity import plan_name
+from export.loaders import context_from_engine, engine_from_plan, plan_runtime
 from export.records import Profile
 from export.specs import EngineSpec, profile_shapes
 from export.verify import EngineRunner
@@ -192,16 +193,17 @@ def engine_from_onnx(
 
 
 def plan_runner(spec: EngineSpec, plan_path: str | Path) -> EngineRunner:
-    """A TensorRT plan on the GPU, for :func:`export.verify.verify_engine` (same loop as the ONNX check)."""
-    import tensorrt as trt
+    """A TensorRT plan on the GPU, for :func:`export.verify.verify_engine` (same loop as the ONNX check).
+
+    Deserialized and given its context by the runtimes' loaders (:mod:`export.loaders`); the plan has no
+    manifest entry yet, so its identity is checked when the runtimes load the directory.
+    """
     import torch
 
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
-    if engine is None:
-        raise ExportError(f"{spec.name}: TensorRT cannot load the plan it just built ({plan_path})")
+    runtime = plan_runtime()
+    engine = engine_from_plan(runtime, Path(plan_path).read_bytes(), str(plan_path))
     # The runtime must outlive its engine and the engine its context: the closure holds all three.
-    held = (runtime, engine, engine.create_execution_context())
+    held = (runtime, engine, context_from_engine(engine, spec.name))
     stream = torch.cuda.Stream()
     (out_name,) = spec.output_names
 

@@ -271,8 +271,8 @@ def test_plan_io_check_is_the_same_comparison() -> None:
 
 
 def test_trt_plan_io_reader_with_a_fake_engine() -> None:
-    """runtimes.backends.trt.plan_io reads names, modes, dtypes and shapes through the TensorRT tensor API."""
-    from runtimes.backends.trt import plan_io
+    """export.loaders.plan_io reads names, modes, dtypes and shapes through the TensorRT tensor API."""
+    from export.loaders import plan_io
 
     class Enum:
         def __init__(self, name: str) -> None:
