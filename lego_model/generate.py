@@ -25,8 +25,9 @@ from lego_model.checkpoints import load_checkpoint
 from lego_model.configs import get_config
 from lego_model.eager import sample_images
 from lego_model.errors import LegoError
+from lego_model.files import check_writable
 from lego_model.flops import check_memory, sampling_flops
-from lego_model.images import check_writable, class_row_seeds, make_grid, parse_seeds, save_image, to_uint8_nhwc
+from lego_model.images import class_row_seeds, make_grid, parse_seeds, save_image, to_uint8_nhwc
 from lego_model.model import LegoModel
 from lego_model.sampler import MAX_STEPS
 from lego_model.shipped import shipped_checkpoint

@@ -5,14 +5,12 @@
 
 from __future__ import annotations
 
+from export.errors import BackendError
 from lego_model.errors import LegoError, NonFiniteError, OutputError
 
-# NonFiniteError and OutputError are lego_model's: the eager path raises them too.
+# NonFiniteError and OutputError are lego_model's: the eager path raises them too.  BackendError is export's:
+# the engine loaders (export.loaders) that backends and lego-export's verification share raise it.
 __all__ = ["BackendError", "NonFiniteError", "OutputError", "UsageError"]
-
-
-class BackendError(LegoError):
-    """A backend that cannot run here: missing library or GPU, or engines built for another GPU/TensorRT."""
 
 
 class UsageError(LegoError):

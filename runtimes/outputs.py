@@ -27,7 +27,8 @@ import numpy as np
 
 from lego_model.checkpoints import file_sha256
 from lego_model.configs import LegoConfig
-from lego_model.images import check_writable, make_grid, save_image
+from lego_model.files import check_writable
+from lego_model.images import make_grid, save_image
 from runtimes.errors import OutputError
 
 __all__ = [

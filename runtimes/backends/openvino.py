@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lego_model.files import default_cache_dir
 from runtimes.backends.base import EngineBackend, EngineCall, buffer_dtypes, buffers_key, check_engine_set
 from runtimes.backends.precision import resolve_precision
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
-    from export.manifest import EngineEntry, Manifest
+    from export.records import EngineEntry, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,6 @@ def cores_present() -> int:
 
 def default_model_cache() -> Path:
     """``openvino/`` under the project's cache directory ($LEGO_CACHE_DIR or ~/.cache/lego-deploy)."""
-    from export.tensorrt_build import default_cache_dir
-
     return default_cache_dir() / "openvino"
 
 

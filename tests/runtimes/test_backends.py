@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from export.manifest import BuiltWith, load_manifest
+from export.manifest import load_manifest
+from export.records import BuiltWith
 from runtimes.backends import choose_backend, open_backend
 from runtimes.backends.base import buffer_dtypes
 from runtimes.backends.trt import check_engine_compat
