@@ -146,13 +146,14 @@ class BrickChain:
         self.config = backend.config
         self.device = backend.device
         self.check_finite = check_finite
+        cuda = backend.cuda
         # On the CPU a host read costs nothing extra; on CUDA it would synchronise inside the step loop.
-        self.check_each_call = check_finite and self.device.type == "cpu"
-        use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.check_each_call = check_finite and not cuda.is_device(self.device)
+        use_graphs = cuda_graphs and cuda.is_device(self.device)
         if cuda_graphs and use_graphs and not backend.supports_cuda_graphs:
             log.info("%s cannot be captured into CUDA graphs; running without", backend.name)
             use_graphs = False
-        self.graphs = CudaGraphCache(self.device) if use_graphs else None
+        self.graphs = CudaGraphCache(self.device, cuda) if use_graphs else None
         self.max_buffer_sets = max_buffer_sets
         self._buffers: OrderedDict[tuple[int, int, int, bool], ChainBuffers] = OrderedDict()  # LRU, newest last
         self._open: ChainBuffers | None = None  # the buffers of the batch block in progress

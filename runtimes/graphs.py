@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from runtimes.cuda import TORCH_CUDA, Cuda
+
 log = logging.getLogger(__name__)
 
 
@@ -51,8 +53,9 @@ class GraphKey:
 class CudaGraphCache:
     """Captured graphs by :class:`GraphKey`; ``run(key, step)`` replays or warms up and captures."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, cuda: Cuda = TORCH_CUDA) -> None:
         self.device = device
+        self.cuda = cuda
         self._graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self.captures = 0
@@ -78,19 +81,19 @@ class CudaGraphCache:
             graph.replay()
             self.replays += 1
             return
-        with torch.cuda.device(self.device):
+        with self.cuda.device_guard(self.device):
             self._capture(key, step)
 
     def _capture(self, key: GraphKey, step: Callable[[], None]) -> None:
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
+        cuda = self.cuda
+        current = cuda.current_stream(self.device)
+        side = cuda.new_stream(self.device)
         side.wait_stream(current)
-        with torch.cuda.stream(side):
+        with cuda.use_stream(side):
             step()  # warm-up; its outputs are this call's result
         current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: TensorRT may query its own state during enqueue, which "global" mode would forbid.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        graph = cuda.new_graph()
+        with cuda.capture(graph, pool=self._pool):
             step()
         if self._pool is None:
             self._pool = graph.pool()

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from export.records import TORCH_DTYPES
 from lego_model.configs import LegoConfig
+from runtimes.cuda import TORCH_CUDA, Cuda
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ class Backend:
     precision: str = "fp32"
     precision_why: str = "the precision the engines were exported in"
     supports_cuda_graphs: bool = False
+    cuda: Cuda = TORCH_CUDA  # the CUDA calls of this backend, its chains and their graphs (a fake in tests)
 
     def __init__(self, config: LegoConfig, device: torch.device) -> None:
         self.config = config

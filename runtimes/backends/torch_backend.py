@@ -31,6 +31,7 @@ from lego_model.forwards import engine_forward
 from lego_model.model import LegoModel
 from runtimes.backends.base import Backend, EngineCall, require_cuda
 from runtimes.backends.precision import resolve_precision
+from runtimes.cuda import Cuda
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
@@ -80,16 +81,20 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, model: LegoModel, *, device: torch.device | str = "cpu", precision: str = "fp32") -> None:
+    def __init__(
+        self, model: LegoModel, *, device: torch.device | str = "cpu", precision: str = "fp32", cuda: Cuda | None = None
+    ) -> None:
         device = torch.device(device)
         if device.type == "cuda":
             device = require_cuda("the torch backend on a CUDA device", device.index or 0)
         elif device.type != "cpu":
             raise BackendError(f"the torch backend runs on 'cpu' or 'cuda[:N]', not {str(device)!r}")
         super().__init__(model.config, device)
+        if cuda is not None:
+            self.cuda = cuda
         self.source = model
         self.model = model
-        self.supports_cuda_graphs = self.device.type == "cuda"
+        self.supports_cuda_graphs = self.cuda.is_device(self.device)
         # The reference model runs fp32 unless bf16 is asked: auto does not lean to bf16 here.
         self.precision, self.precision_why = resolve_precision(precision, self.device, auto_bf16=False)
         self._graphs: dict[str, tuple[torch.nn.Module, list[str], str]] = {}
