@@ -195,37 +195,32 @@ class _Step:
     heun: bool  # second-order correction (Heun, every step but the last)
 
 
-class SamplingLoop:
-    """One EDM run (Karras et al. 2022, Algorithm 2) as a program over buffers allocated once.
+@dataclass(frozen=True)
+class LoopSpec:
+    """Everything an EDM run's program depends on besides its inputs (latents, churn noise): validated, hashable.
 
-    Everything that does not change from image to image is fixed when the loop
-    is built: the schedule t_i and the churn coefficients as host floats, the
-    per-call noise levels as a float64 device table (the [B] rows the denoiser
-    receives), each step's active bricks, and the image-sized float64 buffers
-    of the state.  :meth:`load` fills the inputs: the latents, and the churn
-    noise drawn from the caller's ``randn_like`` before the loop, one draw per
-    step in the authors' order (so the per-seed generators give the same
-    numbers as a draw inside the loop would).  :meth:`run` is then the loop
-    itself: every update is an ``out=``/in-place op on those buffers, with
-    Python-float coefficients, in the operation order of the reference
-    sampler, so it allocates nothing, never reads the device from the host,
-    and can be captured into one CUDA graph (the denoiser must be capturable
-    too); uncaptured, the eager model and every backend run the same code.
-
-    :attr:`key` is everything the program depends on besides the contents of
-    its input buffers: a captured run of one key replays for any latents and noise.
-
-    Churn noise above ``noise_budget_bytes`` (huge canvases with churn on many
-    steps) is not preloaded but drawn inside :meth:`run` step by step, which
-    allocates there: such a loop reports ``capturable`` False.
+    Two runs of one spec run the same operations with the same coefficients, so a
+    CUDA graph captured for one replays for the other (the runtime keys its
+    whole-loop graphs by it).  Build it with :meth:`of`.
     """
 
-    @torch.inference_mode(False)  # buffers that later calls in and out of inference mode can write
-    def __init__(
-        self,
+    shape: tuple[int, ...]  # latents [B, C, H, W]
+    num_steps: int
+    solver: Solver
+    sigma_min: float
+    sigma_max: float
+    rho: float
+    S_churn: float
+    S_min: float
+    S_max: float
+    S_noise: float
+    active: tuple[tuple[int, ...], ...]  # per step
+
+    @classmethod
+    def of(
+        cls,
         shape: Sequence[int],
         *,
-        device: torch.device | str = "cpu",
         num_steps: int = 18,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
@@ -237,8 +232,8 @@ class SamplingLoop:
         S_noise: float = 1.0,
         active_per_step: Sequence[Sequence[int]] | None = None,
         all_bricks: Sequence[int] | None = None,
-        noise_budget_bytes: int = NOISE_BUDGET_BYTES,
-    ) -> None:
+    ) -> LoopSpec:
+        """The spec of a run with :func:`edm_sample`'s arguments; refuses what edm_sample refuses."""
         if solver not in ("heun", "euler"):
             raise LegoError(f"unknown solver {solver!r}; choose heun or euler")
         if active_per_step is None and not all_bricks:
@@ -246,34 +241,80 @@ class SamplingLoop:
                 "edm_sample needs the bricks to run: pass active_per_step (a SkipPlan's steps(num_steps)) "
                 "or all_bricks (e.g. tuple(range(config.num_bricks)))"
             )
-        t_steps = edm_schedule(num_steps, sigma_min, sigma_max, rho).tolist()  # refuses a bad step count
+        if not 1 <= num_steps <= MAX_STEPS:
+            raise LegoError(f"{num_steps} sampling steps: use 1 to {MAX_STEPS}")
         if active_per_step is not None and len(active_per_step) != num_steps:
             raise LegoError(f"skip plan covers {len(active_per_step)} steps, sampler runs {num_steps}")
         check_churn(S_churn, S_min, S_max, S_noise)
-        shape = tuple(int(n) for n in shape)
-        B = shape[0]
-        per_step = [tuple(all_bricks)] * num_steps if active_per_step is None else [tuple(a) for a in active_per_step]
-        self.shape, self.device, self.num_steps, self.solver = shape, torch.device(device), num_steps, solver
-        self.key = (
-            shape, num_steps, solver, float(sigma_min), float(sigma_max), float(rho),
-            float(S_churn), float(S_min), float(S_max), float(S_noise), tuple(per_step),
+        if active_per_step is None:
+            active = (tuple(int(k) for k in all_bricks),) * num_steps
+        else:
+            active = tuple(tuple(int(k) for k in a) for a in active_per_step)
+        return cls(
+            shape=tuple(int(n) for n in shape), num_steps=int(num_steps), solver=solver,
+            sigma_min=float(sigma_min), sigma_max=float(sigma_max), rho=float(rho), S_churn=float(S_churn),
+            S_min=float(S_min), S_max=float(S_max), S_noise=float(S_noise), active=active,
         )  # fmt: skip
 
-        # Host side, in the reference sampler's float64 arithmetic: gamma caps at sqrt(2) - 1 (EDM Eq. 5-6).
-        gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)
+    def coefficients(self) -> tuple[float, list[tuple[float, float, float]]]:
+        """(t_0, per step (t_hat, t_next, noise scale)), in the reference sampler's float64 host arithmetic."""
+        t_steps = edm_schedule(self.num_steps, self.sigma_min, self.sigma_max, self.rho).tolist()
+        gamma_max = min(self.S_churn / self.num_steps, math.sqrt(2) - 1)  # EDM caps gamma at sqrt(2) - 1
         coeffs = []
-        for i in range(num_steps):
+        for i in range(self.num_steps):
             t_cur, t_next = t_steps[i], t_steps[i + 1]
-            gamma = gamma_max if S_min <= t_cur <= S_max else 0.0
+            gamma = gamma_max if self.S_min <= t_cur <= self.S_max else 0.0
             t_hat = t_cur + gamma * t_cur
-            coeffs.append((t_hat, t_next, math.sqrt(t_hat**2 - t_cur**2) * S_noise))
-        self.t0 = t_steps[0]
-        # Steps whose noise is used; the authors draw at every step, gamma = 0 included, so the draws
-        # of the steps before the last churned one still advance the generators (load() draws them too).
-        churned = [i for i, (_, _, c) in enumerate(coeffs) if c != 0.0]
+            coeffs.append((t_hat, t_next, math.sqrt(t_hat**2 - t_cur**2) * self.S_noise))
+        return t_steps[0], coeffs
+
+    def churned_steps(self) -> list[int]:
+        """Steps whose churn noise is used (a non-zero noise scale)."""
+        return [i for i, (_, _, c) in enumerate(self.coefficients()[1]) if c != 0.0]
+
+    def nbytes(self, noise_budget_bytes: int = NOISE_BUDGET_BYTES) -> int:
+        """Memory a :class:`SamplingLoop` of this spec holds: five float64 images, the preloaded noise, sigmas."""
+        image = math.prod(self.shape) * 8
+        noise = len(self.churned_steps()) * image
+        return 5 * image + (noise if noise <= noise_budget_bytes else 0) + self.num_steps * 2 * self.shape[0] * 8
+
+
+class SamplingLoop:
+    """One EDM run (Karras et al. 2022, Algorithm 2) as a program over buffers allocated once.
+
+    Everything that does not change from image to image is fixed when the loop
+    is built from its :class:`LoopSpec`: the schedule t_i and the churn
+    coefficients as host floats, the per-call noise levels as a float64 device
+    table (the [B] rows the denoiser receives), each step's active bricks, and
+    the image-sized float64 buffers of the state.  :meth:`load` fills the
+    inputs: the latents, and the churn noise drawn from the caller's
+    ``randn_like`` before the loop, one draw per step in the authors' order (so
+    the per-seed generators give the same numbers as a draw inside the loop
+    would).  :meth:`run` is then the loop itself: every update is an
+    ``out=``/in-place op on those buffers, with Python-float coefficients, in
+    the operation order of the reference sampler, so it allocates nothing,
+    never reads the device from the host, and can be captured into one CUDA
+    graph (the denoiser must be capturable too); uncaptured, the eager model
+    and every backend run the same code.
+
+    Churn noise above ``noise_budget_bytes`` (huge canvases with churn on many
+    steps) is not preloaded but drawn inside :meth:`run` step by step, which
+    allocates there: such a loop reports ``capturable`` False.
+    """
+
+    @torch.inference_mode(False)  # buffers that later calls in and out of inference mode can write
+    def __init__(
+        self, spec: LoopSpec, *, device: torch.device | str = "cpu", noise_budget_bytes: int = NOISE_BUDGET_BYTES
+    ) -> None:
+        self.spec = spec
+        shape, num_steps, B = spec.shape, spec.num_steps, spec.shape[0]
+        self.shape, self.device = shape, torch.device(device)
+        self.t0, coeffs = spec.coefficients()
+        # The authors draw at every step, gamma = 0 included, so the draws of the steps before the last
+        # churned one still advance the generators (load() draws them too).
+        churned = spec.churned_steps()
         self.draws = churned[-1] + 1 if churned else 0
-        image_bytes = math.prod(shape) * 8
-        self.preloaded = len(churned) * image_bytes <= noise_budget_bytes
+        self.preloaded = len(churned) * math.prod(shape) * 8 <= noise_budget_bytes
 
         def buffer() -> Tensor:
             return torch.zeros(shape, dtype=torch.float64, device=self.device)
@@ -281,7 +322,8 @@ class SamplingLoop:
         self.latents = buffer()  # input: unit-variance noise
         self.x = buffer()  # the state x_i; holds the images after run()
         self.x_hat, self.denoised, self.d_cur = buffer(), buffer(), buffer()
-        self.noise = torch.zeros(len(churned) if self.preloaded else 0, *shape, dtype=torch.float64, device=device)
+        n_noise = len(churned) if self.preloaded else 0
+        self.noise = torch.zeros(n_noise, *shape, dtype=torch.float64, device=self.device)
         self._slots = {i: j for j, i in enumerate(churned)} if self.preloaded else {}
         self._randn_like: Callable[[Tensor], Tensor] | None = None  # per-step draws when not preloaded
         sigmas = torch.tensor([[t_hat, t_next] for t_hat, t_next, _ in coeffs], dtype=torch.float64)
@@ -289,7 +331,7 @@ class SamplingLoop:
         self.steps = [
             _Step(
                 index=i,
-                active=per_step[i],
+                active=spec.active[i],
                 t_hat=t_hat,
                 t_next=t_next,
                 h=t_next - t_hat,
@@ -297,7 +339,7 @@ class SamplingLoop:
                 sigma_hat=self.sigmas[i, 0],
                 sigma_next=self.sigmas[i, 1],
                 noise=self.noise[self._slots[i]] if i in self._slots else None,
-                heun=solver == "heun" and i < num_steps - 1,
+                heun=spec.solver == "heun" and i < num_steps - 1,
             )
             for i, (t_hat, t_next, c) in enumerate(coeffs)
         ]
@@ -306,11 +348,6 @@ class SamplingLoop:
     def capturable(self) -> bool:
         """Whether :meth:`run` is free of allocation and host work (all churn noise preloaded)."""
         return self.preloaded or self.draws == 0
-
-    def nbytes(self) -> int:
-        """Device memory the loop holds: state buffers, preloaded noise, the sigma table."""
-        return sum(t.numel() * t.element_size() for t in (self.latents, self.x, self.x_hat, self.denoised,
-                                                          self.d_cur, self.noise, self.sigmas))  # fmt: skip
 
     def load(self, latents: Tensor, randn_like: Callable[[Tensor], Tensor] = torch.randn_like) -> None:
         """Copy the latents in and draw the churn noise (one ``randn_like(x)`` per step, in step order).
@@ -402,9 +439,8 @@ def edm_sample(
     one implementation of the sampler, uncaptured, under ``torch.no_grad()``:
     the result has no autograd history whatever the caller's grad mode.
     """
-    loop = SamplingLoop(
+    spec = LoopSpec.of(
         latents.shape,
-        device=latents.device,
         num_steps=num_steps,
         sigma_min=sigma_min,
         sigma_max=sigma_max,
@@ -417,5 +453,6 @@ def edm_sample(
         active_per_step=active_per_step,
         all_bricks=all_bricks,
     )
+    loop = SamplingLoop(spec, device=latents.device)
     loop.load(latents, randn_like)
     return loop.run(denoise, on_step)

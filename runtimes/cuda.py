@@ -85,8 +85,9 @@ class Cuda:
 
     def pool_live_bytes(self, pool: Any) -> int:
         """Bytes of tensors allocated from ``pool`` that are still alive (its segments' active blocks)."""
-        segments = torch.cuda.memory_snapshot(pool, include_traces=False)
-        return sum(int(s.get("active_size", 0)) for s in segments)
+        # Filtered here by the pool id each segment records, as torch's own cudagraph trees do.
+        segments = torch.cuda.memory_snapshot(include_traces=False)
+        return sum(int(s["active_size"]) for s in segments if tuple(s.get("segment_pool_id", ())) == tuple(pool))
 
 
 #: The one instance backends use unless given another.

@@ -165,11 +165,13 @@ class Backend:
         self.device = device
         self.dtypes = BufferDtypes()
         self.loaded = False
+        self.generation = 0  # loads so far: CUDA graphs captured under an earlier load point at released engines
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> Backend:
         self.load()
         self.loaded = True
+        self.generation += 1
         return self
 
     def __exit__(self, *exc: object) -> None:

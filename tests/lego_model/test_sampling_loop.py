@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lego_model import LegoModel, SkipPlan, draw_latents, edm_sample, get_config
-from lego_model.sampler import SamplingLoop, edm_schedule
+from lego_model.sampler import LoopSpec, SamplingLoop, edm_schedule
 
 # Same float64 operations in the same order: equal but for the fused multiply-adds a CPU kernel may contract
 # (one rounding instead of two, 2^-53 relative per operation).  About 10 operations per step over <= 12 steps,
@@ -107,7 +107,8 @@ def test_noise_over_the_budget_is_drawn_per_step_with_the_same_result(model):
     images = []
     for budget in (1 << 30, 0):
         latents, labels, rnd = draw_latents([7], cfg.img_channels, 16, 16, cfg.label_dim)
-        loop = SamplingLoop(latents.shape, num_steps=steps, active_per_step=active, noise_budget_bytes=budget, **CHURN)
+        spec = LoopSpec.of(latents.shape, num_steps=steps, active_per_step=active, **CHURN)
+        loop = SamplingLoop(spec, noise_budget_bytes=budget)
         assert loop.capturable == (budget > 0)
         loop.load(latents, rnd.randn_like)
         images.append(loop.run(lambda x, s, a, labels=labels: model(x, s, labels, a)).clone())
@@ -125,7 +126,9 @@ def test_draws_follow_the_authors_order_with_churn_off_on_some_steps():
 
     steps = 8
     t = edm_schedule(steps).tolist()
-    loop = SamplingLoop((1, 1, 2, 2), num_steps=steps, all_bricks=(0,), S_churn=10.0, S_min=t[5], S_max=t[2])
+    loop = SamplingLoop(
+        LoopSpec.of((1, 1, 2, 2), num_steps=steps, all_bricks=(0,), S_churn=10.0, S_min=t[5], S_max=t[2])
+    )
     loop.load(torch.zeros(1, 1, 2, 2), randn_like)
     assert len(draws) == 6  # steps 0..5 drawn, 6 and 7 never churn
     assert [float(n[0, 0, 0, 0]) for n in loop.noise] == [3.0, 4.0, 5.0, 6.0]  # steps 2..5
@@ -135,11 +138,11 @@ def test_sampler_refusals_are_unchanged():
     from lego_model.errors import LegoError
 
     with pytest.raises(LegoError, match="unknown solver"):
-        SamplingLoop((1, 1, 4, 4), num_steps=3, all_bricks=(0,), solver="dpm")
+        LoopSpec.of((1, 1, 4, 4), num_steps=3, all_bricks=(0,), solver="dpm")
     with pytest.raises(LegoError, match="S_churn"):
-        SamplingLoop((1, 1, 4, 4), num_steps=3, all_bricks=(0,), S_churn=-1.0)
+        LoopSpec.of((1, 1, 4, 4), num_steps=3, all_bricks=(0,), S_churn=-1.0)
     with pytest.raises(LegoError, match="1 to 1000"):
-        SamplingLoop((1, 1, 4, 4), num_steps=0, all_bricks=(0,))
+        LoopSpec.of((1, 1, 4, 4), num_steps=0, all_bricks=(0,))
 
 
 # --------------------------------------------------------------------------- nothing allocated, nothing read back
@@ -204,8 +207,8 @@ def _loop_and_denoiser(device, solver, churn, plan_len=6):
     cfg = get_config("tiny_PG_16")
     shape = (2, cfg.img_channels, 16, 16)
     active = SkipPlan.parse(["2@0.5:1"], cfg).steps(plan_len)
-    loop = SamplingLoop(shape, device=device, num_steps=plan_len, solver=solver, active_per_step=active,
-                        **(CHURN if churn else {}))  # fmt: skip
+    spec = LoopSpec.of(shape, num_steps=plan_len, solver=solver, active_per_step=active, **(CHURN if churn else {}))
+    loop = SamplingLoop(spec, device=device)
     out = torch.zeros(shape, dtype=torch.float32, device=device)
 
     def denoise(x, sigma, act):  # D = 0.5 x, into a buffer of its own: a denoiser that allocates nothing

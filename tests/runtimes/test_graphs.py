@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from lego_model.sampler import draw_latents, edm_sample
+from lego_model.skip import SkipPlan
 from runtimes.backends.torch_backend import TorchBackend
 from runtimes.chain import BrickChain
 from runtimes.errors import BackendError
+from runtimes.graphs import GraphKey, LoopKey
 from tests.fakes.cuda import FakeCuda
 from tests.runtimes.conftest import tiny_model
 
@@ -85,7 +87,6 @@ def _sample(chain, seeds, steps=3, height=16, width=16):
         return edm_sample(denoise, latents, num_steps=steps, all_bricks=tuple(range(cfg.num_bricks)))
 
 
-@pytest.mark.xfail(strict=True, reason="defect 2: captures are not serialised across chains (fixed next)")
 def test_captures_from_two_threads_are_serialised(model):
     """Defect 2: one generator per thread over a shared backend; PyTorch allows one capture at a time."""
     cuda = FakeCuda()
@@ -122,7 +123,6 @@ class LeakyBackend(TorchBackend):
         self.last = next(iter(outputs.values())) * 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="defect 5: nothing checks the shared pool after a capture (fixed next)")
 def test_a_capture_that_leaves_pool_memory_alive_is_refused(model):
     """Defect 5: graphs share one pool; memory a capture allocated and kept may be handed to the next capture."""
     x, sigma, labels = _inputs(1, 16, 16)
@@ -132,3 +132,125 @@ def test_a_capture_that_leaves_pool_memory_alive_is_refused(model):
             with chain.batch(labels, batch=1, height=16, width=16) as denoise:
                 denoise(x, sigma, (0, 1, 2))
         assert len(chain.graphs) == 0  # nothing kept of the refused capture
+
+
+# --------------------------------------------------------------------------- the whole sampling loop as one graph
+CHURN = {"S_churn": 30.0, "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003}
+
+
+def _run(chain, seeds, *, steps=4, plan=None, cfg_scale=None, solver="heun", churn=None, size=(16, 16), on_step=None):
+    """chain.sample for these seeds (per-seed latents, labels and churn noise, as the Generator draws them)."""
+    cfg = chain.config
+    latents, labels, rnd = draw_latents(seeds, cfg.img_channels, *size, cfg.label_dim)
+    active = SkipPlan.of(plan, cfg).steps(steps)
+    kw = dict(batch=len(seeds), height=size[0], width=size[1], cfg_scale=cfg_scale, num_steps=steps, solver=solver)
+    with chain.batch(labels, **kw):
+        return chain.sample(
+            latents, num_steps=steps, solver=solver, randn_like=rnd.randn_like, active_per_step=active,
+            on_step=on_step, **(churn or {}),
+        )  # fmt: skip
+
+
+def _eager(model, seeds, **kw):
+    with TorchBackend(model, device=CPU) as plain:
+        return _run(BrickChain(plain), seeds, **kw)
+
+
+WHOLE_RUNS = [
+    dict(solver="heun", churn=CHURN, cfg_scale=2.0, plan="2@0.5:1"),
+    dict(solver="euler", churn=CHURN, cfg_scale=None, plan="0@0:0.5"),
+    dict(solver="heun", churn=None, cfg_scale=1.5, plan=None, size=(16, 32)),
+]
+
+
+@pytest.mark.parametrize("kw", WHOLE_RUNS, ids=["heun-churn-guided-skip", "euler-churn-local-skip", "heun-wide"])
+def test_a_whole_run_is_one_graph_and_replays_for_new_seeds(model, kw):
+    """One capture per run key; a later batch with other seeds (latents, labels, churn noise) and another
+    guidance scale replays it and still equals the uncaptured run exactly."""
+    with TorchBackend(model, device=CPU, cuda=FakeCuda()) as backend, torch.no_grad():
+        chain = BrickChain(backend, cuda_graphs=True)
+        first = _run(chain, [0, 1], **kw)
+        assert chain.graphs.captures == 1 and all(isinstance(k, LoopKey) for k in chain.graphs._graphs)
+        torch.testing.assert_close(first, _eager(model, [0, 1], **kw), atol=0, rtol=0)
+        other = dict(kw, cfg_scale=None if kw["cfg_scale"] is None else 3.0)
+        again = _run(chain, [5, 9], **other)
+        assert chain.graphs.captures == 1 and chain.graphs.replays == 1
+        torch.testing.assert_close(again, _eager(model, [5, 9], **other), atol=0, rtol=0)
+
+
+def test_whole_run_keys_interleave_across_plans_steps_and_chains(model):
+    with TorchBackend(model, device=CPU, cuda=FakeCuda()) as backend, torch.no_grad():
+        chains = [BrickChain(backend, cuda_graphs=True) for _ in range(2)]
+        runs = [dict(plan="2@0.5:1", steps=3), dict(plan=None, steps=3), dict(plan="2@0.5:1", steps=2)]
+        for round_ in range(2):
+            for chain in chains:
+                for kw in runs:
+                    got = _run(chain, [round_, 7], cfg_scale=2.0, **kw)
+                    torch.testing.assert_close(got, _eager(model, [round_, 7], cfg_scale=2.0, **kw), atol=0, rtol=0)
+        assert [c.graphs.captures for c in chains] == [3, 3]  # one capture per run key and chain, then replays
+
+
+def test_whole_run_falls_back_to_per_call_graphs_when_memory_is_short(model):
+    with TorchBackend(model, device=CPU, cuda=FakeCuda(memory=64 << 10)) as backend, torch.no_grad():
+        chain = BrickChain(backend, cuda_graphs=True)
+        got = _run(chain, [3], churn=CHURN)
+        assert chain.graphs.captures >= 1 and all(isinstance(k, GraphKey) for k in chain.graphs._graphs)
+    torch.testing.assert_close(got, _eager(model, [3], churn=CHURN), atol=0, rtol=0)
+
+
+def test_on_step_under_a_whole_run_graph_reports_every_step_after_the_run(model):
+    seen = []
+    with TorchBackend(model, device=CPU, cuda=FakeCuda()) as backend, torch.no_grad():
+        chain = BrickChain(backend, cuda_graphs=True)
+        _run(chain, [0], steps=3, on_step=seen.append)
+        _run(chain, [1], steps=3, on_step=seen.append)  # replayed
+    assert seen == [0, 1, 2, 0, 1, 2]
+
+
+def test_graphs_captured_before_a_reload_are_captured_again(model):
+    cuda = FakeCuda()
+    backend = TorchBackend(model, device=CPU, cuda=cuda)
+    chain = BrickChain(backend, cuda_graphs=True)
+    with torch.no_grad():
+        with backend:
+            _run(chain, [0])
+        with backend:  # loaded again: engines (here, the model copy) are new
+            got = _run(chain, [1])
+    assert chain.graphs.captures == 2
+    torch.testing.assert_close(got, _eager(model, [1]), atol=0, rtol=0)
+
+
+def test_nonfinite_inside_a_whole_run_graph_names_engine_and_step():
+    from runtimes.errors import NonFiniteError
+
+    bad = tiny_model("tiny_PG_16")
+    with torch.no_grad():
+        bad.bricks[2].final_layer.linear.bias.fill_(float("inf"))
+    with TorchBackend(bad, device=CPU, cuda=FakeCuda()) as backend, torch.no_grad():
+        chain = BrickChain(backend, cuda_graphs=True)
+        for seeds in ([0], [1]):  # the capturing run, then a replay
+            with pytest.raises(NonFiniteError, match=r"brick 2 \(torch, fp32\) produced NaN/Inf at sampling step 2"):
+                _run(chain, seeds, steps=4, plan="2@0:0.5")
+
+
+def test_sample_is_refused_outside_its_block_and_for_wrong_latents(model):
+    from runtimes.errors import UsageError
+
+    with TorchBackend(model, device=CPU) as backend:
+        chain = BrickChain(backend)
+        with pytest.raises(UsageError, match="inside a chain.batch"):
+            chain.sample(torch.zeros(1, 3, 16, 16))
+        with chain.batch(None, batch=1, height=16, width=16), pytest.raises(UsageError, match="latents: expected"):
+            chain.sample(torch.zeros(2, 3, 16, 16))
+
+
+def test_sample_without_graphs_is_edm_sample_over_the_block(model):
+    """On the CPU chain.sample is the sampler over the block's denoiser: the same bits."""
+    latents, labels, rnd = draw_latents([4], 3, 16, 16, 10)
+    _, _, rnd2 = draw_latents([4], 3, 16, 16, 10)
+    with TorchBackend(model, device=CPU) as backend, torch.no_grad():
+        chain = BrickChain(backend)
+        with chain.batch(labels, batch=1, height=16, width=16) as denoise:
+            a = chain.sample(latents, num_steps=3, randn_like=rnd.randn_like, **CHURN)
+            b = edm_sample(denoise, latents, num_steps=3, randn_like=rnd2.randn_like, all_bricks=(0, 1, 2), **CHURN)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
