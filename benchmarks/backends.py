@@ -44,9 +44,9 @@ def precision_of(backend: str) -> str:
 
 
 def _bf16_hardware() -> bool:
-    from runtimes.backends.precision import cpu_bf16_units
+    from runtimes.backends.precision import cpu_bf16_units, gpu_bf16_units
 
-    return torch.cuda.is_bf16_supported() if DEVICE.type == "cuda" else bool(cpu_bf16_units())
+    return gpu_bf16_units(DEVICE)[0] if DEVICE.type == "cuda" else bool(cpu_bf16_units())
 
 
 def available_backends() -> list[str]:

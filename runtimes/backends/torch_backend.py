@@ -27,6 +27,7 @@ from torch import Tensor
 from export.records import contract_io
 from lego_model.checkpoints import file_sha256, load_checkpoint
 from lego_model.errors import CheckpointError
+from lego_model.flops import check_memory
 from lego_model.forwards import engine_forward
 from lego_model.model import LegoModel
 from runtimes.backends.base import Backend, EngineCall, require_cuda
@@ -96,7 +97,7 @@ class TorchBackend(Backend):
         self.model = model
         self.supports_cuda_graphs = self.cuda.is_device(self.device)
         # The reference model runs fp32 unless bf16 is asked: auto does not lean to bf16 here.
-        self.precision, self.precision_why = resolve_precision(precision, self.device, auto_bf16=False)
+        self.precision, self.precision_why = resolve_precision(precision, self.device, auto_bf16=False, cuda=self.cuda)
         self._graphs: dict[str, tuple[torch.nn.Module, list[str], str]] = {}
 
     def load(self) -> None:
@@ -114,6 +115,17 @@ class TorchBackend(Backend):
                 inputs, outputs = contract_io(self.config, kind, brick)
                 graph = engine_forward(self.model, kind, brick, "bf16").to(self.device).requires_grad_(False)
                 self._graphs[name] = (graph, [t.name for t in inputs], outputs[0].name)
+
+    def check_shape(self, rows: int, height: int, width: int) -> None:
+        """Also refuse, on a GPU, a batch whose activations alone exceed the device's free memory.
+
+        There is no engine profile to bound a torch batch: without this a huge
+        canvas ends in an OutOfMemoryError traceback after the first steps.
+        """
+        super().check_shape(rows, height, width)
+        if self.cuda.is_device(self.device):
+            free, _ = self.cuda.mem_get_info(self.device)
+            check_memory(self.config, height, width, rows, available=free, where=f" on {self.device}")
 
     def close(self) -> None:
         self._graphs.clear()
