@@ -86,6 +86,14 @@ def bench_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BenchMod
     return models
 
 
+def pytest_runtest_logfinish(nodeid: str, location) -> None:
+    """With LEGO_BENCH_OUT, rewrite the results after every test: a run stopped by a timeout keeps what finished."""
+    from benchmarks.harness import FLAT_OUT
+
+    if FLAT_OUT is not None and _REPORT.tables:
+        _REPORT.save()
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     if not config.getoption("--benchmark") or not _REPORT.tables:
         return
@@ -93,4 +101,4 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_sep("-", name)
         terminalreporter.write_line(format_table(rows))
     run_dir = _REPORT.save()
-    terminalreporter.write_sep("-", f"results written to {run_dir} (and benchmarks/results/latest/)")
+    terminalreporter.write_sep("-", f"results written to {run_dir}")
