@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from runtimes.errors import BackendError
+
 
 class Cuda:
     """torch.cuda, as the runtime uses it."""
@@ -28,6 +30,10 @@ class Cuda:
     def device_guard(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
         """Make ``device`` the current device inside the block."""
         return torch.cuda.device(device)
+
+    def require(self, device: torch.device, what: str) -> None:
+        """Refuse (BackendError) where ``device`` is not a GPU this process can use; ``what`` needs it."""
+        require_cuda(what, device.index or 0)
 
     def set_device(self, device: torch.device) -> None:
         torch.cuda.set_device(device)
@@ -92,3 +98,15 @@ class Cuda:
 
 #: The one instance backends use unless given another.
 TORCH_CUDA = Cuda()
+
+
+def require_cuda(what: str, device_index: int = 0) -> torch.device:
+    """The CUDA device ``device_index`` or a BackendError saying what needs it."""
+    if not torch.cuda.is_available():
+        raise BackendError(f"{what} needs a CUDA GPU and none is visible; use --backend onnxruntime-cpu or torch")
+    if device_index >= torch.cuda.device_count():
+        raise BackendError(
+            f"{what}: device {device_index} requested (LOCAL_RANK) but only "
+            f"{torch.cuda.device_count()} GPUs are visible"
+        )
+    return torch.device("cuda", device_index)

@@ -31,6 +31,7 @@ from export.loaders import SessionSettings, context_from_engine, engine_from_ent
 from lego_model.configs import LegoConfig
 from lego_model.errors import VaeError
 from lego_model.vae import DECODE_BUDGET_BYTES, Vae, decode_chunk, load_vae, require_latent
+from runtimes.cuda import TORCH_CUDA, Cuda
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
@@ -135,10 +136,18 @@ class TensorRTDecoder(EngineDecoder):
     """The ``vae_decoder`` plan on the GPU, enqueued on torch's current stream (not in any CUDA graph)."""
 
     def __init__(
-        self, entry: EngineEntry, engine_dir: str | Path, config: dict[str, Any], *, device, manifest: Manifest
+        self,
+        entry: EngineEntry,
+        engine_dir: str | Path,
+        config: dict[str, Any],
+        *,
+        device,
+        manifest: Manifest,
+        cuda: Cuda = TORCH_CUDA,
     ) -> None:
         super().__init__(entry, engine_dir, config)
         self.device = device
+        self.cuda = cuda
         self.manifest = manifest  # the plan's identity names the VAE's weights it records
         self.engine_dir = Path(engine_dir)
         self.name = "tensorrt (vae_decoder.plan)"
@@ -149,7 +158,7 @@ class TensorRTDecoder(EngineDecoder):
     def __enter__(self) -> TensorRTDecoder:
         from runtimes.backends.trt import check_engines_here
 
-        for warning in check_engines_here({self.entry.name: self.entry}, self.device):
+        for warning in check_engines_here({self.entry.name: self.entry}, self.device, self.cuda):
             log.warning(warning)
         self._runtime = plan_runtime()
         self.engine = engine_from_entry(self._runtime, self.entry, self.manifest, self.engine_dir)
@@ -169,7 +178,7 @@ class TensorRTDecoder(EngineDecoder):
         images = torch.empty(tuple(self.context.get_tensor_shape("images")), dtype=torch.float32, device=self.device)
         self.context.set_tensor_address("latents", latents.data_ptr())
         self.context.set_tensor_address("images", images.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        if not self.context.execute_async_v3(self.cuda.current_stream(self.device).cuda_stream):
             raise BackendError("TensorRT failed to enqueue vae_decoder")
         return images.cpu()  # waits for the stream: the decode clock reads finished work
 

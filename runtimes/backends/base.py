@@ -225,15 +225,3 @@ class EngineBackend(Backend):
 
     def max_rows(self) -> int | None:
         return min(e.profile.batch[2] for e in self.entries.values())
-
-
-def require_cuda(what: str, device_index: int = 0) -> torch.device:
-    """The CUDA device ``device_index`` or a BackendError saying what needs it."""
-    if not torch.cuda.is_available():
-        raise BackendError(f"{what} needs a CUDA GPU and none is visible; use --backend onnxruntime-cpu or torch")
-    if device_index >= torch.cuda.device_count():
-        raise BackendError(
-            f"{what}: device {device_index} requested (LOCAL_RANK) but only "
-            f"{torch.cuda.device_count()} GPUs are visible"
-        )
-    return torch.device("cuda", device_index)

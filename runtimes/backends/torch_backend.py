@@ -30,9 +30,9 @@ from lego_model.errors import CheckpointError
 from lego_model.flops import check_memory
 from lego_model.forwards import engine_forward
 from lego_model.model import LegoModel
-from runtimes.backends.base import Backend, EngineCall, require_cuda
+from runtimes.backends.base import Backend, EngineCall
 from runtimes.backends.precision import resolve_precision
-from runtimes.cuda import Cuda
+from runtimes.cuda import Cuda, require_cuda
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from export.loaders import context_from_engine, engine_from_entry, import_tensorrt, plan_runtime, shared_scratch
-from runtimes.backends.base import EngineBackend, EngineCall, buffer_dtypes, check_engine_set, require_cuda
+from runtimes.backends.base import EngineBackend, EngineCall, buffer_dtypes, check_engine_set
+from runtimes.cuda import TORCH_CUDA, Cuda
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
@@ -71,15 +72,14 @@ def check_engine_compat(
     return []
 
 
-def check_engines_here(entries: Mapping[str, EngineEntry], device: torch.device) -> list[str]:
+def check_engines_here(entries: Mapping[str, EngineEntry], device: torch.device, cuda: Cuda = TORCH_CUDA) -> list[str]:
     """Check every TensorRT engine against the TensorRT and the GPU of this process; returns warnings."""
     trt = import_tensorrt()
-    require_cuda("the TensorRT backend", device.index or 0)
-    props = torch.cuda.get_device_properties(device)
-    cap = f"{props.major}.{props.minor}"
+    cuda.require(device, "the TensorRT backend")
+    gpu, major, minor = cuda.properties(device)
     warnings: list[str] = []
     for name, entry in entries.items():
-        warnings += check_engine_compat(name, entry.built_with, trt.__version__, props.name, cap)
+        warnings += check_engine_compat(name, entry.built_with, trt.__version__, gpu, f"{major}.{minor}")
     return warnings
 
 
@@ -89,8 +89,12 @@ class TensorRTBackend(EngineBackend):
     name = "tensorrt"
     supports_cuda_graphs = True
 
-    def __init__(self, manifest: Manifest, engine_dir: str | Path, *, device: torch.device) -> None:
+    def __init__(
+        self, manifest: Manifest, engine_dir: str | Path, *, device: torch.device, cuda: Cuda | None = None
+    ) -> None:
         super().__init__(manifest.config, device)
+        if cuda is not None:
+            self.cuda = cuda
         self.manifest = manifest
         self.engine_dir = Path(engine_dir)
         self.entries: dict[str, EngineEntry] = manifest.engines_for("tensorrt")
@@ -104,12 +108,12 @@ class TensorRTBackend(EngineBackend):
         self._lock = threading.Lock()  # an execution context is not thread-safe: shapes, addresses, enqueue
 
     def load(self) -> None:
-        for warning in check_engines_here(self.entries, self.device):
+        for warning in check_engines_here(self.entries, self.device, self.cuda):
             log.warning(warning)
         trt = import_tensorrt()
         # The runtime must outlive the engines it deserializes, and the engines their contexts.
         runtime = self._runtime = plan_runtime()
-        torch.cuda.set_device(self.device)
+        self.cuda.set_device(self.device)
         for name, entry in self.entries.items():
             self.engines[name] = engine_from_entry(runtime, entry, self.manifest, self.engine_dir)
         # The bricks run one after another: one scratch allocation serves every context.
@@ -146,5 +150,5 @@ class TensorRTBackend(EngineBackend):
             for name, t in tensors.items():
                 ctx.set_tensor_address(name, t.data_ptr())
         # Torch's current stream: the capture stream while a CUDA graph is being recorded.
-        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        if not ctx.execute_async_v3(self.cuda.current_stream(self.device).cuda_stream):
             raise BackendError(f"TensorRT failed to enqueue {call.engine}; run with a TensorRT log level of VERBOSE")

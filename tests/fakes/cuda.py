@@ -257,6 +257,10 @@ class FakeCuda:
     def device_guard(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
+    def require(self, device: torch.device, what: str) -> None:
+        if not self.is_device(device):
+            raise FakeCudaError(f"{what}: {device} is not the fake GPU (its memory is host memory: use cpu)")
+
     def set_device(self, device: torch.device) -> None:
         pass
 
@@ -353,6 +357,11 @@ class FakeCuda:
             raise FakeCudaError(
                 f"capture ended with {names} not joined back into {stream} (cudaErrorStreamCaptureUnjoined)"
             )
+
+    def capture_graph(self) -> FakeGraph | None:
+        """The graph being captured on this thread, or None."""
+        cap = self._capture
+        return cap.graph if cap is not None and cap.thread == threading.get_ident() else None
 
     def capturing(self) -> bool:
         cap = self._capture
