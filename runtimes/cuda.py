@@ -100,6 +100,27 @@ class Cuda:
 TORCH_CUDA = Cuda()
 
 
+@contextlib.contextmanager
+def stream_section(cuda: Cuda, stream: Any, device: torch.device) -> Iterator[Any]:
+    """Run the block's CUDA work on ``stream``: after the current stream's work so far, before its later work.
+
+    Events both ways (``wait_stream``), no host wait -- how a backend that owns
+    a stream orders it with its caller's (TensorRT's enqueueV3 documentation
+    advises against the legacy default stream, which torch's current stream
+    usually is).  Nothing happens when ``stream`` already is the current one.
+    """
+    caller = cuda.current_stream(device)
+    if caller.cuda_stream == stream.cuda_stream:
+        yield stream
+        return
+    stream.wait_stream(caller)
+    try:
+        with cuda.use_stream(stream):
+            yield stream
+    finally:
+        caller.wait_stream(stream)
+
+
 def require_cuda(what: str, device_index: int = 0) -> torch.device:
     """The CUDA device ``device_index`` or a BackendError saying what needs it."""
     if not torch.cuda.is_available():

@@ -31,7 +31,7 @@ from export.loaders import SessionSettings, context_from_engine, engine_from_ent
 from lego_model.configs import LegoConfig
 from lego_model.errors import VaeError
 from lego_model.vae import DECODE_BUDGET_BYTES, Vae, decode_chunk, load_vae, require_latent
-from runtimes.cuda import TORCH_CUDA, Cuda
+from runtimes.cuda import TORCH_CUDA, Cuda, stream_section
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
@@ -133,7 +133,11 @@ class OnnxDecoder(EngineDecoder):
 
 
 class TensorRTDecoder(EngineDecoder):
-    """The ``vae_decoder`` plan on the GPU, enqueued on torch's current stream (not in any CUDA graph)."""
+    """The ``vae_decoder`` plan on the GPU, on a stream of its own ordered with the caller's by events.
+
+    Not in any CUDA graph; its context owns its memory (the bricks' scratch is
+    theirs), and is not thread-safe: one decoder serves one caller at a time.
+    """
 
     def __init__(
         self,
@@ -154,6 +158,7 @@ class TensorRTDecoder(EngineDecoder):
         self.engine: Any = None
         self.context: Any = None
         self._runtime: Any = None
+        self._stream: Any = None
 
     def __enter__(self) -> TensorRTDecoder:
         from runtimes.backends.trt import check_engines_here
@@ -164,12 +169,14 @@ class TensorRTDecoder(EngineDecoder):
         self.engine = engine_from_entry(self._runtime, self.entry, self.manifest, self.engine_dir)
         # Its own scratch memory: the bricks' contexts are idle by the time a batch is decoded.
         self.context = context_from_engine(self.engine, self.entry.name)
+        self._stream = self.cuda.new_stream(self.device)  # TensorRT advises against the legacy default stream
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.context = None
         self.engine = None
         self._runtime = None
+        self._stream = None
 
     def run(self, latents: Tensor) -> Tensor:
         latents = latents.to(self.device).contiguous()
@@ -178,9 +185,10 @@ class TensorRTDecoder(EngineDecoder):
         images = torch.empty(tuple(self.context.get_tensor_shape("images")), dtype=torch.float32, device=self.device)
         self.context.set_tensor_address("latents", latents.data_ptr())
         self.context.set_tensor_address("images", images.data_ptr())
-        if not self.context.execute_async_v3(self.cuda.current_stream(self.device).cuda_stream):
-            raise BackendError("TensorRT failed to enqueue vae_decoder")
-        return images.cpu()  # waits for the stream: the decode clock reads finished work
+        with stream_section(self.cuda, self._stream, self.device) as stream:
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise BackendError("TensorRT failed to enqueue vae_decoder")
+        return images.cpu()  # the caller's stream waited for the decoder's: the decode clock reads finished work
 
 
 def open_decoder(

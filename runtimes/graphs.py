@@ -34,7 +34,7 @@ nothing allocated inside a capture is still alive after it (PyTorch notes,
 capture that broke it is refused rather than kept.
 
 TensorRT contexts a capture enqueued are kept alive with its graph
-(:func:`hold_for_capture`): a graph replays their kernels and internal state.
+(:func:`hold_for_graph`): a graph replays their kernels and internal state.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from lego_model.sampler import LoopSpec
-from runtimes.cuda import TORCH_CUDA, Cuda
+from runtimes.cuda import TORCH_CUDA, Cuda, stream_section
 from runtimes.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,12 @@ _CAPTURE_LOCK = threading.Lock()
 _held = threading.local()
 
 
-def hold_for_capture(obj: Any) -> None:
-    """Keep ``obj`` alive as long as the graph being captured on this thread (nothing outside a capture).
+def hold_for_graph(obj: Any) -> None:
+    """Keep ``obj`` alive as long as the graph being warmed up and captured on this thread (else nothing).
 
     Backends call it for what a graph's kernels keep pointing at and the
-    backend might otherwise drop (a TensorRT execution context evicted from its cache).
+    backend might otherwise drop (a TensorRT execution context evicted from its
+    cache); held from the warm-up on, the warm-up's objects are there for the capture.
     """
     held = getattr(_held, "objects", None)
     if held is not None:
@@ -131,16 +132,11 @@ class DeviceLane:
         """Hold the lane: work inside runs on its stream, after the caller's stream's work, and before the
         caller's later work (events both ways, no host wait).  Re-entrant on one thread."""
         with self.lock, self.cuda.device_guard(self.device):
-            caller = self.cuda.current_stream(self.device)
-            if caller.cuda_stream == self.stream.cuda_stream or self.cuda.capturing():
-                yield self.stream  # nested: already on the lane (or recording on it)
+            if self.cuda.capturing():
+                yield self.stream  # recording on the lane already (captures only happen inside it)
                 return
-            self.stream.wait_stream(caller)
-            try:
-                with self.cuda.use_stream(self.stream):
-                    yield self.stream
-            finally:
-                caller.wait_stream(self.stream)
+            with stream_section(self.cuda, self.stream, self.device) as stream:
+                yield stream
 
 
 _LANES: weakref.WeakKeyDictionary[Cuda, dict[torch.device, DeviceLane]] = weakref.WeakKeyDictionary()
@@ -196,19 +192,19 @@ class CudaGraphCache:
                 self.replays += 1
                 return
             self._graphs.pop(key, None)
-            step()  # warm-up; its outputs are this call's result
-            self._capture(key, step, generation)
+            _held.objects = held = []
+            try:
+                step()  # warm-up; its outputs are this call's result
+                self._capture(key, step, generation, held)
+            finally:
+                _held.objects = None
 
-    def _capture(self, key: Hashable, step: Callable[[], None], generation: int) -> None:
+    def _capture(self, key: Hashable, step: Callable[[], None], generation: int, held: list[Any]) -> None:
         cuda, lane = self.cuda, self.lane
         graph = cuda.new_graph()
         with _CAPTURE_LOCK:
-            _held.objects = held = []
-            try:
-                with cuda.capture(graph, pool=lane.pool, stream=lane.stream):
-                    step()
-            finally:
-                _held.objects = None
+            with cuda.capture(graph, pool=lane.pool, stream=lane.stream):
+                step()
             live = cuda.pool_live_bytes(lane.pool)
         if live:
             # Another capture into this pool may hand that memory out again, and replays would overwrite it.
@@ -217,6 +213,6 @@ class CudaGraphCache:
                 "graphs of this device share one memory pool, so this graph was not kept. This is a bug of the "
                 "backend's infer(); run with cuda_graphs=False (--no-cuda-graphs) meanwhile"
             )
-        self._graphs[key] = _Captured(graph, tuple(held), generation)
+        self._graphs[key] = _Captured(graph, tuple({id(o): o for o in held}.values()), generation)
         self.captures += 1
         log.debug("captured CUDA graph %s (%d cached)", key, len(self._graphs))

@@ -53,7 +53,6 @@ def _inputs(batch: int, height: int, width: int, seed: int = 1):
     return x, sigma, torch.eye(10)[(torch.arange(batch) + seed) % 10]
 
 
-@pytest.mark.xfail(strict=True, reason="defect 1: one context per engine, changed under live graphs (fixed next)")
 def test_graphs_never_change_a_context_they_captured(backend, model):
     """Defect 1: one context per engine, re-shaped and re-addressed per call, under graphs of other keys.
 
@@ -87,9 +86,6 @@ def _sample(chain, seeds, steps=3, whole=False):
         return edm_sample(denoise, latents, num_steps=steps, all_bricks=(0, 1, 2))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="defect 2: contexts on one scratch run on the callers' streams at once (fixed next)"
-)
 @pytest.mark.parametrize("graphs", [False, True], ids=["no-graphs", "graphs"])
 def test_chains_in_threads_never_run_two_contexts_on_the_shared_scratch_at_once(fake, backend, model, graphs):
     """Defect 2: every context of the backend shares one scratch allocation; threads with chains of their own
@@ -121,7 +117,6 @@ def test_chains_in_threads_never_run_two_contexts_on_the_shared_scratch_at_once(
             torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="defect 4: enqueues on torch's current stream, the legacy default (fixed next)")
 def test_engines_never_run_on_the_legacy_default_stream(backend, model):
     """Defect 4: without graphs the chain runs on torch's current stream, the legacy default stream 0."""
     x, sigma, labels = _inputs(2, 16, 32)
@@ -131,9 +126,6 @@ def test_engines_never_run_on_the_legacy_default_stream(backend, model):
                 torch.testing.assert_close(denoise(x, sigma, act), model(x, sigma, labels, act), atol=0, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="defect 1 again: a whole run rebinds one context per engine inside its capture (fixed next)"
-)
 def test_a_whole_run_through_tensorrt_is_one_graph(backend, model):
     with backend, torch.no_grad():
         chain = BrickChain(backend, cuda_graphs=True)
@@ -201,7 +193,6 @@ def _fake_decoder(trt, tmp_path):
     return entry, Manifest(config=cfg, checkpoint=CheckpointRecord.random_init(0), engines=[entry], vae=vae)
 
 
-@pytest.mark.xfail(strict=True, reason="defect 4: the VAE decoder enqueues on the legacy default stream (fixed next)")
 def test_the_tensorrt_vae_decoder_never_runs_on_the_legacy_default_stream(fake, tmp_path):
     """Defect 4, VAE decoding: the decoder enqueued on torch's current stream (the legacy default stream)."""
     from runtimes.decode import TensorRTDecoder
@@ -215,3 +206,33 @@ def test_the_tensorrt_vae_decoder_never_runs_on_the_legacy_default_stream(fake, 
         images = decoder.decode(latents)
     assert images.shape == (3, 3, 64, 64)
     torch.testing.assert_close(images, latents[:, :3].repeat_interleave(8, 2).repeat_interleave(8, 3))
+
+
+def test_contexts_a_graph_captured_outlive_the_bounded_context_cache(fake, model, tmp_path):
+    """With room for two contexts, capturing key B evicts key A's contexts from the cache; A's graph still
+    replays on them (held with the graph), and new calls get contexts of their own."""
+    from export.manifest import load_manifest
+
+    cuda, trt = fake
+    engine_dir = fake_tensorrt_dir(model, tmp_path / "engines", trt)
+    backend = TensorRTBackend(load_manifest(engine_dir), engine_dir, device=CPU, cuda=cuda, max_contexts=2)
+    x, sigma, labels = _inputs(2, 16, 16)
+    with backend, torch.no_grad():
+        chain = BrickChain(backend, cuda_graphs=True)
+        with chain.batch(labels, batch=2, height=16, width=16) as denoise:
+            for act in [(0, 1, 2), (1, 2), (0, 1, 2), (1, 2), (0,)]:
+                denoise(x, sigma, act)
+                got = denoise(x, sigma, act)  # replays
+                torch.testing.assert_close(got, model(x, sigma, labels, act), atol=0, rtol=0)
+        assert len(backend.contexts) == 2 and chain.graphs.captures == 3
+
+
+def test_graphs_are_captured_again_after_the_backend_reloads(backend, model):
+    x, sigma, labels = _inputs(1, 16, 16)
+    chain = BrickChain(backend, cuda_graphs=True)
+    with torch.no_grad():
+        for _ in range(2):
+            with backend, chain.batch(labels, batch=1, height=16, width=16) as denoise:
+                for _ in range(2):
+                    torch.testing.assert_close(denoise(x, sigma, (0, 1)), model(x, sigma, labels, (0, 1)))
+    assert chain.graphs.captures == 2 and chain.graphs.replays == 2
