@@ -51,6 +51,22 @@ def report() -> Report:
     return _REPORT
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fp32_means_fp32():
+    """On CUDA, TF32 off for matmuls and cuDNN convolutions during the benchmarks.
+
+    TF32 keeps 10 mantissa bits: the patch embedding alone moves a brick's
+    output by ~2e-4 relative, above the fp32 parity tolerance; the fp32 rows
+    (eager included) are then true fp32, and bf16 is its own precision.
+    """
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if torch.cuda.is_available():
+        _REPORT.notes.append("CUDA: TF32 off (matmuls and cuDNN convolutions); fp32 rows are fp32")
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def _export(model: LegoModel, out: Path, checkpoint: CheckpointRecord) -> Path:
     import dataclasses
 

@@ -1,9 +1,9 @@
 """The runtime on a CUDA GPU: the figures of one ``bash benchmarks/gpu.sh`` run (skipped without CUDA).
 
 lego_S_PG_64 with random weights (seed 0) at 64x64 through the torch backend unless said otherwise; every
-ratio is between figures of this one run.  fp32 rows run with TF32 off (matmuls and cuDNN convolutions), so
-that fp32 parity means fp32 rounding (TF32 keeps 10 mantissa bits: the patch embedding alone moves a brick's
-output by ~2e-4 relative).  Tables, in the order the tests run:
+ratio is between figures of this one run.  fp32 rows run with TF32 off (matmuls and cuDNN convolutions;
+benchmarks/conftest.py), so that fp32 parity means fp32 rounding (TF32 keeps 10 mantissa bits: the patch
+embedding alone moves a brick's output by ~2e-4 relative).  Tables, in the order the tests run:
 
 * ``gpu calls``: ms per denoiser call at batch 1 -- eager fp32, the torch backend without graphs, with
   per-call graphs, bf16 with per-call graphs; graphs against no graphs (max abs of one call).
@@ -66,14 +66,6 @@ def model():
     if not (torch.cuda.is_available() or FAKE):
         pytest.skip("needs a CUDA GPU (run benchmarks/gpu.sh there)")
     return LegoModel(get_config(MODEL)).randomize_(0).eval().to(DEVICE)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_tf32():
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def _backend(model, precision="fp32"):
