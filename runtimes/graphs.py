@@ -120,6 +120,7 @@ class DeviceLane:
     @classmethod
     def of(cls, device: torch.device, cuda: Cuda = TORCH_CUDA) -> DeviceLane:
         """The lane of ``device`` (made on first use; one per device and process)."""
+        device = torch.device(device.type, device.index or 0)  # "cuda" and "cuda:0" are one GPU, one lane
         with _LANES_LOCK:
             lanes = _LANES.setdefault(cuda, {})
             lane = lanes.get(device)
