@@ -250,3 +250,23 @@ def test_the_counters_catch_what_they_look_for():
         torch.zeros(2)
         y.tolist()
     assert ops.allocations and ops.factories and ops.host_reads and "tolist" in host.calls
+
+
+def test_nbytes_is_what_a_loop_holds_and_a_loaded_loop_reruns_alike():
+    """The chain sizes its memory check by LoopSpec.nbytes, and reuses one loop for every batch of a key."""
+    spec = LoopSpec.of((2, 3, 8, 8), num_steps=5, all_bricks=(0,), **CHURN)
+    loop = SamplingLoop(spec)
+    held = [loop.latents, loop.x, loop.x_hat, loop.denoised, loop.d_cur, loop.noise, loop.sigmas]
+    assert spec.nbytes() == sum(t.numel() * t.element_size() for t in held)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(spec.shape, generator=g)
+
+    def draws():
+        gen = torch.Generator().manual_seed(1)
+        return lambda x: torch.randn(x.shape, generator=gen, dtype=x.dtype)
+
+    runs = []
+    for _ in range(2):
+        loop.load(latents, draws())
+        runs.append(loop.run(lambda x, s, a: 0.5 * x).clone())
+    torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
