@@ -123,17 +123,7 @@ def sample_per_class(
         if sample is not None:
             x = sample(seeds, c, plan)
         else:
-            x = sample_images(
-                model,
-                seeds,
-                height=cfg.resolution,
-                width=cfg.resolution,
-                num_steps=num_steps,
-                solver=solver,
-                class_idx=c,
-                cfg_scale=cfg_scale,
-                plan=plan,
-            )
+            x = sample_images(model, seeds, classes=c, plan=plan, cfg_scale=cfg_scale, steps=num_steps, solver=solver)
         images.append(x.clamp(-1, 1).float())
         classes.append(torch.full((per_class,), c))
     return torch.cat(images), torch.cat(classes)
