@@ -5,15 +5,11 @@
 
 from __future__ import annotations
 
-from lego_model.errors import LegoError, NonFiniteError, OutputError
+from lego_model.errors import LegoError, NonFiniteError, OutputError, UsageError
 
-# NonFiniteError and OutputError are lego_model's: the eager path raises them too.
+# NonFiniteError, OutputError and UsageError are lego_model's: the eager path and the request raise them too.
 __all__ = ["BackendError", "NonFiniteError", "OutputError", "UsageError"]
 
 
 class BackendError(LegoError):
     """A backend that cannot run here: missing library or GPU, or engines built for another GPU/TensorRT."""
-
-
-class UsageError(LegoError):
-    """The API used out of order or with arguments of the wrong shape, dtype or range; says what to pass."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import threading
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -33,12 +32,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from runtimes.backends.base import EngineBackend, EngineCall, buffer_dtypes, buffers_key, check_engine_set
+from runtimes.backends.base import (
+    BackendKind,
+    BackendOptions,
+    EngineBackend,
+    EngineCall,
+    buffers_key,
+    check_threads,
+    default_threads,
+)
 from runtimes.backends.precision import resolve_precision
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
-    from export.manifest import EngineEntry, Manifest
+    from export.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +53,21 @@ log = logging.getLogger(__name__)
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
+MISSING = "openvino is not installed: pip install 'lego-deploy[cpu]' (or pip install openvino)"
+
+
 def import_openvino() -> Any:
     """The openvino module, or a BackendError that says which extra installs it."""
     try:
         import openvino
     except ImportError:
-        raise BackendError(
-            "openvino is not installed: pip install 'lego-deploy[cpu]' (or pip install openvino)"
-        ) from None
+        raise BackendError(MISSING) from None
     return openvino
 
 
 def openvino_available() -> bool:
     """Whether the openvino package is importable here (without importing it)."""
     return importlib.util.find_spec("openvino") is not None
-
-
-def cores_present() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_model_cache() -> Path:
@@ -88,12 +91,7 @@ class OpenVinoBackend(EngineBackend):
         threads: int | None = None,
         cache_dir: str | Path | None = None,
     ) -> None:
-        super().__init__(manifest.config, torch.device("cpu"))
-        self.manifest = manifest
-        self.engine_dir = Path(engine_dir)
-        self.entries: dict[str, EngineEntry] = manifest.engines_for("onnx")
-        check_engine_set(self.entries, manifest.config, "onnx")
-        self.dtypes = buffer_dtypes(self.entries)
+        super().__init__(manifest, engine_dir, "onnx", torch.device("cpu"))
         for tensor, dtype in vars(self.dtypes).items():
             if dtype != torch.float32:
                 raise BackendError(
@@ -104,8 +102,7 @@ class OpenVinoBackend(EngineBackend):
         file_precisions = sorted({e.precision for e in self.entries.values()})
         if file_precisions != ["fp32"]:
             self.precision_why += f"; files exported in {'/'.join(file_precisions)}"
-        cores = cores_present()
-        self.threads = min(threads or cores, cores)
+        self.threads = threads or default_threads()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_model_cache()
         self.requests: dict[str, Any] = {}
         self.loaded_from_cache: dict[str, bool] = {}
@@ -178,3 +175,32 @@ class OpenVinoBackend(EngineBackend):
                 raise UsageError(f"{engine}.{name}: pass a contiguous CPU tensor, got one on {t.device}")
             request.set_tensor(name, ov.Tensor(t.numpy(), shared_memory=True))
         self._bound[engine] = (key, [t for _, t in tensors])
+
+
+# ---------------------------------------------------------------------------- registry entry
+
+
+def _problem(manifest: Manifest, opts: BackendOptions) -> str | None:
+    if "onnx" not in manifest.formats():
+        return "no ONNX files"
+    if not openvino_available():
+        return MISSING
+    return None
+
+
+def _build(manifest: Manifest | None, engine_dir: Path | None, opts: BackendOptions) -> OpenVinoBackend:
+    assert manifest is not None and engine_dir is not None
+    import_openvino()  # refuse here, naming the extra, rather than when the backend loads
+    if opts.threads is not None:
+        check_threads(opts.threads)
+    return OpenVinoBackend(manifest, engine_dir, precision=opts.precision, threads=opts.threads)
+
+
+KIND = BackendKind(
+    name="openvino",
+    format="onnx",
+    problem=_problem,
+    build=_build,
+    uses=frozenset({"threads", "precision"}),
+    chosen="OpenVINO is the fastest CPU backend in the benchmarks",
+)

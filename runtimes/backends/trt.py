@@ -29,7 +29,15 @@ import torch
 from torch import Tensor
 
 from export.manifest import FileTensor, check_engine_io, check_plan_identity, entry_identity
-from runtimes.backends.base import EngineBackend, EngineCall, buffer_dtypes, check_engine_set, require_cuda
+from lego_model.errors import LegoError
+from runtimes.backends.base import (
+    BackendKind,
+    BackendOptions,
+    EngineBackend,
+    EngineCall,
+    check_file_precision,
+    require_cuda,
+)
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
@@ -140,13 +148,7 @@ class TensorRTBackend(EngineBackend):
     supports_cuda_graphs = True
 
     def __init__(self, manifest: Manifest, engine_dir: str | Path, *, device: torch.device) -> None:
-        super().__init__(manifest.config, device)
-        self.manifest = manifest
-        self.engine_dir = Path(engine_dir)
-        self.entries: dict[str, EngineEntry] = manifest.engines_for("tensorrt")
-        check_engine_set(self.entries, manifest.config, "tensorrt")
-        self.precision = "/".join(sorted({e.precision for e in self.entries.values()}))
-        self.dtypes = buffer_dtypes(self.entries)
+        super().__init__(manifest, engine_dir, "tensorrt", device)
         self.engines: dict[str, Any] = {}
         self.contexts: dict[str, Any] = {}
         self._scratch: Tensor | None = None
@@ -223,3 +225,33 @@ class TensorRTBackend(EngineBackend):
         # Torch's current stream: the capture stream while a CUDA graph is being recorded.
         if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise BackendError(f"TensorRT failed to enqueue {call.engine}; run with a TensorRT log level of VERBOSE")
+
+
+# ---------------------------------------------------------------------------- registry entry
+
+
+def _problem(manifest: Manifest, opts: BackendOptions) -> str | None:
+    """Why the manifest's TensorRT engines cannot run in this process, or None."""
+    if "tensorrt" not in manifest.formats():
+        return "no TensorRT engines"
+    try:
+        check_engines_here(manifest.engines_for("tensorrt"), torch.device("cuda", opts.local_rank))
+    except LegoError as err:
+        return str(err)
+    return None
+
+
+def _build(manifest: Manifest | None, engine_dir: Path | None, opts: BackendOptions) -> TensorRTBackend:
+    assert manifest is not None and engine_dir is not None
+    check_file_precision("tensorrt", opts.precision, manifest.engines_for("tensorrt"))
+    return TensorRTBackend(manifest, engine_dir, device=torch.device("cuda", opts.local_rank))
+
+
+KIND = BackendKind(
+    name="tensorrt",
+    format="tensorrt",
+    problem=_problem,
+    build=_build,
+    uses=frozenset({"precision"}),
+    chosen="TensorRT engines match this GPU and TensorRT",
+)
