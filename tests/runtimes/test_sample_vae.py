@@ -7,10 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from lego_model.errors import VaeError
-from lego_model.generate import main as generate_main
 from runtimes.errors import OutputError
 from runtimes.outputs import read_png
-from runtimes.sample import SampleOptions, main, run_sampling
+from runtimes.sample import main, run_sampling
 from tests.conftest import make_vae_dir
 from tests.runtimes.conftest import export_onnx_dir, tiny_model
 
@@ -21,11 +20,12 @@ STEPS = 3
 EAGER = ["--config", "tiny_latent_PG_8", "--random-init", "--seeds", SEEDS, "--steps", str(STEPS)]  # seed 0 weights
 
 
-def sample(engine_dir, out, backend="onnxruntime-cpu", **kw):
-    opts = SampleOptions(
-        engine_dir=str(engine_dir), backend=backend, seeds=SEEDS, steps=STEPS, out=str(out), threads=1, **kw
-    )
-    return run_sampling(opts, progress=False)
+def sample(engine_dir, out, backend="onnxruntime-cpu", **options):
+    args = ["--engine-dir", str(engine_dir), "--backend", backend, "--seeds", SEEDS, "--steps", str(STEPS)]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return run_sampling([*args, "--out", str(out), "--threads", "1"])
 
 
 def pngs(out, seeds=(0, 1, 2)) -> np.ndarray:
@@ -51,8 +51,7 @@ def test_torch_decoder_and_eager_generate_give_the_same_images(engine_run, laten
     torch_report = sample(latent_engines, tmp_path / "torch", vae_backend="torch")  # weights from the manifest
     assert torch_report.decoder.startswith("torch")
     eager = CliRunner().invoke(
-        generate_main,
-        [*EAGER, "--vae", load_source(latent_engines), "--out", str(tmp_path / "eager")],
+        main, [*EAGER, "--vae", load_source(latent_engines), "--out", str(tmp_path / "eager"), "--quiet"]
     )
     assert eager.exit_code == 0, eager.output
     ref = pngs(engine_out)
@@ -115,10 +114,7 @@ def test_without_a_decoder_latents_are_written_with_a_hint(tmp_path) -> None:
         assert data["arr_0"].shape == (3, 4, 8, 8) and data["arr_0"].dtype == np.float32
         assert list(data["seeds"]) == [0, 1, 2]
     assert not list((tmp_path / "out").glob("*.png"))
-    eager = CliRunner().invoke(
-        generate_main,
-        [*EAGER, "--out", str(tmp_path / "eager")],
-    )
+    eager = CliRunner().invoke(main, [*EAGER, "--out", str(tmp_path / "eager"), "--quiet"])
     assert eager.exit_code == 0 and "--vae PATH" in eager.output
     with np.load(tmp_path / "eager" / "latents.npz") as e, np.load(tmp_path / "out" / "latents.npz") as r:
         np.testing.assert_allclose(e["arr_0"], r["arr_0"], atol=1e-4)
@@ -140,7 +136,7 @@ def test_refusals_before_sampling(engines_pg, latent_engines, small_vae_dir, tmp
     assert mismatch.exit_code == 1 and "16-channel latents" in mismatch.output
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
     eager_pixel = runner.invoke(
-        generate_main, ["--config", "tiny_PG_16", "--random-init", "--vae", str(small_vae_dir), "--out", str(tmp_path)]
+        main, ["--config", "tiny_PG_16", "--random-init", "--vae", str(small_vae_dir), "--out", str(tmp_path)]
     )
     assert eager_pixel.exit_code == 1 and "generates pixels" in eager_pixel.output
 
