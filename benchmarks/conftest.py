@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.harness import Report, format_table
-from export.manifest import CheckpointRecord
+from export.records import CheckpointRecord
 from lego_model import LegoModel, get_config
 from lego_model.checkpoints import load_checkpoint
 from lego_model.errors import CheckpointError

@@ -4,8 +4,16 @@ Only the manifest API is imported here, so that runtimes can read an engine
 directory without loading onnx, onnxruntime or tensorrt.
 """
 
-from export.errors import ExportError, ManifestError, MissingDependencyError, ProfileError, VerificationError
-from export.manifest import (
+from export.errors import (
+    BackendError,
+    ExportError,
+    ManifestError,
+    MissingDependencyError,
+    ProfileError,
+    VerificationError,
+)
+from export.manifest import load_manifest, write_manifest
+from export.records import (
     SCHEMA_VERSION,
     BuiltWith,
     CheckpointRecord,
@@ -15,12 +23,11 @@ from export.manifest import (
     TensorSpec,
     VaeRecord,
     Verification,
-    load_manifest,
-    write_manifest,
 )
 
 __all__ = [
     "SCHEMA_VERSION",
+    "BackendError",
     "BuiltWith",
     "CheckpointRecord",
     "EngineEntry",

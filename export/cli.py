@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 import click
 
 from export.errors import ExportError
-from export.manifest import PRECISIONS, PROFILE_LIMITS, CheckpointRecord, Profile
 from export.onnx_export import DEFAULT_OPSET, EXPORTERS
 from export.pipeline import ENGINE_CHOICES, ExportOptions, ExportResult, check_target, export_engine_dir
+from export.records import PRECISIONS, PROFILE_LIMITS, CheckpointRecord, Profile
 from export.specs import DEFAULT_BATCH, parse_range
 from export.vae_spec import DEFAULT_VAE_BATCH
 from lego_model.configs import LEGO_CONFIGS

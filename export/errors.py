@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from lego_model.errors import LegoError, ShapeError
 
+# How a ManifestError says to fix an engine directory that this toolchain's exporter did not write as it is.
+REEXPORT = "re-run lego-export --force"
+
 
 class ExportError(LegoError):
     """An export that cannot start or cannot finish (existing target, bad option, failed build)."""
@@ -14,6 +17,15 @@ class ExportError(LegoError):
 
 class ManifestError(LegoError):
     """An engine directory whose manifest or files cannot be trusted."""
+
+
+class BackendError(LegoError):
+    """A backend that cannot run here: a missing library (onnxruntime, tensorrt) or GPU, a file its library cannot
+    load, or engines built for another GPU/TensorRT.
+
+    Raised by the engine loaders (:mod:`export.loaders`), which the runtimes' backends and lego-export's
+    verification share; the runtimes raise it too (``runtimes.errors`` re-exports it).
+    """
 
 
 class ProfileError(ShapeError):
@@ -25,4 +37,5 @@ class VerificationError(ExportError):
 
 
 class MissingDependencyError(ExportError):
-    """An optional library (tensorrt, onnxruntime) or a GPU that the requested engines need is absent."""
+    """TensorRT or a GPU, which the requested TensorRT engines need, is absent (a missing onnxruntime is a
+    :class:`BackendError` of the loaders)."""

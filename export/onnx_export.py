@@ -53,7 +53,7 @@ def onnx_from_spec(
 
     ``exporter="dynamo"`` falls back to TorchScript (with a warning in the
     log) when the dynamo exporter raises; ``"torchscript"`` forces it.
-    ``identity`` (:func:`export.manifest.engine_identity`) is written as the
+    ``identity`` (:func:`export.identity.engine_identity`) is written as the
     file's metadata props; an engine directory's files need it (load_manifest
     refuses a file without), a file made for a structural test may go without.
     The file is checked (:func:`check_onnx`) before this returns.

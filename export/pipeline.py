@@ -5,26 +5,21 @@ Nothing a user has is half-written or deleted: the target is checked first
 export wrote), everything is built in a temporary directory beside it (same
 file system), the manifest is re-read and its hashes checked there, and only
 then does the directory take the target's place, in one atomic exchange where
-the system has one.  A failure or an interrupt at any earlier point removes the
-temporary directory and leaves the target as it was; the temporary directory
-of a killed export is removed by the next export into the same target.
+the system has one (:mod:`export.atomic`, the transaction).  A failure or an
+interrupt at any earlier point removes the temporary directory and leaves the
+target as it was; the temporary directory of a killed export is removed by the
+next export into the same target.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import datetime
-import errno
-import fcntl
-import functools
 import logging
 import os
 import platform
-import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,26 +29,17 @@ from typing import Any
 import onnx
 import torch
 
-from export.errors import ExportError
-from export.manifest import (
-    MANIFEST_NAME,
-    BuiltWith,
-    CheckpointRecord,
-    EngineEntry,
-    Manifest,
-    ManifestError,
-    Profile,
-    Verification,
-    engine_identity,
-    file_sha256,
-    load_manifest,
-    read_manifest_json,
-    write_manifest,
-)
+from export.atomic import remove_stale_temporaries, staged_replacement
+from export.errors import ExportError, ManifestError
+from export.identity import engine_identity
+from export.manifest import MANIFEST_NAME, load_manifest, read_manifest_json, write_manifest
 from export.onnx_export import DEFAULT_OPSET, onnx_from_spec
+from export.records import BuiltWith, CheckpointRecord, EngineEntry, Manifest, Profile, Verification
 from export.specs import check_profile, default_profile, engine_specs
 from export.vae_spec import DEFAULT_VAE_BATCH, vae_decoder_spec, vae_profile, vae_record
 from export.verify import onnx_runner, verification_shapes, verify_engine
+from lego_model.checkpoints import file_sha256
+from lego_model.files import check_writable, default_cache_dir
 from lego_model.model import LegoModel
 from lego_model.vae import Vae
 
@@ -72,7 +58,7 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     force: bool = False
     exporter: str = "dynamo"
-    cache_dir: Path | None = None  # TensorRT timing and engine caches; None: tensorrt_build.default_cache_dir()
+    cache_dir: Path | None = None  # TensorRT timing and engine caches; None: lego_model.files.default_cache_dir()
     seed: int = 0  # of the verification inputs
     vae: Vae | None = None  # adds a vae_decoder engine (latent models), always fp32 (export.vae_spec)
     vae_batch: tuple[int, int, int] = DEFAULT_VAE_BATCH  # its own batch range: guidance does not double it
@@ -99,10 +85,6 @@ class ExportResult:
     seconds: float = 0.0
 
 
-# Temporary directories beside the target: ".NAME.partial-PID-XXXXXXXX" while an export builds (and, after the
-# swap, holding the replaced directory until it is deleted); ".NAME.old-PID-XXXXXXXX" only where the file system
-# cannot exchange two directories and the old one is set aside for a moment.
-_TEMP_DIR = re.compile(r"\.(?P<name>.+)\.(?P<what>partial|old)-(?P<pid>[0-9]+)-[a-z0-9_]+")
 _MOVE_OUT = "move them elsewhere or choose another --out"
 
 
@@ -125,7 +107,8 @@ def check_target(out: str | Path, force: bool, inputs: Sequence[str | Path | Non
     """Refuse a target an export must not replace or cannot write; returns :func:`export_target`.
 
     Checked before any compute: the parent of the target must be a writable
-    directory (or creatable in one); an existing target needs ``force`` and
+    directory (or creatable in one, :func:`lego_model.files.check_writable`),
+    and so must an existing target; an existing target needs ``force`` and
     may hold only what a previous export wrote (the files its manifest lists);
     none of ``inputs`` (the checkpoint, the cache directory) may lie inside it.
     Temporaries that killed exports left beside the target are cleaned up first
@@ -138,7 +121,9 @@ def check_target(out: str | Path, force: bool, inputs: Sequence[str | Path | Non
     for path in inputs:
         if path is not None and Path(path).absolute().resolve().is_relative_to(real.resolve()):
             raise ExportError(f"{path} lies inside --out {shown}, which the export replaces; {_MOVE_OUT}")
-    check_writable(real)
+    check_writable(real.parent if real.exists() else real, "--out")  # the new directory is built beside it
+    if real.is_dir():
+        check_writable(real, "--out")  # its old content is deleted after the swap
     if not real.exists():
         return real
     if not force:
@@ -156,20 +141,15 @@ def check_target(out: str | Path, force: bool, inputs: Sequence[str | Path | Non
     return real
 
 
-def check_writable(target: Path) -> None:
-    """Refuse a target whose parent cannot be created or written (a file on the way, read-only, no permission)."""
-    probe = target.parent
-    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ExportError(f"--out {target}: {probe} is not a directory; choose another --out")
-    try:  # the truest test (root ignores file modes, /proc and /sys have their own rules): make a folder there
-        os.rmdir(tempfile.mkdtemp(prefix=".lego-export-probe-", dir=probe))
-    except OSError as err:
-        problem = err.strerror or str(err)
-        raise ExportError(f"--out {target}: cannot write in {probe} ({problem}); choose another --out") from None
-    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):  # its old content is deleted after the swap
-        raise ExportError(f"--out {target}: cannot write in {target} (no permission); choose another --out")
+@contextlib.contextmanager
+def staged_directory(out: str | Path, force: bool, inputs: Sequence[str | Path | None] = ()) -> Iterator[Path]:
+    """Yield a fresh directory beside ``out``; on normal exit it replaces ``out``, on any exception it vanishes.
+
+    :func:`check_target` first (``force``, ``inputs``), then the atomic
+    transaction of :func:`export.atomic.staged_replacement`.
+    """
+    with staged_replacement(check_target(out, force, inputs), shown=out) as staging:
+        yield staging
 
 
 def previous_export_files(engine_dir: Path) -> set[str]:
@@ -212,175 +192,6 @@ def foreign_files(engine_dir: Path) -> list[str]:
         dirs[:] = [d for d in dirs if (base / d).as_posix() in folders]
         foreign += [(base / name).as_posix() for name in files if (base / name).as_posix() not in ours]
     return sorted(foreign)
-
-
-def remove_stale_temporaries(target: Path) -> None:
-    """Delete the temporary directories that killed exports into ``target`` left beside it.
-
-    Only ours (``.NAME.partial-PID-*`` and ``.NAME.old-PID-*`` of this NAME) and
-    only where no live export holds them (:func:`_in_use`).  A set-aside old
-    directory whose target is missing (killed between the two renames of the
-    fallback swap) is moved back instead.
-    """
-    try:
-        candidates = sorted(target.parent.iterdir())
-    except OSError:
-        return  # an unreadable parent: check_writable says so
-    for path in candidates:
-        m = _TEMP_DIR.fullmatch(path.name)
-        if not m or m["name"] != target.name or path.is_symlink() or not path.is_dir() or _in_use(path, int(m["pid"])):
-            continue
-        try:
-            if m["what"] == "old" and not target.exists() and not target.is_symlink():
-                log.warning("restoring %s from %s (an export was killed while replacing it)", target, path.name)
-                path.rename(target)
-            else:
-                log.info("removing %s, left by a killed export", path)
-                shutil.rmtree(path)
-        except OSError as err:  # not ours to fix (permissions): the export itself may still succeed
-            log.warning("could not clean up %s: %s", path, err)
-
-
-def _in_use(path: Path, pid: int) -> bool:
-    """Whether an export may still be writing ``path``: its lock is held, or the PID in its name runs.
-
-    Both, because an export creates its directory a moment before it locks it;
-    a PID reused by another process only delays the cleanup.
-    """
-    if _pid_alive(pid):
-        return True
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return True  # cannot look: leave it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True  # an export on another host or PID namespace holds it
-    except OSError:
-        return False  # no flock on this file system: the dead PID decides
-    finally:
-        os.close(fd)  # releases the probe's lock too
-    return False
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        return True
-    return True
-
-
-def _lock(path: Path) -> int | None:
-    """An fd holding an exclusive flock on directory ``path`` (None where the file system has no locks)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _make_parents(folder: Path) -> list[Path]:
-    """mkdir -p ``folder``; returns the folders it created, outermost first (to remove again on failure)."""
-    missing = []
-    while not folder.exists() and not folder.is_symlink():
-        missing.append(folder)
-        folder = folder.parent
-    created = []
-    for path in reversed(missing):
-        path.mkdir()
-        created.append(path)
-    return created
-
-
-@contextlib.contextmanager
-def staged_directory(out: str | Path, force: bool, inputs: Sequence[str | Path | None] = ()) -> Iterator[Path]:
-    """Yield a fresh directory beside ``out``; on normal exit it replaces ``out``, on any exception it vanishes.
-
-    The replacement is one atomic exchange where the file system has one
-    (Linux renameat2 RENAME_EXCHANGE): at every instant ``out`` is the old or
-    the new directory.  Temporaries of killed earlier exports are removed first,
-    and folders created for ``out``'s parent are removed again on failure.
-    """
-    target = check_target(out, force, inputs)
-    created: list[Path] = []
-    staging: Path | None = None
-    lock = None
-    try:
-        created = _make_parents(target.parent)
-        remove_stale_temporaries(target)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
-        lock = _lock(staging)
-        staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output directory
-        yield staging
-        replace_directory(staging, target)
-        staging = None
-    except BaseException as err:  # KeyboardInterrupt included: nothing half-written stays behind
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        for folder in reversed(created):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        if isinstance(err, OSError):
-            where = f" ({err.filename})" if err.filename else ""
-            raise ExportError(f"writing {out} failed: {err.strerror or err}{where}; nothing was replaced") from None
-        raise
-    finally:
-        if lock is not None:
-            os.close(lock)
-
-
-def replace_directory(new: Path, out: Path) -> None:
-    """Move directory ``new`` to ``out``, atomically replacing an existing ``out``; the old content is deleted."""
-    if not out.exists():
-        new.rename(out)
-        return
-    if exchange(new, out):  # ``new`` now holds the old directory, under a name remove_stale_temporaries knows
-        shutil.rmtree(new, ignore_errors=True)
-        return
-    # No atomic exchange here: set the old one aside for a moment (remove_stale_temporaries moves it back
-    # if a kill lands between the two renames).
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-    old.rmdir()
-    out.rename(old)
-    try:
-        new.rename(out)
-    except OSError:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_AT_FDCWD = -100
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (renameat2 with RENAME_EXCHANGE); False where the system or file system cannot."""
-    renameat2 = getattr(_libc(), "renameat2", None)
-    if renameat2 is None:
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-@functools.cache
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
 
 
 def onnx_built_with(exporter: str, opset: int) -> BuiltWith:
@@ -430,7 +241,7 @@ def export_engine_dir(
         inputs.append(options.vae.source)
     trt_env = None
     if want_trt:
-        from export.tensorrt_build import default_cache_dir, require_tensorrt  # raises before anything is written
+        from export.tensorrt_build import require_tensorrt  # raises before anything is written
 
         trt_env = require_tensorrt(options.engines)
         inputs.append(options.cache_dir or default_cache_dir())
@@ -561,7 +372,6 @@ def _tensorrt_engine(
     """Build (or take from the engine cache) one plan, verify it on the GPU, and describe it."""
     from export.tensorrt_build import (
         EngineCache,
-        default_cache_dir,
         engine_cache_key,
         engine_cache_parts,
         engine_from_onnx,

@@ -5,16 +5,12 @@ The engine contract (shared/DESIGN.md): brick k takes ``x_in`` [B, C+2, H, W],
 [B, C, H, W]; the embedder takes ``c_noise`` [B] (and ``class_labels``
 [B, label_dim] for class-conditional models) and returns ``cond`` [B, D].
 
-Engine I/O is float32 at every precision; fp16/bf16 engines cast at their
-boundary.  That keeps the brick chain, the EDM arithmetic and the runtimes'
-bound buffers independent of the precision, and f (which flows from brick to
-brick) keeps fp32 resolution; the casts cost a few elementwise passes over
-tensors of C+2 channels, negligible next to the transformer blocks.
+Engine I/O is float32 at every precision; the forwards themselves, and why
+their I/O is float32, are :mod:`lego_model.forwards`.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 
@@ -23,9 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from export.errors import ProfileError
-from export.manifest import IO_DTYPE, PRECISION_DTYPES, PROFILE_LIMITS, TORCH_DTYPES, Profile, TensorSpec, contract_io
+from export.records import IO_DTYPE, PROFILE_LIMITS, Profile, TensorSpec, contract_io
 from lego_model.configs import LegoConfig
-from lego_model.model import Attention, Brick, LegoModel
+from lego_model.forwards import engine_forward
+from lego_model.model import LegoModel
 from lego_model.precond import prepare_inputs
 
 __all__ = ["DEFAULT_BATCH", "IO_DTYPE", "EngineSpec", "check_profile", "default_profile", "engine_specs", "parse_range"]
@@ -79,136 +76,6 @@ def profile_shapes(spec: EngineSpec, profile: Profile) -> dict[str, tuple[tuple[
     return {t.name: tuple(t.concrete(*c) for c in corners) for t in spec.inputs}
 
 
-# ------------------------------------------------------------------------------------ half-precision graphs
-
-
-class Fp32LayerNorm(nn.Module):
-    """LayerNorm evaluated in float32 inside a half-precision graph.
-
-    The variance of a 384-1152 wide row overflows or loses most of its digits
-    in fp16; TensorRT, strongly typed, computes in the dtype the ONNX gives it.
-    """
-
-    def __init__(self, norm: nn.LayerNorm) -> None:
-        super().__init__()
-        self.normalized_shape = norm.normalized_shape
-        self.eps = norm.eps
-        self.weight = None if norm.weight is None else nn.Parameter(norm.weight.detach().float())
-        self.bias = None if norm.bias is None else nn.Parameter(norm.bias.detach().float())
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)  # fp32
-        return y.to(x.dtype)
-
-
-class Fp32SoftmaxAttention(nn.Module):
-    """The brick's tile attention with half-precision matmuls and a float32 softmax.
-
-    Same computation as :class:`lego_model.model.Attention` (scaled dot product
-    inside each tile), written out so that the logits can be upcast before the
-    softmax: exp() of fp16 logits saturates and its row sums lose precision.
-    q is scaled before the product to keep the fp16 logits small.
-    """
-
-    def __init__(self, attn: Attention) -> None:
-        super().__init__()
-        self.num_heads = attn.num_heads
-        self.qkv = attn.qkv
-        self.proj = attn.proj
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, L, T, D = x.shape
-        heads = self.num_heads
-        qkv = self.qkv(x).reshape(-1, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)  # (3, B*L, h, T, d)
-        q, k, v = qkv.unbind(0)  # (B*L, h, T, d) each
-        logits = (q * (D // heads) ** -0.5) @ k.transpose(-1, -2)  # (B*L, h, T, T), half
-        weights = logits.float().softmax(dim=-1).to(x.dtype)  # softmax in fp32
-        o = (weights @ v).transpose(1, 2).reshape(B, L, T, D)  # (B, L, T, D)
-        return self.proj(o)
-
-
-class Fp32Conv2d(nn.Module):
-    """A convolution evaluated in float32: ONNX Conv has no bfloat16 type before opset 22.
-
-    Only the patch embedding is a convolution, one matmul-sized op per brick,
-    so bf16 graphs lose nothing measurable by keeping it in fp32.
-    """
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.conv = copy.deepcopy(conv).float()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x.float()).to(x.dtype)
-
-
-def half_precision_copy(module: nn.Module, precision: str) -> nn.Module:
-    """A copy of ``module`` in fp16/bf16 whose LayerNorms and attention softmaxes stay in fp32.
-
-    The embedder's sinusoidal timestep features are computed in fp32 by the
-    model itself (``timestep_features``) whatever the weights' dtype.  In bf16
-    the patch-embedding convolution stays fp32 too (see :class:`Fp32Conv2d`).
-    """
-    dtype = TORCH_DTYPES[PRECISION_DTYPES[precision]]
-    out = copy.deepcopy(module).to(dtype)
-    for parent in list(out.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.LayerNorm):
-                setattr(parent, name, Fp32LayerNorm(child))
-            elif isinstance(child, Attention):
-                setattr(parent, name, Fp32SoftmaxAttention(child))
-            elif isinstance(child, nn.Conv2d) and dtype == torch.bfloat16:
-                setattr(parent, name, Fp32Conv2d(child))
-    return out
-
-
-# ----------------------------------------------------------------------------------- exported forwards
-
-
-class EmbedderGraph(nn.Module):
-    """The embedder as exported: c_noise [B], class_labels [B, label_dim] -> cond [B, D], float32 I/O."""
-
-    def __init__(self, model: LegoModel, precision: str) -> None:
-        super().__init__()
-        backbone = model.model
-        self.t_embedder = backbone.t_embedder
-        self.y_embedder = backbone.y_embedder
-        if precision != "fp32":
-            self.t_embedder = half_precision_copy(self.t_embedder, precision)
-            self.y_embedder = None if self.y_embedder is None else half_precision_copy(self.y_embedder, precision)
-
-    def forward(self, c_noise: Tensor, class_labels: Tensor) -> Tensor:
-        cond = self.t_embedder(c_noise)  # (B, D); the sinusoid is computed in fp32 inside
-        cond = cond + self.y_embedder(class_labels.to(cond.dtype))  # (B, D)
-        return cond.float()
-
-
-class UnconditionalEmbedderGraph(EmbedderGraph):
-    """The embedder of a model without labels: c_noise [B] -> cond [B, D]."""
-
-    def forward(self, c_noise: Tensor) -> Tensor:
-        return self.t_embedder(c_noise).float()  # (B, D)
-
-
-class BrickGraph(nn.Module):
-    """Brick k > 0 as exported: x_in, f_prev, cond -> f, float32 I/O, computed in the engine precision."""
-
-    def __init__(self, brick: Brick, precision: str) -> None:
-        super().__init__()
-        self.brick = brick if precision == "fp32" else half_precision_copy(brick, precision)
-        self.dtype = TORCH_DTYPES[PRECISION_DTYPES[precision]]
-
-    def forward(self, x_in: Tensor, f_prev: Tensor, cond: Tensor) -> Tensor:
-        return self.brick(x_in.to(self.dtype), f_prev.to(self.dtype), cond.to(self.dtype)).float()  # (B, C, H, W)
-
-
-class FirstBrickGraph(BrickGraph):
-    """Brick 0 as exported: x_in, cond -> f (there is no previous f)."""
-
-    def forward(self, x_in: Tensor, cond: Tensor) -> Tensor:
-        return self.brick(x_in.to(self.dtype), None, cond.to(self.dtype)).float()  # (B, C, H, W)
-
-
 # ---------------------------------------------------------------------------------------------- the specs
 
 
@@ -232,14 +99,8 @@ class EngineSpec:
         return [t.name for t in self.outputs]
 
     def module(self, model: LegoModel, precision: str) -> nn.Module:
-        """The forward to export, in eval mode."""
-        if self.kind == "embedder":
-            graph = EmbedderGraph if model.config.label_dim else UnconditionalEmbedderGraph
-            return graph(model, precision).eval()
-        if self.kind == "brick":
-            graph = FirstBrickGraph if self.brick == 0 else BrickGraph
-            return graph(model.bricks[self.brick], precision).eval()
-        raise NotImplementedError(f"no exported forward for engine kind {self.kind!r}")
+        """The forward to export, in eval mode (:func:`lego_model.forwards.engine_forward`)."""
+        return engine_forward(model, self.kind, self.brick, precision)
 
     def sample_inputs(self, model: LegoModel, batch: int, height: int, width: int, seed: int = 0) -> dict[str, Tensor]:
         """Realistic float32 inputs: noise levels of the EDM range, one-hot labels, cond from the embedder."""

@@ -28,9 +28,12 @@ from typing import Any
 import numpy as np
 
 from export.errors import ExportError, MissingDependencyError, VerificationError
-from export.manifest import Profile, file_sha256, plan_name
+from export.identity import plan_name
+from export.loaders import context_from_engine, engine_from_plan, plan_runtime
+from export.records import Profile
 from export.specs import EngineSpec, profile_shapes
 from export.verify import EngineRunner
+from lego_model.checkpoints import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +114,6 @@ def timing_cache_name(tensorrt_version: str, compute_capability: str) -> str:
     return f"timing-trt{tensorrt_version}-sm{compute_capability.replace('.', '')}.cache"
 
 
-def default_cache_dir() -> Path:
-    """``$LEGO_CACHE_DIR``, else ``$XDG_CACHE_HOME/lego-deploy``, else ``~/.cache/lego-deploy``."""
-    if os.environ.get("LEGO_CACHE_DIR"):
-        return Path(os.environ["LEGO_CACHE_DIR"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "lego-deploy"
-
-
 class EngineCache:
     """Plans stored as ``<key>.plan`` with ``<key>.json`` holding the key's parts and the plan's sha256."""
 
@@ -158,7 +153,7 @@ def engine_from_onnx(
 ) -> None:
     """Build one strongly typed TensorRT plan from an ONNX file with one optimization profile.
 
-    ``identity`` (:func:`export.manifest.engine_identity`) becomes the network's
+    ``identity`` (:func:`export.identity.engine_identity`) becomes the network's
     name, which the plan keeps (``ICudaEngine.name``) and the TensorRT backend checks.
     """
     import tensorrt as trt
@@ -198,16 +193,17 @@ def engine_from_onnx(
 
 
 def plan_runner(spec: EngineSpec, plan_path: str | Path) -> EngineRunner:
-    """A TensorRT plan on the GPU, for :func:`export.verify.verify_engine` (same loop as the ONNX check)."""
-    import tensorrt as trt
+    """A TensorRT plan on the GPU, for :func:`export.verify.verify_engine` (same loop as the ONNX check).
+
+    Deserialized and given its context by the runtimes' loaders (:mod:`export.loaders`); the plan has no
+    manifest entry yet, so its identity is checked when the runtimes load the directory.
+    """
     import torch
 
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
-    if engine is None:
-        raise ExportError(f"{spec.name}: TensorRT cannot load the plan it just built ({plan_path})")
+    runtime = plan_runtime()
+    engine = engine_from_plan(runtime, Path(plan_path).read_bytes(), str(plan_path))
     # The runtime must outlive its engine and the engine its context: the closure holds all three.
-    held = (runtime, engine, engine.create_execution_context())
+    held = (runtime, engine, context_from_engine(engine, spec.name))
     stream = torch.cuda.Stream()
     (out_name,) = spec.output_names
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from export.errors import ExportError
-from export.manifest import VAE_ENGINE, VAE_UPSCALE, Profile, TensorSpec, VaeRecord, contract_io
+from export.records import VAE_ENGINE, VAE_UPSCALE, Profile, TensorSpec, VaeRecord, contract_io
 from lego_model.configs import LegoConfig
 from lego_model.errors import VaeError
 from lego_model.vae import Vae
@@ -34,7 +34,7 @@ DEFAULT_VAE_BATCH = (1, 1, 8)
 
 @dataclass(frozen=True)
 class VaeDecoderSpec:
-    """Names, I/O (the engine contract's, :func:`export.manifest.contract_io`), dynamic dims and sample inputs."""
+    """Names, I/O (the engine contract's, :func:`export.records.contract_io`), dynamic dims and sample inputs."""
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]

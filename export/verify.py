@@ -23,14 +23,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import torch
 
-from export.errors import MissingDependencyError, VerificationError
-from export.manifest import MeasuredError, Profile, Verification
+from export.errors import BackendError, VerificationError
+from export.loaders import import_onnxruntime, session_from_onnx
+from export.records import MeasuredError, Profile, Verification
 from export.specs import EngineSpec
 from lego_model.configs import LegoConfig
 from lego_model.model import LegoModel
@@ -142,9 +142,19 @@ def verify_engine(
 
 
 def onnx_runner(spec: EngineSpec, path: str | Path, precision: str) -> EngineRunner:
-    """ONNX Runtime on the CPU; a bf16 file runs as its fp32 emulation (see the module docstring)."""
+    """ONNX Runtime on the CPU; a bf16 file runs as its fp32 emulation (see the module docstring).
+
+    The session is the runtimes' (:func:`export.loaders.session_from_onnx`, default settings); a file it
+    cannot load is a :class:`VerificationError`.
+    """
+    path = Path(path)
     emulate_bf16 = precision == "bf16"
-    session = _ort_session(Path(path), emulate_bf16=emulate_bf16)
+    import_onnxruntime()  # a missing onnxruntime is not the file's fault: its own BackendError
+    try:
+        model = _widened(path) if emulate_bf16 else path
+        session = session_from_onnx(model, name=path.name)
+    except BackendError as err:
+        raise VerificationError(str(err)) from None
 
     def run(inputs: dict[str, torch.Tensor]) -> np.ndarray:
         try:
@@ -161,23 +171,13 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _ort_session(path: Path, emulate_bf16: bool) -> Any:
-    try:
-        import onnxruntime as ort  # lazy: optional (the cpu or gpu extra)
-    except ImportError:
-        raise MissingDependencyError(
-            "onnxruntime is not installed, so exported files cannot be verified: pip install -e '.[cpu]' "
-            "(or '.[gpu]' on NVIDIA machines)"
-        ) from None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
+def _widened(path: Path) -> bytes:
+    """The serialized fp32 emulation of the bf16 ONNX file at ``path`` (:func:`widen_bf16`)."""
     try:
         model = onnx.load(str(path))
-        if emulate_bf16:
-            model = widen_bf16(model)
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # e.g. NOT_IMPLEMENTED: a kernel this build of onnxruntime lacks for the dtype
-        raise VerificationError(f"onnxruntime cannot load {path.name} ({_first_line(err)})") from None
+    except Exception as err:  # DecodeError of a file that is no ONNX protobuf, OSError, ...
+        raise VerificationError(f"onnx cannot read {path.name} ({_first_line(err)})") from None
+    return widen_bf16(model).SerializeToString()
 
 
 def widen_bf16(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lego_model.configs import refuse_unconditional
-from lego_model.errors import LegoError, OutputError
+from lego_model.errors import LegoError
 from lego_model.sampler import SEED_RANGE
 
 # ASCII digits only: str.isdigit() and \d also take characters int() cannot read ("²") or reads unexpectedly.
@@ -58,29 +57,6 @@ def parse_seeds(text: str) -> list[int]:
         dup = next(s for s in seeds if s in seen or seen.add(s))
         raise LegoError(f"seed {dup} is given more than once in {text!r}; list each seed once")
     return seeds
-
-
-def check_writable(directory: str | Path, option: str = "--out") -> None:
-    """Prove that files can be written in ``directory`` without creating it (OutputError otherwise).
-
-    The probe file goes into the directory, or into its nearest existing
-    ancestor when it does not exist yet, so a refused or failed run leaves no
-    empty directory behind: the commands create ``directory`` when they write
-    their first file.
-    """
-    directory = Path(directory)
-    probe = directory
-    try:
-        while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
-            probe = probe.parent
-        if not probe.is_dir():  # a file, or a dangling symlink, on the way
-            raise OutputError(f"cannot write to {directory}: {probe} is not a directory; choose another {option}")
-        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise OutputError(
-            f"cannot write to {directory} ({err.strerror or err} in {probe}); choose another {option}"
-        ) from None
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:

@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from export.loaders import SessionSettings, context_from_engine, engine_from_entry, plan_runtime, session_from_onnx
 from lego_model.configs import LegoConfig
 from lego_model.errors import VaeError
 from lego_model.vae import DECODE_BUDGET_BYTES, Vae, decode_chunk, load_vae, require_latent
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
-    from export.manifest import EngineEntry, Manifest
+    from export.records import EngineEntry, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -118,23 +119,8 @@ class OnnxDecoder(EngineDecoder):
         self.session: Any = None
 
     def __enter__(self) -> OnnxDecoder:
-        from runtimes.backends.ort import import_onnxruntime
-
-        ort = import_onnxruntime()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see runtimes.backends.ort
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if self.device.type == "cuda":
-            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0})]
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
-        except Exception as err:  # ORT raises its own exception types
-            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise BackendError(
-                f"ONNX Runtime cannot load {self.path}: {msg}; re-export with lego-export --force"
-            ) from None
+        settings = SessionSettings(device=self.device, threads=self.threads)  # no spinning: see export.loaders
+        self.session = session_from_onnx(self.path, settings)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -148,29 +134,27 @@ class OnnxDecoder(EngineDecoder):
 class TensorRTDecoder(EngineDecoder):
     """The ``vae_decoder`` plan on the GPU, enqueued on torch's current stream (not in any CUDA graph)."""
 
-    def __init__(self, entry: EngineEntry, engine_dir: str | Path, config: dict[str, Any], *, device) -> None:
+    def __init__(
+        self, entry: EngineEntry, engine_dir: str | Path, config: dict[str, Any], *, device, manifest: Manifest
+    ) -> None:
         super().__init__(entry, engine_dir, config)
         self.device = device
+        self.manifest = manifest  # the plan's identity names the VAE's weights it records
+        self.engine_dir = Path(engine_dir)
         self.name = "tensorrt (vae_decoder.plan)"
         self.engine: Any = None
         self.context: Any = None
         self._runtime: Any = None
 
     def __enter__(self) -> TensorRTDecoder:
-        from runtimes.backends.trt import check_engines_here, import_tensorrt
+        from runtimes.backends.trt import check_engines_here
 
         for warning in check_engines_here({self.entry.name: self.entry}, self.device):
             log.warning(warning)
-        trt = import_tensorrt()
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise BackendError(
-                f"TensorRT cannot deserialize {self.path}; rebuild with lego-export --engines trt --force"
-            )
-        self.context = self.engine.create_execution_context()  # owns its scratch: the bricks' contexts are idle now
-        if self.context is None:
-            raise BackendError("TensorRT could not create an execution context for vae_decoder (out of GPU memory?)")
+        self._runtime = plan_runtime()
+        self.engine = engine_from_entry(self._runtime, self.entry, self.manifest, self.engine_dir)
+        # Its own scratch memory: the bricks' contexts are idle by the time a batch is decoded.
+        self.context = context_from_engine(self.engine, self.entry.name)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -217,7 +201,7 @@ def open_decoder(
         return TorchDecoder(_eager_vae(config, vae_path, record), device)
     if manifest is not None and engine_dir is not None:
         if backend == "tensorrt" and (entry := manifest.decoder_for("tensorrt")) is not None:
-            return TensorRTDecoder(entry, engine_dir, _architecture(record), device=device)
+            return TensorRTDecoder(entry, engine_dir, _architecture(record), device=device, manifest=manifest)
         # The openvino backend runs the same ONNX files; its vae_decoder.onnx is decoded by ONNX Runtime (cpu extra).
         onnx_brick_backend = backend.startswith("onnxruntime") or backend == "openvino"
         if onnx_brick_backend and (entry := manifest.decoder_for("onnx")) is not None:

@@ -5,11 +5,10 @@
 
 from __future__ import annotations
 
-from lego_model.errors import LegoError, NonFiniteError, OutputError, UsageError
+from export.errors import BackendError
+from lego_model.errors import NonFiniteError, OutputError, UsageError
 
 # NonFiniteError, OutputError and UsageError are lego_model's: the eager path and the request raise them too.
+# BackendError is export's: the engine loaders (export.loaders) that backends and lego-export's verification share
+# raise it.
 __all__ = ["BackendError", "NonFiniteError", "OutputError", "UsageError"]
-
-
-class BackendError(LegoError):
-    """A backend that cannot run here: missing library or GPU, or engines built for another GPU/TensorRT."""

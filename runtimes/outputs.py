@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from lego_model.checkpoints import file_sha256
-from lego_model.images import check_writable, make_grid, save_image
+from lego_model.files import check_writable
+from lego_model.images import make_grid, save_image
 from lego_model.request import Request
 from runtimes.errors import OutputError
 

@@ -65,8 +65,8 @@ def latent_engines(small_vae_dir: Path, tmp_path_factory) -> Path:
     The ONNX files come from the TorchScript exporter (seconds instead of a minute); the dynamo export of
     the decoder is tested on its own in tests/export/test_vae_export.py.  Decoder batch profile 1:2:4.
     """
-    from export.manifest import CheckpointRecord
     from export.pipeline import ExportOptions, export_engine_dir
+    from export.records import CheckpointRecord
     from lego_model import LegoModel, get_config
     from lego_model.vae import load_vae
 

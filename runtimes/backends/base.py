@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from export.manifest import TORCH_DTYPES
+from export.records import TORCH_DTYPES
 from lego_model.configs import LegoConfig
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
-    from export.manifest import EngineEntry, Manifest
+    from export.records import EngineEntry, Manifest
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lego_model.files import default_cache_dir
 from runtimes.backends.base import (
     BackendKind,
     BackendOptions,
@@ -45,7 +46,7 @@ from runtimes.backends.precision import resolve_precision
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
-    from export.manifest import Manifest
+    from export.records import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,6 @@ def openvino_available() -> bool:
 
 def default_model_cache() -> Path:
     """``openvino/`` under the project's cache directory ($LEGO_CACHE_DIR or ~/.cache/lego-deploy)."""
-    from export.tensorrt_build import default_cache_dir
-
     return default_cache_dir() / "openvino"
 
 

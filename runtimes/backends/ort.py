@@ -8,19 +8,19 @@ copies nothing in or out of the sessions.  The bindings live in a bounded
 cache keyed by those buffers (:class:`runtimes.backends.base.BindingCache`):
 any number of chains may share one backend, and new buffers always rebind.
 
+The sessions are built by :func:`export.loaders.session_from_onnx` with this
+backend's :class:`export.loaders.SessionSettings` (which documents each one).
 Memory: ONNX Runtime's CPU arena (``arena=True``, its default) keeps what the
 largest request allocated for the session's lifetime; ``arena=False`` leaves
 allocation to the system allocator.  ``python -m benchmarks.soak`` measures
 resident memory along 200 mixed requests with either.
 
 Graph optimizations (``optimization``): ``"all"`` (default) is ONNX Runtime's
-``ORT_ENABLE_ALL`` (constant folding, LayerNorm/GELU/MatMul+Add fusions,
-NCHWc layouts on CPU); ``"fusions"`` first runs the onnxruntime.transformers
-optimizer in memory (it fuses the tanh-GELU into FastGelu and the LayerNorms;
-it finds no attention pattern, since attention inside tiles is not BERT-shaped).
-Both keep every brick within 2e-6 of the unoptimized graph on lego_S_PG_64;
-the parity tests run the default.  ``"fusions"`` costs seconds of load time per
-brick for a few percent per call (benchmarks/test_runtime.py, table "ort settings"), so it is opt-in.
+``ORT_ENABLE_ALL``; ``"fusions"`` first runs the onnxruntime.transformers
+optimizer in memory (:func:`export.loaders.fused_onnx`).  Both keep every brick
+within 2e-6 of the unoptimized graph on lego_S_PG_64; the parity tests run the
+default.  ``"fusions"`` costs seconds of load time per brick for a few percent
+per call (benchmarks/test_runtime.py, table "ort settings"), so it is opt-in.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from export.loaders import SessionSettings, import_onnxruntime, session_from_onnx
 from runtimes.backends.base import (
     BackendKind,
     BackendOptions,
@@ -48,22 +49,11 @@ from runtimes.backends.base import (
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
-    from export.manifest import Manifest
+    from export.records import Manifest
 
 log = logging.getLogger(__name__)
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
-
-
-def import_onnxruntime() -> Any:
-    """The onnxruntime module, or a BackendError that says which package to install."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise BackendError(
-            "onnxruntime is not installed: pip install 'lego-deploy[cpu]' (or [gpu] for onnxruntime-gpu)"
-        ) from None
-    return onnxruntime
 
 
 def cuda_provider_available() -> bool:
@@ -106,57 +96,26 @@ class OnnxRuntimeBackend(EngineBackend):
 
     def load(self) -> None:
         ort = import_onnxruntime()
-        levels = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            "fusions": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }
-        if self.optimization not in levels:
-            raise BackendError(f"unknown ONNX Runtime optimization {self.optimization!r}; choose one of {list(levels)}")
+        stream = None
         if self.device.type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendError(
-                    "this onnxruntime has no CUDAExecutionProvider: pip install onnxruntime-gpu, "
-                    "or use --backend onnxruntime-cpu"
-                )
             # ORT launches its kernels on a torch stream of ours (ORT ignores handle 0, torch's default stream);
             # infer() orders it after and before the chain's stream with events, without a host wait.
             self._stream = torch.cuda.Stream(self.device)
-            providers: list[Any] = [
-                (
-                    "CUDAExecutionProvider",
-                    {"device_id": self.device.index or 0, "user_compute_stream": str(self._stream.cuda_stream)},
-                )
-            ]
-        else:
-            providers = ["CPUExecutionProvider"]
+            stream = self._stream.cuda_stream
+        settings = SessionSettings(
+            device=self.device,
+            stream=stream,
+            threads=self.threads,
+            optimization=self.optimization,
+            arena=self.arena,
+            spin=self.spin,
+        )
         self._run_options = ort.RunOptions()
         if self.device.type == "cuda":
             # The chain reads the outputs on the same stream; a host wait after every engine would only stall it.
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         for name, entry in self.entries.items():
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = levels[self.optimization]
-            opts.intra_op_num_threads = self.threads
-            opts.inter_op_num_threads = 1
-            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            opts.log_severity_level = 3
-            opts.enable_cpu_mem_arena = self.arena
-            # Spinning worker threads cut wake-up latency between small ops, but on cores shared with other
-            # processes they burn the time slices the work needs: lego_S_PG_64, 2 threads on a loaded 2-core
-            # machine ran 472 ms per call without spinning and 788 ms with it (benchmarks/test_runtime.py).
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
-            path = entry.path(self.engine_dir)
-            try:
-                source = self._fused(path) if self.optimization == "fusions" else str(path)
-                self.sessions[name] = ort.InferenceSession(source, opts, providers=providers)
-            except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-                msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-                raise BackendError(
-                    f"ONNX Runtime cannot load {path}: {msg}; re-export with lego-export --force"
-                ) from None
+            self.sessions[name] = session_from_onnx(entry.path(self.engine_dir), settings, config=self.config)
         log.info(
             "onnxruntime %s: %d sessions, %d threads, optimization %s",
             ort.__version__,
@@ -164,17 +123,6 @@ class OnnxRuntimeBackend(EngineBackend):
             self.threads,
             self.optimization,
         )
-
-    def _fused(self, path: Path) -> bytes:
-        """The model at ``path`` after the transformers optimizer's fusions, serialized (nothing written to disk)."""
-        from onnxruntime.transformers.optimizer import optimize_model
-
-        cfg = self.config
-        fused = optimize_model(str(path), model_type="bert", num_heads=cfg.num_heads, hidden_size=cfg.hidden_size,
-                               opt_level=0)  # fmt: skip
-        log.info("%s: transformers optimizer fusions %s", path.name,
-                 {k: v for k, v in fused.get_fused_operator_statistics().items() if v})  # fmt: skip
-        return fused.model.SerializeToString()
 
     def close(self) -> None:
         self._bindings.clear()

@@ -8,8 +8,8 @@ verified, or its random-init seed replayed) or from ``--checkpoint``.
 ``precision="bf16"`` runs the model in bfloat16, so that eager and engine
 paths can be compared at equal precision: on the CPU under autocast (the
 weights stay fp32; torch casts them for each matmul, which its bf16 kernels
-need anyway), on a GPU through the exporter's bf16 forwards
-(``EngineSpec.module``: weights cast once, LayerNorm, the attention softmax
+need anyway), on a GPU through the exported bf16 forwards
+(:func:`lego_model.forwards.engine_forward`: weights cast once, LayerNorm, the attention softmax
 and the timestep sinusoid kept in fp32, float32 I/O), which CUDA graphs capture.
 """
 
@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from export.records import contract_io
 from lego_model.checkpoints import file_sha256, load_checkpoint
 from lego_model.configs import get_config
 from lego_model.errors import CheckpointError
+from lego_model.forwards import engine_forward
 from lego_model.model import LegoModel
 from lego_model.shipped import shipped_checkpoint
 from runtimes.backends.base import (
@@ -42,7 +44,7 @@ from runtimes.backends.precision import resolve_precision
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
-    from export.manifest import Manifest
+    from export.records import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +112,13 @@ class TorchBackend(Backend):
         else:  # nn.Module.to and .eval() work in place: move a copy, leave the caller's model alone
             self.model = copy.deepcopy(src).to(self.device).eval()
         if self.precision == "bf16" and self.device.type == "cuda":
-            from export.specs import engine_specs
-
-            # The exporter's bf16 forwards (weights cast once; LayerNorm, softmax, sinusoid in fp32); copies.
-            for spec in engine_specs(self.config):
-                graph = spec.module(self.model, "bf16").to(self.device).requires_grad_(False)
-                self._graphs[spec.name] = (graph, spec.input_names, spec.output_names[0])
+            # The exported bf16 forwards (weights cast once; LayerNorm, softmax, sinusoid in fp32); copies.
+            engines = [("embedder", "embedder", None)]
+            engines += [(f"brick{k}", "brick", k) for k in range(self.config.num_bricks)]
+            for name, kind, brick in engines:
+                inputs, outputs = contract_io(self.config, kind, brick)
+                graph = engine_forward(self.model, kind, brick, "bf16").to(self.device).requires_grad_(False)
+                self._graphs[name] = (graph, [t.name for t in inputs], outputs[0].name)
 
     def close(self) -> None:
         self._graphs.clear()

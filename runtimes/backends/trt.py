@@ -11,10 +11,13 @@ which keeps captured CUDA graphs valid when the shape changes.
 
 An engine only runs on the GPU architecture and TensorRT version it was
 built with; :func:`check_engine_compat` compares the manifest's
-``built_with`` with what is here before anything is deserialized.  Each
-deserialized plan's identity (its network name, :func:`export.manifest.plan_name`)
-and inputs and outputs (names, dtypes, static dims) are then compared with its
-manifest entry, so a plan in another engine's slot is refused before it runs.
+``built_with`` with what is here before anything is deserialized.  The plans
+are read by :mod:`export.loaders`: each deserialized plan's identity (its
+network name, :func:`export.identity.plan_name`) and inputs and outputs
+(names, dtypes, static dims) are compared with its manifest entry
+(:func:`export.loaders.engine_from_entry`), so a plan in another engine's slot
+is refused before it runs; its context is user-managed on the shared scratch
+(:func:`export.loaders.context_from_engine`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from export.manifest import FileTensor, check_engine_io, check_plan_identity, entry_identity
+from export.loaders import context_from_engine, engine_from_entry, import_tensorrt, plan_runtime, shared_scratch
 from lego_model.errors import LegoError
 from runtimes.backends.base import (
     BackendKind,
@@ -41,21 +44,9 @@ from runtimes.backends.base import (
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
-    from export.manifest import BuiltWith, EngineEntry, Manifest
+    from export.records import BuiltWith, EngineEntry, Manifest
 
 log = logging.getLogger(__name__)
-
-
-def import_tensorrt() -> Any:
-    """The tensorrt module, or a BackendError that says how to get it."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise BackendError(
-            "tensorrt is not installed: pip install 'lego-deploy[gpu]' on a machine with an NVIDIA GPU, "
-            "or use --backend onnxruntime-cuda / onnxruntime-cpu / torch"
-        ) from None
-    return tensorrt
 
 
 def check_engine_compat(
@@ -100,47 +91,6 @@ def check_engines_here(entries: Mapping[str, EngineEntry], device: torch.device)
     return warnings
 
 
-# TensorRT DataType names of the engine I/O dtypes.
-_TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}
-
-
-def plan_io(trt: Any, engine: Any) -> tuple[list[FileTensor], list[FileTensor]]:
-    """(inputs, outputs) a deserialized plan declares; dynamic dims are -1 (TensorRT >= 8.5 tensor API)."""
-    inputs, outputs = [], []
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        dtype = engine.get_tensor_dtype(name)
-        kind = getattr(dtype, "name", str(dtype).rsplit(".", 1)[-1])
-        shape = tuple(int(d) for d in engine.get_tensor_shape(name))
-        tensor = FileTensor(name, _TRT_DTYPES.get(kind, kind.lower()), shape)
-        (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(tensor)
-    return inputs, outputs
-
-
-def _scratch_size(engine: Any) -> int:
-    """Activation memory an engine needs at most (over its profile): the 64-bit query where it exists."""
-    size = getattr(engine, "device_memory_size_v2", None)
-    return int(engine.device_memory_size if size is None else size)
-
-
-def _user_managed_context(trt: Any, engine: Any) -> Any:
-    """An execution context whose scratch memory we supply (TensorRT 10 strategy argument, or a runtime config)."""
-    strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-    try:
-        return engine.create_execution_context(strategy)
-    except TypeError:  # versions that take an IRuntimeConfig instead
-        config = engine.create_runtime_config()
-        config.set_execution_context_allocation_strategy(strategy)
-        return engine.create_execution_context(config)
-
-
-def _attach_scratch(ctx: Any, scratch: Tensor) -> None:
-    if hasattr(ctx, "set_device_memory"):  # TensorRT >= 10.1: pointer and size
-        ctx.set_device_memory(scratch.data_ptr(), scratch.numel())
-    else:
-        ctx.device_memory = scratch.data_ptr()
-
-
 class TensorRTBackend(EngineBackend):
     """Runs the manifest's TensorRT plans; buffers are torch CUDA tensors."""
 
@@ -152,52 +102,27 @@ class TensorRTBackend(EngineBackend):
         self.engines: dict[str, Any] = {}
         self.contexts: dict[str, Any] = {}
         self._scratch: Tensor | None = None
-        self._trt: Any = None
         self._runtime: Any = None
         self._lock = threading.Lock()  # an execution context is not thread-safe: shapes, addresses, enqueue
 
     def load(self) -> None:
         for warning in check_engines_here(self.entries, self.device):
             log.warning(warning)
-        trt = self._trt = import_tensorrt()
-        logger = trt.Logger(trt.Logger.WARNING)
+        trt = import_tensorrt()
         # The runtime must outlive the engines it deserializes, and the engines their contexts.
-        runtime = self._runtime = trt.Runtime(logger)
+        runtime = self._runtime = plan_runtime()
         torch.cuda.set_device(self.device)
         for name, entry in self.entries.items():
-            engine = runtime.deserialize_cuda_engine(entry.path(self.engine_dir).read_bytes())
-            if engine is None:
-                raise BackendError(
-                    f"TensorRT cannot deserialize {entry.path(self.engine_dir)}; "
-                    "rebuild with lego-export --engines trt --force"
-                )
-            # load_manifest cannot read a plan: its identity and I/O are checked here, before it runs.
-            where = f"{entry.path(self.engine_dir)} (engine {name})"
-            warning = check_plan_identity(where, getattr(engine, "name", None), entry_identity(entry, self.manifest))
-            if warning:
-                log.warning(warning)
-            check_engine_io(where, entry.inputs, entry.outputs, *plan_io(trt, engine))
-            self.engines[name] = engine
-        shared = hasattr(trt, "ExecutionContextAllocationStrategy")
-        if shared:
-            # One scratch allocation for all contexts, sized for the largest engine over its whole profile.
-            size = max(_scratch_size(e) for e in self.engines.values())
-            self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+            self.engines[name] = engine_from_entry(runtime, entry, self.manifest, self.engine_dir)
+        # The bricks run one after another: one scratch allocation serves every context.
+        self._scratch = shared_scratch(self.engines.values(), self.device)
         for name, engine in self.engines.items():
-            if shared:
-                ctx = _user_managed_context(trt, engine)
-                if ctx is not None:
-                    _attach_scratch(ctx, self._scratch)
-            else:  # TensorRT < 10: every context owns its scratch memory
-                ctx = engine.create_execution_context()
-            if ctx is None:
-                raise BackendError(f"TensorRT could not create an execution context for {name} (out of GPU memory?)")
-            self.contexts[name] = ctx
+            self.contexts[name] = context_from_engine(engine, name, self._scratch)
         log.info(
-            "tensorrt %s: %d engines, shared scratch %s MiB",
+            "tensorrt %s: %d engines, shared scratch %.1f MiB",
             trt.__version__,
             len(self.engines),
-            "n/a" if self._scratch is None else f"{self._scratch.numel() / 2**20:.1f}",
+            self._scratch.numel() / 2**20,
         )
 
     def close(self) -> None:

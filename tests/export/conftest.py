@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from export.manifest import CheckpointRecord, TensorSpec, Verification
 from export.onnx_export import onnx_from_spec
 from export.pipeline import ExportOptions, ExportResult, export_engine_dir
+from export.records import CheckpointRecord, TensorSpec, Verification
 from export.specs import engine_specs
 from export.verify import onnx_runner, verify_engine
 from lego_model.configs import get_config

@@ -8,9 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from export import cli, tensorrt_build
-from export.manifest import CheckpointRecord, file_sha256, load_manifest
+from export.manifest import load_manifest
+from export.records import CheckpointRecord
 from lego_model import shipped
-from lego_model.checkpoints import save_checkpoint
+from lego_model.checkpoints import file_sha256, save_checkpoint
 from lego_model.configs import get_config
 from lego_model.errors import CheckpointError
 from lego_model.model import LegoModel

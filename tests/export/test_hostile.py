@@ -23,24 +23,14 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from export import cli, pipeline
+from export import atomic, cli, pipeline
 from export.errors import ManifestError
-from export.manifest import (
-    MANIFEST_NAME,
-    PROFILE_LIMITS,
-    CheckpointRecord,
-    FileTensor,
-    TensorSpec,
-    check_engine_io,
-    check_plan_identity,
-    engine_identity,
-    file_sha256,
-    load_manifest,
-    onnx_declaration,
-    plan_name,
-)
+from export.identity import check_engine_io, check_plan_identity, engine_identity, plan_name
+from export.manifest import MANIFEST_NAME, load_manifest
+from export.onnx_wire import onnx_declaration
 from export.pipeline import ExportResult
-from lego_model.checkpoints import FORMAT_TAG, save_checkpoint
+from export.records import PROFILE_LIMITS, CheckpointRecord, FileTensor, TensorSpec
+from lego_model.checkpoints import FORMAT_TAG, file_sha256, save_checkpoint
 from lego_model.configs import get_config
 from lego_model.model import LegoModel
 
@@ -281,8 +271,8 @@ def test_plan_io_check_is_the_same_comparison() -> None:
 
 
 def test_trt_plan_io_reader_with_a_fake_engine() -> None:
-    """runtimes.backends.trt.plan_io reads names, modes, dtypes and shapes through the TensorRT tensor API."""
-    from runtimes.backends.trt import plan_io
+    """export.loaders.plan_io reads names, modes, dtypes and shapes through the TensorRT tensor API."""
+    from export.loaders import plan_io
 
     class Enum:
         def __init__(self, name: str) -> None:
@@ -643,7 +633,7 @@ def test_force_onto_a_symlinked_directory(previous: Path, tmp_path: Path) -> Non
 
 def test_replace_without_an_atomic_exchange(previous: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where renameat2 is missing, the fallback swap still replaces the directory and leaves nothing behind."""
-    monkeypatch.setattr(pipeline, "exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     result = export_cli("--config", TINY, "--random-init", "--seed", "7", "--out", previous, "--force", *FAST)
     assert result.exit_code == 0, result.output
     assert load_manifest(previous).checkpoint == CheckpointRecord.random_init(7)
@@ -655,7 +645,7 @@ def test_exchange_swaps_two_directories(tmp_path: Path) -> None:
     (tmp_path / "a" / "x").write_text("a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x").write_text("b")
-    if not pipeline.exchange(tmp_path / "a", tmp_path / "b"):
+    if not atomic.exchange(tmp_path / "a", tmp_path / "b"):
         pytest.skip("no renameat2 RENAME_EXCHANGE on this system")
     assert (tmp_path / "a" / "x").read_text() == "b" and (tmp_path / "b" / "x").read_text() == "a"
 

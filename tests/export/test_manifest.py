@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from export.errors import ManifestError, ProfileError
-from export.manifest import (
-    MANIFEST_NAME,
+from export.identity import engine_identity
+from export.manifest import MANIFEST_NAME, load_manifest, write_manifest
+from export.records import (
     SCHEMA_VERSION,
     BuiltWith,
     CheckpointRecord,
@@ -21,11 +22,8 @@ from export.manifest import (
     TensorSpec,
     Verification,
     contract_io,
-    engine_identity,
-    file_sha256,
-    load_manifest,
-    write_manifest,
 )
+from lego_model.checkpoints import file_sha256
 from lego_model.configs import get_config
 from lego_model.errors import LegoError, ShapeError
 

@@ -6,8 +6,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.manifest import CheckpointRecord, Profile, load_manifest
+from export.manifest import load_manifest
 from export.pipeline import ExportOptions, export_engine_dir
+from export.records import CheckpointRecord, Profile
 from lego_model.precond import denoise_with_bricks
 from tests.conftest import FIXTURE_TENSORS, official_model
 

@@ -12,9 +12,10 @@ import torch
 
 from export import onnx_export
 from export.errors import VerificationError
-from export.manifest import Verification, load_manifest
+from export.manifest import load_manifest
 from export.onnx_export import check_onnx, onnx_from_spec, op_input_dtypes
 from export.pipeline import ExportResult
+from export.records import Verification
 from export.specs import engine_specs
 from export.verify import TOLERANCES, eager_output, onnx_runner, verify_engine, widen_bf16
 from lego_model.model import LegoModel

@@ -9,8 +9,9 @@ import pytest
 
 from export import pipeline
 from export.errors import ExportError, MissingDependencyError, ProfileError, VerificationError
-from export.manifest import MANIFEST_NAME, Profile, load_manifest
+from export.manifest import MANIFEST_NAME, load_manifest
 from export.pipeline import ExportOptions, ExportResult, export_engine_dir, staged_directory
+from export.records import Profile
 from lego_model.model import LegoModel
 
 from .conftest import RANDOM_INIT

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from export.errors import ProfileError
-from export.manifest import Profile
+from export.records import Profile
 from export.specs import check_profile, default_profile, engine_specs, parse_range, profile_shapes
 from export.verify import verification_shapes
 from lego_model.configs import get_config

@@ -10,8 +10,9 @@ import pytest
 
 from export import tensorrt_build
 from export.errors import MissingDependencyError, VerificationError
-from export.manifest import Profile, load_manifest
+from export.manifest import load_manifest
 from export.pipeline import ExportOptions, export_engine_dir
+from export.records import Profile
 from export.tensorrt_build import (
     EngineCache,
     engine_cache_key,

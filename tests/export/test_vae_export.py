@@ -11,8 +11,9 @@ from click.testing import CliRunner
 
 from export.cli import main as export_main
 from export.errors import ManifestError
-from export.manifest import Manifest, load_manifest
+from export.manifest import load_manifest
 from export.onnx_export import onnx_from_spec
+from export.records import Manifest
 from export.vae_spec import vae_decoder_spec
 from export.verify import onnx_runner, verify_engine
 from lego_model.checkpoints import file_sha256

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from export.errors import VerificationError
-from export.manifest import MeasuredError
+from export.records import MeasuredError
 from export.specs import engine_specs
 from export.verify import TOLERANCES, EngineRunner, eager_output, verify_engine
 from lego_model.model import LegoModel

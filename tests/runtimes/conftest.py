@@ -21,20 +21,14 @@ def export_onnx_dir(model: LegoModel, out: Path, *, checkpoint=None, batch=(1, 1
     (and to let a test export a model whose outputs are broken on purpose): the
     verification records say so.  ``checkpoint`` defaults to random init seed SEED.
     """
-    from export.manifest import (
-        CheckpointRecord,
-        EngineEntry,
-        Manifest,
-        Profile,
-        Verification,
-        engine_identity,
-        file_sha256,
-        write_manifest,
-    )
+    from export.identity import engine_identity
+    from export.manifest import write_manifest
     from export.onnx_export import DEFAULT_OPSET, onnx_from_spec
     from export.pipeline import onnx_built_with
+    from export.records import CheckpointRecord, EngineEntry, Manifest, Profile, Verification
     from export.specs import engine_specs
     from export.verify import TOLERANCES
+    from lego_model.checkpoints import file_sha256
 
     cfg = model.config
     record = checkpoint or CheckpointRecord.random_init(SEED)

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from export.manifest import BuiltWith, load_manifest
+from export.manifest import load_manifest
+from export.records import BuiltWith
 from lego_model.checkpoints import save_checkpoint
 from runtimes.backends import BACKENDS, REGISTRY, choose_backend, open_backend
 from runtimes.backends.base import BackendOptions, buffer_dtypes

@@ -191,7 +191,7 @@ def test_torch_backend_from_checkpoint_without_engines(tmp_path):
 
 @pytest.fixture(scope="session")
 def shipped_engines(tmp_path_factory) -> Path:
-    from export.manifest import CheckpointRecord
+    from export.records import CheckpointRecord
     from lego_model.checkpoints import load_checkpoint
     from lego_model.errors import CheckpointError
     from lego_model.shipped import shipped_checkpoint
@@ -229,7 +229,7 @@ def test_default_batch_halves_under_guidance_to_fit_the_profile(engines_pg, tmp_
 
 
 def test_torch_backend_verifies_the_manifest_checkpoint(tmp_path):
-    from export.manifest import CheckpointRecord
+    from export.records import CheckpointRecord
     from lego_model.checkpoints import save_checkpoint
 
     model = tiny_model("tiny_PR_16")

@@ -147,7 +147,8 @@ def test_engine_decoder_chunks_within_its_batch_profile(latent_engines) -> None:
 
     import torch
 
-    from export.manifest import Profile, load_manifest
+    from export.manifest import load_manifest
+    from export.records import Profile
     from lego_model.vae import load_vae
     from runtimes.decode import OnnxDecoder
 

@@ -1,0 +1,186 @@
+"""The engines' forwards on plain tensors, at every precision: what lego-export exports and the runtimes run eagerly.
+
+One forward per engine kind (STYLE.md 4): the embedder ``c_noise [B]``
+(, ``class_labels [B, label_dim]``) -> ``cond [B, D]``, brick 0
+``x_in, cond -> f`` and brick k > 0 ``x_in, f_prev, cond -> f``
+(shared/DESIGN.md, "Engine contract"); :func:`engine_forward` picks one.
+
+I/O is float32 at every precision; fp16/bf16 forwards cast at their
+boundary.  That keeps the brick chain, the EDM arithmetic and the runtimes'
+bound buffers independent of the precision, and f (which flows from brick to
+brick) keeps fp32 resolution; the casts cost a few elementwise passes over
+tensors of C+2 channels, negligible next to the transformer blocks.  Inside,
+a half-precision forward is :func:`half_precision_copy` of the model's
+modules: weights cast once, LayerNorm, the attention softmax (and in bf16 the
+patch-embedding convolution) kept in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lego_model.model import Attention, Brick, LegoModel
+
+__all__ = [
+    "PRECISION_TORCH_DTYPES",
+    "BrickGraph",
+    "EmbedderGraph",
+    "FirstBrickGraph",
+    "Fp32Conv2d",
+    "Fp32LayerNorm",
+    "Fp32SoftmaxAttention",
+    "UnconditionalEmbedderGraph",
+    "engine_forward",
+    "half_precision_copy",
+]
+
+# Engine precision (lego-export's --precision) -> the dtype its weights and computation use.
+PRECISION_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------ half-precision graphs
+
+
+class Fp32LayerNorm(nn.Module):
+    """LayerNorm evaluated in float32 inside a half-precision graph.
+
+    The variance of a 384-1152 wide row overflows or loses most of its digits
+    in fp16; TensorRT, strongly typed, computes in the dtype the ONNX gives it.
+    """
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.normalized_shape = norm.normalized_shape
+        self.eps = norm.eps
+        self.weight = None if norm.weight is None else nn.Parameter(norm.weight.detach().float())
+        self.bias = None if norm.bias is None else nn.Parameter(norm.bias.detach().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)  # fp32
+        return y.to(x.dtype)
+
+
+class Fp32SoftmaxAttention(nn.Module):
+    """The brick's tile attention with half-precision matmuls and a float32 softmax.
+
+    Same computation as :class:`lego_model.model.Attention` (scaled dot product
+    inside each tile), written out so that the logits can be upcast before the
+    softmax: exp() of fp16 logits saturates and its row sums lose precision.
+    q is scaled before the product to keep the fp16 logits small.
+    """
+
+    def __init__(self, attn: Attention) -> None:
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.qkv = attn.qkv
+        self.proj = attn.proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, L, T, D = x.shape
+        heads = self.num_heads
+        qkv = self.qkv(x).reshape(-1, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)  # (3, B*L, h, T, d)
+        q, k, v = qkv.unbind(0)  # (B*L, h, T, d) each
+        logits = (q * (D // heads) ** -0.5) @ k.transpose(-1, -2)  # (B*L, h, T, T), half
+        weights = logits.float().softmax(dim=-1).to(x.dtype)  # softmax in fp32
+        o = (weights @ v).transpose(1, 2).reshape(B, L, T, D)  # (B, L, T, D)
+        return self.proj(o)
+
+
+class Fp32Conv2d(nn.Module):
+    """A convolution evaluated in float32: ONNX Conv has no bfloat16 type before opset 22.
+
+    Only the patch embedding is a convolution, one matmul-sized op per brick,
+    so bf16 graphs lose nothing measurable by keeping it in fp32.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = copy.deepcopy(conv).float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x.float()).to(x.dtype)
+
+
+def half_precision_copy(module: nn.Module, precision: str) -> nn.Module:
+    """A copy of ``module`` in fp16/bf16 whose LayerNorms and attention softmaxes stay in fp32.
+
+    The embedder's sinusoidal timestep features are computed in fp32 by the
+    model itself (``timestep_features``) whatever the weights' dtype.  In bf16
+    the patch-embedding convolution stays fp32 too (see :class:`Fp32Conv2d`).
+    """
+    dtype = PRECISION_TORCH_DTYPES[precision]
+    out = copy.deepcopy(module).to(dtype)
+    for parent in list(out.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                setattr(parent, name, Fp32LayerNorm(child))
+            elif isinstance(child, Attention):
+                setattr(parent, name, Fp32SoftmaxAttention(child))
+            elif isinstance(child, nn.Conv2d) and dtype == torch.bfloat16:
+                setattr(parent, name, Fp32Conv2d(child))
+    return out
+
+
+# ----------------------------------------------------------------------------------- exported forwards
+
+
+class EmbedderGraph(nn.Module):
+    """The embedder as exported: c_noise [B], class_labels [B, label_dim] -> cond [B, D], float32 I/O."""
+
+    def __init__(self, model: LegoModel, precision: str) -> None:
+        super().__init__()
+        backbone = model.model
+        self.t_embedder = backbone.t_embedder
+        self.y_embedder = backbone.y_embedder
+        if precision != "fp32":
+            self.t_embedder = half_precision_copy(self.t_embedder, precision)
+            self.y_embedder = None if self.y_embedder is None else half_precision_copy(self.y_embedder, precision)
+
+    def forward(self, c_noise: Tensor, class_labels: Tensor) -> Tensor:
+        cond = self.t_embedder(c_noise)  # (B, D); the sinusoid is computed in fp32 inside
+        cond = cond + self.y_embedder(class_labels.to(cond.dtype))  # (B, D)
+        return cond.float()
+
+
+class UnconditionalEmbedderGraph(EmbedderGraph):
+    """The embedder of a model without labels: c_noise [B] -> cond [B, D]."""
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        return self.t_embedder(c_noise).float()  # (B, D)
+
+
+class BrickGraph(nn.Module):
+    """Brick k > 0 as exported: x_in, f_prev, cond -> f, float32 I/O, computed in the engine precision."""
+
+    def __init__(self, brick: Brick, precision: str) -> None:
+        super().__init__()
+        self.brick = brick if precision == "fp32" else half_precision_copy(brick, precision)
+        self.dtype = PRECISION_TORCH_DTYPES[precision]
+
+    def forward(self, x_in: Tensor, f_prev: Tensor, cond: Tensor) -> Tensor:
+        return self.brick(x_in.to(self.dtype), f_prev.to(self.dtype), cond.to(self.dtype)).float()  # (B, C, H, W)
+
+
+class FirstBrickGraph(BrickGraph):
+    """Brick 0 as exported: x_in, cond -> f (there is no previous f)."""
+
+    def forward(self, x_in: Tensor, cond: Tensor) -> Tensor:
+        return self.brick(x_in.to(self.dtype), None, cond.to(self.dtype)).float()  # (B, C, H, W)
+
+
+def engine_forward(model: LegoModel, kind: str, brick: int | None, precision: str) -> nn.Module:
+    """The forward of engine ``kind`` ("embedder" or "brick" ``brick``) of ``model`` at ``precision``, in eval mode.
+
+    The half-precision ones hold copies of the weights (``model`` is not changed); fp32 ones share them.
+    """
+    if kind == "embedder":
+        graph = EmbedderGraph if model.config.label_dim else UnconditionalEmbedderGraph
+        return graph(model, precision).eval()
+    if kind == "brick":
+        graph = FirstBrickGraph if brick == 0 else BrickGraph
+        return graph(model.bricks[brick], precision).eval()
+    raise NotImplementedError(f"no exported forward for engine kind {kind!r}")
