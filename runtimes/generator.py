@@ -30,11 +30,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from export.records import VAE_UPSCALE
 from lego_model.flops import check_memory
 from lego_model.images import to_uint8_nhwc
 from lego_model.model import LegoModel
 from lego_model.request import Output, Request, sample_batches
+from lego_model.vae import DECODE_BUDGET_BYTES, NO_VAE_HINT, decode_chunk
 from runtimes.backends import Backend, open_backend
+from runtimes.backends.base import VAE_CALL
+from runtimes.backends.decoding import decoder_architecture
 from runtimes.chain import BrickChain
 from runtimes.errors import UsageError
 
@@ -82,6 +86,7 @@ class Generator:
             backend, cuda_graphs=cuda_graphs, check_finite=check_finite, max_buffer_sets=max_buffer_sets
         )
         self._lock = threading.RLock()
+        self._decoding: dict[tuple[int, int, int], tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
         self._state = "new"  # new -> loaded (or borrowed: the caller loaded the backend) -> closed
 
     # ------------------------------------------------------------------ construction
@@ -103,8 +108,10 @@ class Generator:
         are the sample CLI's backend options (:class:`runtimes.backends.BackendOptions`):
         ``threads``, ``precision`` (auto, fp32, bf16), ``device`` and
         ``checkpoint``/``config`` (torch backend), ``ort_optimization``,
-        ``ort_arena`` (ONNX Runtime), ``local_rank``; one a backend would
-        ignore is refused.
+        ``ort_arena`` (ONNX Runtime), ``local_rank``, and for latent models
+        ``vae`` (decode with diffusers' eager decoder from this path) and
+        ``vae_backend`` ("engine": the directory's vae_decoder, "torch");
+        one a backend would ignore is refused.
         """
         be, why = open_backend(backend, engine_dir=engine_dir, **options)
         return cls(be, cuda_graphs=cuda_graphs, max_buffer_sets=max_buffer_sets, why=why)
@@ -125,7 +132,9 @@ class Generator:
         a copy moves to ``device`` when it is elsewhere), or None for the
         shipped model.  ``options``: ``device`` ("cpu", "cuda", "cuda:1";
         default the GPU when torch sees one), ``precision`` (fp32, bf16),
-        ``config``, ``random_init`` (with ``config``), ``threads``.
+        ``config``, ``random_init`` (with ``config``), ``threads``, and for a
+        latent model ``vae`` (a diffusers AutoencoderKL path or a
+        ``lego_model.vae.Vae``), which its requests decode with.
         """
         be, why = open_backend("torch", checkpoint=checkpoint, **options)
         return cls(be, cuda_graphs=cuda_graphs, max_buffer_sets=max_buffer_sets, why=why)
@@ -147,6 +156,7 @@ class Generator:
         with self._lock:
             if self._state in ("loaded", "borrowed"):
                 self.chain.clear()
+                self._decoding.clear()
             if self._state == "loaded":
                 self.backend.__exit__(None, None, None)
             self._state = "closed"
@@ -196,6 +206,8 @@ class Generator:
         sizes = request.batch_sizes(self.max_batch(request.guided))
         for n in sizes:
             self.chain.check(n, request.height, request.width, request.cfg_scale)
+        if self.config.is_latent and request.output != "latents":
+            self._check_decoder(request.height, request.width)
         if sizes and self.device.type == "cpu":  # host memory: the torch backend has no profile to bound a batch
             check_memory(self.config, request.height, request.width, max(sizes) * (2 if request.guided else 1))
 
@@ -213,8 +225,11 @@ class Generator:
         plan, cfg_scale, steps, solver, S_churn, S_min, S_max, S_noise, batch,
         output).  The output is the request's: ``"tensor"`` (float64
         [N, C, H, W] in [-1, 1], on the backend's device), ``"uint8"`` (numpy
-        [N, H, W, C]) or ``"pil"`` (a list of PIL images).  on_step(i) is
-        called after each sampling step of each batch.
+        [N, H, W, C]) or ``"pil"`` (a list of PIL images).  A latent model's
+        request ends in images too: its latents are decoded (:meth:`decode`;
+        ``"tensor"`` is then float32 [N, 3, 8h, 8w]), and only
+        ``output="latents"`` returns them undecoded (float64 [N, C, h, w]).
+        on_step(i) is called after each sampling step of each batch.
         """
         if isinstance(seeds, Request):
             if kwargs:
@@ -226,6 +241,8 @@ class Generator:
         with self._lock:
             self.load()
             images = torch.cat([x for _, x in self._sample(request, on_step)])
+            if self.config.is_latent and request.output != "latents":
+                images = self.decode(images)
         return convert(images, request.output)
 
     def batches(
@@ -234,13 +251,71 @@ class Generator:
         """(seeds, float64 results on the device) per batch of ``request``, as the batches finish.
 
         The sample CLI's path: it writes and times each batch.  A latent
-        model's results are its latents.  The generator's lock is held while
-        the iterator runs.
+        model's results are its latents (:meth:`decode` makes images of them).
+        The generator's lock is held while the iterator runs.
         """
         self.check(request)
         with self._lock:
             self.load()
             yield from self._sample(request, on_step)
+
+    # ------------------------------------------------------------------ latents to images
+    def decode(self, latents: Tensor) -> Tensor:
+        """A latent model's latents [N, C, h, w] -> float32 images [N, 3, 8h, 8w] in [-1, 1], on the device.
+
+        Runs the backend's VAE decoder (its ``vae_decoder`` engine, or
+        diffusers' eager decoder) through ``backend.infer`` in chunks that fit
+        the engine's batch profile and bound the activation memory; a chunk
+        below the profile's smallest batch is padded with zero latents whose
+        images are dropped.  Outside the sampling loop and its CUDA graphs.
+        """
+        cfg = self.config
+        if not isinstance(latents, Tensor) or latents.dim() != 4 or latents.shape[1] != cfg.img_channels:
+            got = list(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+            raise UsageError(f"latents: expected a tensor [N, {cfg.img_channels}, h, w], got {got}")
+        n, _, h, w = latents.shape
+        self._check_decoder(h, w)
+        profile = self.backend.decoder_profile()
+        lo, hi = (profile.batch[0], profile.batch[2]) if profile is not None else (1, n)
+        chunk = max(lo, min(hi, decode_chunk(decoder_architecture(self.backend), h, w, DECODE_BUDGET_BYTES)))
+        with self._lock:
+            self.load()
+            parts = []
+            for part in latents.split(chunk):
+                k = part.shape[0]
+                inputs, outputs = self._decode_buffers(max(k, lo), h, w)
+                inputs["latents"][:k].copy_(part)
+                inputs["latents"][k:].zero_()
+                self.backend.infer(VAE_CALL, inputs, outputs)
+                parts.append(outputs["images"][:k].clone())
+        return torch.cat(parts)
+
+    def _check_decoder(self, height: int, width: int) -> None:
+        if not self.backend.has_decoder:
+            raise UsageError(
+                f"{self.config.name} samples latents and this generator has no VAE decoder: {NO_VAE_HINT} "
+                "(vae=PATH in the Python API), or export one with lego-export --vae; output='latents' returns "
+                "the latents undecoded"
+            )
+        profile = self.backend.decoder_profile()
+        if profile is not None:
+            profile.check(profile.batch[0], height, width)
+
+    @torch.inference_mode(False)
+    def _decode_buffers(self, batch: int, height: int, width: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The decoder's I/O of one chunk shape, allocated once (a few shapes kept: chunks repeat per batch)."""
+        key = (batch, height, width)
+        found = self._decoding.pop(key, None)
+        if found is None:
+            up = VAE_UPSCALE
+            found = (
+                {"latents": torch.zeros(batch, self.config.img_channels, height, width, device=self.device)},
+                {"images": torch.zeros(batch, 3, up * height, up * width, device=self.device)},
+            )
+        self._decoding[key] = found  # newest last
+        while len(self._decoding) > 4:
+            self._decoding.pop(next(iter(self._decoding)))
+        return found
 
     def _sample(self, request: Request, on_step) -> Iterator[tuple[tuple[int, ...], Tensor]]:
         def open_batch(labels: Tensor | None, batch: int):

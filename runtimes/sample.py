@@ -11,9 +11,9 @@ or the shipped model); the same seeds and plan give the same images through
 any backend, to the precision's rounding.
 
 Latent models (the ``_32`` configs) decode each finished batch into images
-(``runtimes.decode``: the manifest's ``vae_decoder`` engine, or diffusers'
-eager decoder with ``--vae-backend torch`` / ``--vae PATH``), timed apart from
-sampling.  Without a decoder they write their latents instead: one
+(the manifest's ``vae_decoder`` engine in the backend, or diffusers' eager
+decoder with ``--vae-backend torch`` / ``--vae PATH``; see
+:mod:`runtimes.backends.decoding`), timed apart from sampling.  Without a decoder they write their latents instead: one
 ``000042.npy`` per seed and ``latents.npz`` (float32 NCHW ``arr_0``, ``seeds``).
 
 Under ``torchrun`` every rank samples its share of the seeds on device
@@ -23,7 +23,6 @@ Everything that can be refused is refused before the first denoiser call.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -47,8 +46,8 @@ from lego_model.vae import NO_VAE_HINT
 from runtimes import distributed
 from runtimes.backends import BACKENDS, open_backend
 from runtimes.backends.base import default_threads
+from runtimes.backends.decoding import VAE_BACKENDS
 from runtimes.backends.precision import PRECISIONS
-from runtimes.decode import VAE_BACKENDS, Decoder, open_decoder
 from runtimes.errors import OutputError
 from runtimes.generator import Generator
 from runtimes.outputs import LATENTS_NPZ, RunOutputs, check_writable, run_settings
@@ -118,7 +117,6 @@ class SamplingRun:
     seeds: list[int]  # every seed of the run (rank 0 assembles the grid and npz from all of them)
     outputs: RunOutputs  # --out, --npz and run.json
     report: SampleReport
-    decoder: Decoder | None = None  # latent models: latents -> images after each batch
     grid_rows: int | None = None  # --class-rows: one grid row per class
     wrote: bool = False  # whether this process has written a batch (run.json goes first)
 
@@ -139,21 +137,13 @@ def prepare_run(o: dict[str, Any], info: distributed.RankInfo) -> SamplingRun:
         threads=o["threads"],
         ort_optimization=o["ort_optimization"],
         precision=o["precision"],
+        vae=o["vae"],
+        vae_backend=o["vae_backend"],
     )
     threads = o["threads"] or default_threads(info.local_world_size)
     gen = Generator(backend, cuda_graphs=o["cuda_graphs"], why=why)
     cfg = gen.config
-    decoder = open_decoder(
-        cfg,
-        backend=backend.name,
-        device=backend.device,
-        manifest=backend.manifest,
-        engine_dir=o["engine_dir"],
-        vae_path=o["vae"],
-        vae_backend=o["vae_backend"],
-        threads=threads,
-    )
-    writes_latents = cfg.is_latent and decoder is None
+    writes_latents = cfg.is_latent and not backend.has_decoder
     if writes_latents and o["npz"]:
         raise OutputError(f"--npz holds uint8 images, and this latent model has no decoder: {NO_VAE_HINT}")
     seeds = parse_seeds(o["seeds"])
@@ -177,10 +167,8 @@ def prepare_run(o: dict[str, Any], info: distributed.RankInfo) -> SamplingRun:
         solver=o["solver"],
         churn=Churn(o["S_churn"], o["S_min"], o["S_max"], o["S_noise"]),
         batch=batch,
-        output="latents" if cfg.is_latent else "tensor",
+        output="latents" if writes_latents else "tensor",
     )
-    if decoder is not None:
-        decoder.check(request.height, request.width)
     settings = run_settings(
         request, weights=backend.weights, precision=backend.precision, output="latents" if writes_latents else "images"
     )
@@ -197,7 +185,7 @@ def prepare_run(o: dict[str, Any], info: distributed.RankInfo) -> SamplingRun:
         engine_dir=o["engine_dir"],
     )
     mine = request.only(todo)
-    gen.check(mine)  # the engines' profiles and the memory a batch needs
+    gen.check(mine)  # the engines' profiles, the decoder's, and the memory a batch needs
     if backend.device.type == "cpu":
         torch.set_num_threads(threads)
     else:  # CUDA graph capture and the libraries' handles follow the current device
@@ -211,10 +199,10 @@ def prepare_run(o: dict[str, Any], info: distributed.RankInfo) -> SamplingRun:
         graphs=gen.chain.graphs is not None,
         plan_text=f"{request.describe()}\n  cost: {gflop:.3g} GFLOP per image",
         skipped_existing=len(shard) - len(todo),
-        decoder=None if decoder is None else decoder.name,
+        decoder=backend.decoder_name(),
         latent=cfg.is_latent,
     )
-    return SamplingRun(info, gen, mine, list(request.seeds), outputs, report, decoder=decoder, grid_rows=grid_rows)
+    return SamplingRun(info, gen, mine, list(request.seeds), outputs, report, grid_rows=grid_rows)
 
 
 def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
@@ -222,7 +210,7 @@ def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[tu
 
     A latent model's batch is decoded after the sampling clock stops (the
     decoder has its own); without a decoder the batch comes as float32 NCHW
-    latents.  Call it inside ``with run.generator`` (and ``run.decoder``).
+    latents.  Call it inside ``with run.generator``.
     """
     info, report, request = run.info, run.report, run.request
     cfg = request.config
@@ -237,12 +225,13 @@ def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[tu
         position=info.rank,
     )
     t0 = time.perf_counter()
-    for i, (group, x) in enumerate(run.generator.batches(request, on_step=lambda _: bar.update())):
+    gen = run.generator
+    for i, (group, x) in enumerate(gen.batches(request, on_step=lambda _: bar.update())):
         x = x.float().cpu() if cfg.is_latent else x.cpu()  # to the host: the clock below reads finished work
         elapsed = time.perf_counter() - t0
-        if run.decoder is not None:  # once per batch, outside the sampling loop and its CUDA graphs
+        if cfg.is_latent and gen.backend.has_decoder:  # once per batch, outside the sampling loop and its graphs
             t1 = time.perf_counter()
-            arr = to_uint8_nhwc(run.decoder.decode(x))
+            arr = to_uint8_nhwc(gen.decode(x))
             report.decode_seconds += time.perf_counter() - t1
         elif cfg.is_latent:
             arr = x.numpy()
@@ -281,7 +270,7 @@ def _run(options: dict[str, Any], info: distributed.RankInfo, progress: bool) ->
     Rank 0 then assembles grid.png (and the npz) from every rank's PNGs.
     """
     run = prepare_run(options, info)
-    with run.generator, run.decoder or contextlib.nullcontext():
+    with run.generator:
         for group, images in sample_batches(run, progress):
             write_batch(run, group, images)
     distributed.barrier(info)

@@ -18,6 +18,7 @@ from typing import Any
 
 from runtimes.backends import openvino, ort, torch_backend, trt
 from runtimes.backends.base import OPTION_FLAGS, Backend, BackendKind, BackendOptions
+from runtimes.backends.decoding import attach_decoder
 from runtimes.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def open_backend(
 
     ``options`` are :class:`BackendOptions`'s fields (threads, precision,
     device, local_rank, ort_optimization, ort_arena, checkpoint, config,
-    random_init).  Without ``engine_dir`` the torch backend runs
+    random_init, vae, vae_backend).  A latent model's backend gets its VAE
+    decoder here too (:mod:`runtimes.backends.decoding`).  Without ``engine_dir`` the torch backend runs
     ``checkpoint`` (a file or a LegoModel), ``config`` with
     ``random_init``, or the shipped model.  The engine directory's manifest
     is read and verified once, here, and kept by the backend
@@ -86,7 +88,9 @@ def open_backend(
             )
         kind = torch_backend.KIND
         _check_options(kind, opts)
-        return kind.build(None, None, opts), "requested" if requested == "torch" else "no --engine-dir: the eager model"
+        backend = kind.build(None, None, opts)
+        attach_decoder(backend, opts, kind.format)
+        return backend, "requested" if requested == "torch" else "no --engine-dir: the eager model"
     if opts.random_init:
         raise BackendError("--random-init samples without engines: leave out --engine-dir, or leave out --random-init")
 
@@ -103,7 +107,9 @@ def open_backend(
             raise BackendError(f"cannot use --backend {name}: {problem}")
     kind = _KINDS[name]
     _check_options(kind, opts)
-    return kind.build(manifest, Path(engine_dir), opts), why
+    backend = kind.build(manifest, Path(engine_dir), opts)
+    attach_decoder(backend, opts, kind.format)
+    return backend, why
 
 
 def _check_options(kind: BackendKind, opts: BackendOptions) -> None:

@@ -39,7 +39,8 @@ from lego_model.configs import LegoConfig
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
-    from export.records import EngineEntry, Manifest
+    from export.records import EngineEntry, Manifest, Profile
+    from lego_model.vae import Vae
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class EngineCall:
     brick: int | None
     src: str | None
     dst: str
+
+
+# The decoder of a latent model's latents, run through ``infer`` as every other engine: latents -> images.
+VAE_CALL = EngineCall("vae_decoder", None, None, "images")
 
 
 def buffers_key(engine: str, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> Hashable:
@@ -171,6 +176,8 @@ class BackendOptions:
     checkpoint: Any = None  # torch backend: a checkpoint file or a LegoModel instead of the manifest's weights
     config: str | None = None  # torch backend: the registry config of a checkpoint that carries none
     random_init: bool = False  # torch backend without engines: random weights (seed 0) of ``config``
+    vae: Any = None  # latent models: decode with diffusers' eager VAE from this path (or a lego_model.vae.Vae)
+    vae_backend: str = "engine"  # latent models: "engine" (the directory's vae_decoder) or "torch" (diffusers eager)
 
     def changed(self) -> list[str]:
         """The fields a user set to something other than the default (not local_rank: torchrun sets it)."""
@@ -191,7 +198,11 @@ OPTION_FLAGS = {
     "checkpoint": "--checkpoint",
     "config": "--config",
     "random_init": "--random-init",
+    "vae": "--vae",
+    "vae_backend": "--vae-backend",
 }
+# Every backend decodes a latent model's latents (its own vae_decoder engine, or diffusers' eager decoder).
+DECODER_OPTIONS = frozenset({"vae", "vae_backend"})
 
 
 @dataclass(frozen=True)
@@ -225,12 +236,17 @@ class Backend:
     supports_cuda_graphs: bool = False
     manifest: Manifest | None = None  # the verified manifest of the engine directory it was opened on
     weights: str = "unknown"  # what computes the pixels: "sha256:<checkpoint>", "random init seed 0", ...
+    # A latent model's decoder (runtimes.backends.decoding.attach_decoder): this backend's own vae_decoder
+    # engine, or diffusers' eager decoder; neither: it samples latents only.
+    decoder_entry: EngineEntry | None = None
+    vae: Vae | None = None
 
     def __init__(self, config: LegoConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
         self.dtypes = BufferDtypes()
         self.loaded = False
+        self._vae_module: torch.nn.Module | None = None  # the eager decoder on the device, once loaded
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> Backend:
@@ -266,6 +282,37 @@ class Backend:
     def max_rows(self) -> int | None:
         """Largest batch (in engine rows) every engine takes; None when unlimited."""
         return None
+
+    # ---------------------------------------------------------------- the VAE decoder (latent models)
+    @property
+    def has_decoder(self) -> bool:
+        return self.decoder_entry is not None or self.vae is not None
+
+    def decoder_name(self) -> str | None:
+        """What decodes (for the run's summary), or None."""
+        if self.vae is not None:
+            return f"torch (diffusers AutoencoderKL on {self.device})"
+        if self.decoder_entry is not None:
+            return f"{self.name} ({self.decoder_entry.file})"
+        return None
+
+    def decoder_profile(self) -> Profile | None:
+        """The batch and latent-size ranges of the vae_decoder engine (None: eager, any size)."""
+        return self.decoder_entry.profile if self.vae is None and self.decoder_entry is not None else None
+
+    def _load_vae(self) -> None:
+        """Put the eager decoder on this backend's device (part of :meth:`load` where there is one)."""
+        if self.vae is not None:
+            self._vae_module = self.vae.decoder().to(self.device)
+
+    def decodes_eagerly(self, call: EngineCall) -> bool:
+        """Whether ``call`` is the vae_decoder and diffusers' eager decoder runs it (every backend's infer asks)."""
+        return call.engine == VAE_CALL.engine and self.vae is not None
+
+    def _eager_decode(self, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
+        """The eager decoder's images into ``outputs["images"]`` (diffusers' own decode; fp32 whatever else runs)."""
+        with torch.no_grad():
+            outputs["images"].copy_(self._vae_module(inputs["latents"].float()))
 
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         """Run engine ``call.engine`` reading ``inputs`` and writing into ``outputs`` (no allocation of I/O).
@@ -303,6 +350,11 @@ class EngineBackend(Backend):
 
     def max_rows(self) -> int | None:
         return min(e.profile.batch[2] for e in self.entries.values())
+
+    def engines_to_load(self) -> dict[str, EngineEntry]:
+        """The embedder and bricks, and the vae_decoder when this backend runs its own."""
+        extra = {self.decoder_entry.name: self.decoder_entry} if self.decoder_entry is not None and not self.vae else {}
+        return {**self.entries, **extra}
 
 
 def default_threads(local_world_size: int | None = None) -> int:

@@ -32,8 +32,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from export.records import VAE_ENGINE
+from lego_model.errors import first_line
 from lego_model.files import default_cache_dir
 from runtimes.backends.base import (
+    DECODER_OPTIONS,
     BackendKind,
     BackendOptions,
     EngineBackend,
@@ -115,32 +118,14 @@ class OpenVinoBackend(EngineBackend):
     def load(self) -> None:
         ov = import_openvino()
         core = ov.Core()
-        # One cache directory per precision: OpenVINO's cache key leaves INFERENCE_PRECISION_HINT out (2026.4),
-        # and an fp32 blob loaded with the bf16 hint returned NaN.
-        cache = self.cache_dir / self.precision
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            core.set_property({"CACHE_DIR": str(cache)})
-        except OSError as err:  # a read-only home: compile every time rather than refuse
-            log.warning("OpenVINO model cache %s not writable (%s); compiling without it", cache, err)
-        config = {
-            "INFERENCE_PRECISION_HINT": _HINTS[self.precision],
-            # One request at a time, as fast as possible: one stream with all the threads.
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": "1",
-            "INFERENCE_NUM_THREADS": str(self.threads),
-        }
-        for name, entry in self.entries.items():
-            path = entry.path(self.engine_dir)
-            try:
-                compiled = core.compile_model(str(path), "CPU", config)
-            except RuntimeError as err:
-                msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise BackendError(
-                    f"OpenVINO cannot compile {path}: {msg}; re-export with lego-export --force"
-                ) from None
+        for name, entry in self.engines_to_load().items():
+            # The VAE decoder runs fp32 whatever the bricks run: diffusers upcasts this VAE, and its engine is
+            # exported and verified in fp32 (the contract's vae_decoder).
+            precision = "fp32" if name == VAE_ENGINE else self.precision
+            compiled = self._compile(core, entry.path(self.engine_dir), precision)
             self.loaded_from_cache[name] = bool(compiled.get_property("LOADED_FROM_CACHE"))
             self.requests[name] = compiled.create_infer_request()
+        self._load_vae()
         log.info(
             "openvino %s: %d engines, %s, %d threads, %d of them from the model cache %s",
             ov.__version__,
@@ -148,8 +133,32 @@ class OpenVinoBackend(EngineBackend):
             self.precision,
             self.threads,
             sum(self.loaded_from_cache.values()),
-            cache,
+            self.cache_dir,
         )
+
+    def _compile(self, core: Any, path: Path, precision: str) -> Any:
+        """One ONNX file compiled for the CPU at ``precision``, through the model cache of that precision."""
+        config = {
+            "INFERENCE_PRECISION_HINT": _HINTS[precision],
+            # One request at a time, as fast as possible: one stream with all the threads.
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": "1",
+            "INFERENCE_NUM_THREADS": str(self.threads),
+        }
+        # One cache directory per precision: OpenVINO's cache key leaves INFERENCE_PRECISION_HINT out (2026.4),
+        # and an fp32 blob loaded with the bf16 hint returned NaN.
+        cache = self.cache_dir / precision
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(cache)
+        except OSError as err:  # a read-only home: compile every time rather than refuse
+            log.warning("OpenVINO model cache %s not writable (%s); compiling without it", cache, err)
+        try:
+            return core.compile_model(str(path), "CPU", config)
+        except RuntimeError as err:
+            raise BackendError(
+                f"OpenVINO cannot compile {path}: {first_line(err)}; re-export with lego-export --force"
+            ) from None
 
     def close(self) -> None:
         self._bound.clear()
@@ -157,6 +166,8 @@ class OpenVinoBackend(EngineBackend):
 
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         self.require_loaded()
+        if self.decodes_eagerly(call):
+            return self._eager_decode(inputs, outputs)
         request = self.requests[call.engine]
         key = buffers_key(call.engine, inputs, outputs)
         with self._lock:
@@ -200,6 +211,6 @@ KIND = BackendKind(
     format="onnx",
     problem=_problem,
     build=_build,
-    uses=frozenset({"threads", "precision"}),
+    uses=frozenset({"threads", "precision"}) | DECODER_OPTIONS,
     chosen="OpenVINO is the fastest CPU backend in the benchmarks",
 )

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from export.loaders import SessionSettings, import_onnxruntime, session_from_onnx
 from runtimes.backends.base import (
+    DECODER_OPTIONS,
     BackendKind,
     BackendOptions,
     BindingCache,
@@ -114,8 +115,9 @@ class OnnxRuntimeBackend(EngineBackend):
         if self.device.type == "cuda":
             # The chain reads the outputs on the same stream; a host wait after every engine would only stall it.
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        for name, entry in self.entries.items():
+        for name, entry in self.engines_to_load().items():
             self.sessions[name] = session_from_onnx(entry.path(self.engine_dir), settings, config=self.config)
+        self._load_vae()
         log.info(
             "onnxruntime %s: %d sessions, %d threads, optimization %s",
             ort.__version__,
@@ -130,6 +132,8 @@ class OnnxRuntimeBackend(EngineBackend):
 
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         self.require_loaded()
+        if self.decodes_eagerly(call):
+            return self._eager_decode(inputs, outputs)
         key = buffers_key(call.engine, inputs, outputs)
         binding = self._bindings.get(key, lambda: self._make_binding(call, inputs, outputs))
         if self._stream is None:
@@ -196,7 +200,7 @@ def _build(manifest: Manifest | None, engine_dir: Path | None, opts: BackendOpti
     )  # fmt: skip
 
 
-_ORT_OPTIONS = frozenset({"threads", "precision", "ort_optimization", "ort_arena"})
+_ORT_OPTIONS = frozenset({"threads", "precision", "ort_optimization", "ort_arena"}) | DECODER_OPTIONS
 CPU_KIND = BackendKind(
     name="onnxruntime-cpu",
     format="onnx",

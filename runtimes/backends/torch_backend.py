@@ -32,6 +32,7 @@ from lego_model.forwards import engine_forward
 from lego_model.model import LegoModel
 from lego_model.shipped import shipped_checkpoint
 from runtimes.backends.base import (
+    DECODER_OPTIONS,
     Backend,
     BackendKind,
     BackendOptions,
@@ -119,6 +120,7 @@ class TorchBackend(Backend):
                 inputs, outputs = contract_io(self.config, kind, brick)
                 graph = engine_forward(self.model, kind, brick, "bf16").to(self.device).requires_grad_(False)
                 self._graphs[name] = (graph, [t.name for t in inputs], outputs[0].name)
+        self._load_vae()
 
     def close(self) -> None:
         self._graphs.clear()
@@ -126,6 +128,8 @@ class TorchBackend(Backend):
 
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         self.require_loaded()
+        if self.decodes_eagerly(call):
+            return self._eager_decode(inputs, outputs)
         if self._graphs:
             graph, names, out = self._graphs[call.engine]
             with torch.no_grad():
@@ -182,6 +186,6 @@ KIND = BackendKind(
     format=None,
     problem=lambda manifest, opts: None,
     build=_build,
-    uses=frozenset({"threads", "precision", "device", "checkpoint", "config", "random_init"}),
+    uses=frozenset({"threads", "precision", "device", "checkpoint", "config", "random_init"}) | DECODER_OPTIONS,
     chosen="the reference model",
 )

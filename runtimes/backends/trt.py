@@ -34,6 +34,7 @@ from torch import Tensor
 from export.loaders import context_from_engine, engine_from_entry, import_tensorrt, plan_runtime, shared_scratch
 from lego_model.errors import LegoError
 from runtimes.backends.base import (
+    DECODER_OPTIONS,
     BackendKind,
     BackendOptions,
     EngineBackend,
@@ -112,7 +113,7 @@ class TensorRTBackend(EngineBackend):
         # The runtime must outlive the engines it deserializes, and the engines their contexts.
         runtime = self._runtime = plan_runtime()
         torch.cuda.set_device(self.device)
-        for name, entry in self.entries.items():
+        for name, entry in self.engines_to_load().items():
             self.engines[name] = engine_from_entry(runtime, entry, self.manifest, self.engine_dir)
         # The bricks run one after another: one scratch allocation serves every context.
         self._scratch = shared_scratch(self.engines.values(), self.device)
@@ -124,6 +125,7 @@ class TensorRTBackend(EngineBackend):
             len(self.engines),
             self._scratch.numel() / 2**20,
         )
+        self._load_vae()
 
     def close(self) -> None:
         self.contexts.clear()  # contexts, then engines, then the runtime and the scratch they used
@@ -133,6 +135,8 @@ class TensorRTBackend(EngineBackend):
 
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         self.require_loaded()
+        if self.decodes_eagerly(call):
+            return self._eager_decode(inputs, outputs)
         with self._lock:
             self._enqueue(call, inputs, outputs)
 
@@ -177,6 +181,6 @@ KIND = BackendKind(
     format="tensorrt",
     problem=_problem,
     build=_build,
-    uses=frozenset({"precision"}),
+    uses=frozenset({"precision"}) | DECODER_OPTIONS,
     chosen="TensorRT engines match this GPU and TensorRT",
 )
