@@ -113,6 +113,7 @@ def test_absurd_steps_are_a_usage_error_not_a_hang(engines_pg, tmp_path):
     assert not (tmp_path / "samples").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the host-memory refusal of a CPU run (a GPU is visible)")
 def test_huge_canvas_on_the_torch_backend_is_refused_by_its_memory_need(tmp_path):
     ckpt = save_checkpoint(tiny_model("tiny_PR_16"), tmp_path / "pr.safetensors")
     before = snapshot(tmp_path)
