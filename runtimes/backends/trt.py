@@ -32,7 +32,16 @@ import torch
 from torch import Tensor
 
 from export.loaders import context_from_engine, engine_from_entry, import_tensorrt, plan_runtime, shared_scratch
-from runtimes.backends.base import EngineBackend, EngineCall, buffer_dtypes, check_engine_set, require_cuda
+from lego_model.errors import LegoError
+from runtimes.backends.base import (
+    DECODER_OPTIONS,
+    BackendKind,
+    BackendOptions,
+    EngineBackend,
+    EngineCall,
+    check_file_precision,
+    require_cuda,
+)
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
@@ -90,13 +99,7 @@ class TensorRTBackend(EngineBackend):
     supports_cuda_graphs = True
 
     def __init__(self, manifest: Manifest, engine_dir: str | Path, *, device: torch.device) -> None:
-        super().__init__(manifest.config, device)
-        self.manifest = manifest
-        self.engine_dir = Path(engine_dir)
-        self.entries: dict[str, EngineEntry] = manifest.engines_for("tensorrt")
-        check_engine_set(self.entries, manifest.config, "tensorrt")
-        self.precision = "/".join(sorted({e.precision for e in self.entries.values()}))
-        self.dtypes = buffer_dtypes(self.entries)
+        super().__init__(manifest, engine_dir, "tensorrt", device)
         self.engines: dict[str, Any] = {}
         self.contexts: dict[str, Any] = {}
         self._scratch: Tensor | None = None
@@ -110,7 +113,7 @@ class TensorRTBackend(EngineBackend):
         # The runtime must outlive the engines it deserializes, and the engines their contexts.
         runtime = self._runtime = plan_runtime()
         torch.cuda.set_device(self.device)
-        for name, entry in self.entries.items():
+        for name, entry in self.engines_to_load().items():
             self.engines[name] = engine_from_entry(runtime, entry, self.manifest, self.engine_dir)
         # The bricks run one after another: one scratch allocation serves every context.
         self._scratch = shared_scratch(self.engines.values(), self.device)
@@ -122,6 +125,7 @@ class TensorRTBackend(EngineBackend):
             len(self.engines),
             self._scratch.numel() / 2**20,
         )
+        self._load_vae()
 
     def close(self) -> None:
         self.contexts.clear()  # contexts, then engines, then the runtime and the scratch they used
@@ -131,6 +135,8 @@ class TensorRTBackend(EngineBackend):
 
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         self.require_loaded()
+        if self.decodes_eagerly(call):
+            return self._eager_decode(inputs, outputs)
         with self._lock:
             self._enqueue(call, inputs, outputs)
 
@@ -148,3 +154,33 @@ class TensorRTBackend(EngineBackend):
         # Torch's current stream: the capture stream while a CUDA graph is being recorded.
         if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise BackendError(f"TensorRT failed to enqueue {call.engine}; run with a TensorRT log level of VERBOSE")
+
+
+# ---------------------------------------------------------------------------- registry entry
+
+
+def _problem(manifest: Manifest, opts: BackendOptions) -> str | None:
+    """Why the manifest's TensorRT engines cannot run in this process, or None."""
+    if "tensorrt" not in manifest.formats():
+        return "no TensorRT engines"
+    try:
+        check_engines_here(manifest.engines_for("tensorrt"), torch.device("cuda", opts.local_rank))
+    except LegoError as err:
+        return str(err)
+    return None
+
+
+def _build(manifest: Manifest | None, engine_dir: Path | None, opts: BackendOptions) -> TensorRTBackend:
+    assert manifest is not None and engine_dir is not None
+    check_file_precision("tensorrt", opts.precision, manifest.engines_for("tensorrt"))
+    return TensorRTBackend(manifest, engine_dir, device=torch.device("cuda", opts.local_rank))
+
+
+KIND = BackendKind(
+    name="tensorrt",
+    format="tensorrt",
+    problem=_problem,
+    build=_build,
+    uses=frozenset({"precision"}) | DECODER_OPTIONS,
+    chosen="TensorRT engines match this GPU and TensorRT",
+)
