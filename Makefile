@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/lego-export --engines onnx --out engines/ --force
 	$(PY) -m runtimes.sample --engine-dir engines/ --seeds 0-15 --out samples/
-	$(PY) -m lego_model.generate --seeds 0-79 --class-rows --cfg-scale 2 --out samples/classes/
+	$(PY) -m runtimes.sample --seeds 0-79 --class-rows --cfg-scale 2 --out samples/classes/
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

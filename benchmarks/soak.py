@@ -35,7 +35,6 @@ from benchmarks.harness import current_rss_mib
 from lego_model.configs import LegoConfig
 from lego_model.eager import sample_images
 from lego_model.model import LegoModel
-from lego_model.skip import SkipPlan
 
 CHECKPOINTS = (10, 50, 100, 200)  # RSS is reported after these many requests
 CONFIGS = {
@@ -77,20 +76,7 @@ def mixed_requests(config: LegoConfig, n: int, *, seed: int = 0, max_batch: int 
 
 def eager_images(model: LegoModel, request: dict) -> torch.Tensor:
     """The eager model's images for a request of :func:`mixed_requests`."""
-    r = dict(request)
-    height, width = r.pop("size")
-    return sample_images(
-        model,
-        r.pop("seeds"),
-        height=height,
-        width=width,
-        num_steps=r.pop("steps"),
-        solver=r.pop("solver"),
-        class_idx=r.pop("classes"),
-        cfg_scale=r.pop("cfg_scale"),
-        plan=SkipPlan.of(r.pop("plan"), model.config),
-        **r,
-    )
+    return sample_images(model, **request)
 
 
 @dataclass

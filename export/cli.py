@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from export.pipeline import ENGINE_CHOICES, ExportOptions, ExportResult, check_t
 from export.records import PRECISIONS, PROFILE_LIMITS, CheckpointRecord, Profile
 from export.specs import DEFAULT_BATCH, parse_range
 from export.vae_spec import DEFAULT_VAE_BATCH
+from lego_model.cli import one_line_errors
 from lego_model.configs import LEGO_CONFIGS
 from lego_model.errors import LegoError
 
@@ -154,7 +154,7 @@ def main(
         raise click.UsageError("--vae-batch sets the batch range of the VAE decoder: pass --vae PATH too")
     progress = None if quiet else (lambda line: click.echo(line, err=True))
     with _sigterm_unwinds():  # a plain kill cleans up like Ctrl-C: no staging directory stays behind
-        try:
+        with one_line_errors(on_interrupt=lambda: f"nothing was replaced: {out} is as it was before"):
             if engines in ("trt", "all"):
                 # Refuse before loading anything heavy or touching --out.
                 from export.tensorrt_build import require_tensorrt
@@ -184,9 +184,6 @@ def main(
                 vae_batch=parse_range(vae_batch, "--vae-batch") if vae_batch else DEFAULT_VAE_BATCH,
             )
             result = export_engine_dir(model, out, record, options, progress=progress)
-        except LegoError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(1)
     click.echo(summary_table(result))
 
 

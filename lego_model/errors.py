@@ -38,3 +38,13 @@ class NonFiniteError(LegoError):
 
 class OutputError(LegoError):
     """An output directory or file that cannot (or may not) be written."""
+
+
+class UsageError(LegoError):
+    """An API used out of order or with arguments of the wrong type, shape or range; the message says what to pass."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): what a CLI prints."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

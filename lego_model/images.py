@@ -72,8 +72,17 @@ def save_image(image: np.ndarray, path: str | Path) -> None:
     Image.fromarray(arr).save(path)
 
 
-def make_grid(images: np.ndarray, rows: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tile N uint8 HWC images into one picture, ``rows`` rows (default: as square as possible)."""
+# grid.png is for a person to look at: each picture at least this many pixels a side (nearest-neighbour upscale,
+# so no pixel is invented); the per-seed PNGs stay at the model's size.
+GRID_MIN_TILE = 64
+
+
+def make_grid(images: np.ndarray, rows: int | None = None, pad: int = 2, min_tile: int = GRID_MIN_TILE) -> np.ndarray:
+    """Tile N uint8 HWC images into one picture, ``rows`` rows (default: as square as possible).
+
+    Small images (the shipped model's 16x16 digits) are enlarged by a whole
+    factor, nearest neighbour, until each is at least ``min_tile`` pixels a side.
+    """
     n, h, w, c = images.shape
     rows = rows or max(1, int(math.sqrt(n)))
     cols = math.ceil(n / rows)
@@ -81,7 +90,8 @@ def make_grid(images: np.ndarray, rows: int | None = None, pad: int = 2) -> np.n
     for i in range(n):
         r, q = divmod(i, cols)
         grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[i]
-    return grid
+    scale = max(1, math.ceil(min_tile / min(h, w)))
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else grid
 
 
 def class_row_seeds(seeds: list[int], label_dim: int, class_idx: int | None = None) -> list[tuple[int, list[int]]]:

@@ -24,6 +24,7 @@ from lego_model.configs import check_class_index
 from lego_model.errors import LegoError, ShapeError
 
 Solver = Literal["heun", "euler"]
+SOLVERS: tuple[Solver, ...] = ("heun", "euler")  # EDM's 2nd-order Heun (Algorithm 1/2) and its 1st-order Euler
 
 SEED_RANGE = 1 << 32  # seeds are 0 .. 2^32 - 1, as the authors' StackedRandomGenerator takes them
 MAX_STEPS = 1000  # sampling steps; EDM needs 18-256, and per-step lists (skip plans, run records) stay small
@@ -234,8 +235,8 @@ class LoopSpec:
         all_bricks: Sequence[int] | None = None,
     ) -> LoopSpec:
         """The spec of a run with :func:`edm_sample`'s arguments; refuses what edm_sample refuses."""
-        if solver not in ("heun", "euler"):
-            raise LegoError(f"unknown solver {solver!r}; choose heun or euler")
+        if solver not in SOLVERS:
+            raise LegoError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
         if active_per_step is None and not all_bricks:
             raise LegoError(
                 "edm_sample needs the bricks to run: pass active_per_step (a SkipPlan's steps(num_steps)) "

@@ -1,11 +1,15 @@
-"""Runtimes for LEGO diffusion: backends (torch, onnxruntime, tensorrt), the brick chain, CUDA graphs, sampling.
+"""Runtimes for LEGO diffusion: backends (TensorRT, ONNX Runtime CUDA/CPU, OpenVINO, torch) in one registry,
+the brick chain, CUDA graphs, the Generator API and the sample CLI.
 
-``Generator`` is the one-call API: ``Generator.from_engine_dir(dir).generate(seeds, ...)``.
+``Generator`` is the one-call API: ``Generator.from_engine_dir(dir).generate(seeds, ...)``, or
+``gen.generate(gen.request(seeds, ...))`` with a :class:`Request` built once and reused.
 
-Heavy optional libraries (onnxruntime, tensorrt) are imported only inside the backend that needs them.
+Heavy optional libraries (onnxruntime, openvino, tensorrt, diffusers) are imported only inside the backend
+that needs them.
 """
 
-from runtimes.backends import BACKENDS, Backend, open_backend
+from lego_model.request import Churn, Request
+from runtimes.backends import BACKENDS, REGISTRY, Backend, BackendOptions, open_backend
 from runtimes.backends.base import EngineCall
 from runtimes.chain import BrickChain, binding_plan
 from runtimes.errors import BackendError, NonFiniteError, OutputError, UsageError
@@ -13,13 +17,17 @@ from runtimes.generator import Generator
 
 __all__ = [
     "BACKENDS",
+    "REGISTRY",
     "Backend",
     "BackendError",
+    "BackendOptions",
     "BrickChain",
+    "Churn",
     "EngineCall",
     "Generator",
     "NonFiniteError",
     "OutputError",
+    "Request",
     "UsageError",
     "binding_plan",
     "open_backend",

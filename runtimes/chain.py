@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 
 from lego_model.configs import refuse_unconditional
-from lego_model.eager import nonfinite_weight
+from lego_model.eager import nonfinite_cause
 from lego_model.precond import CallInputs, check_active, combine_output, engine_labels, prepare_inputs
 from lego_model.sampler import Denoiser, LoopSpec, NonFiniteWatch, SamplingLoop, Solver, edm_sample, step_of_call
 from runtimes.backends.base import Backend, EngineCall
@@ -189,6 +189,8 @@ class BrickChain:
         self._plans: dict[tuple[int, ...], tuple[EngineCall, ...]] = {}
         self._num_steps: int | None = None
         self._solver: Solver = "heun"
+        self._cfg_scale: float | None = None  # of the batch in progress, for a NaN/Inf report
+        self._churn = False
         # Device-side NaN/Inf bookkeeping: per engine (embedder, brick0, ...) the first bad denoiser call.
         self._watch = NonFiniteWatch(1 + self.config.num_bricks, self.device)
 
@@ -214,11 +216,13 @@ class BrickChain:
         cfg_scale: float | None = None,
         num_steps: int | None = None,
         solver: Solver = "heun",
+        churn: bool = False,
     ) -> Iterator[Denoiser]:
         """Denoiser calls for one batch; the NaN/Inf check runs when the block ends, also when it raises.
 
-        labels: one-hot [batch, label_dim] or None (the null label).  ``num_steps``
-        and ``solver`` only name the sampling step in a NaN/Inf report.  An error
+        labels: one-hot [batch, label_dim] or None (the null label).  ``num_steps``,
+        ``solver`` and ``churn`` (whether the sampler adds churn noise) only serve a
+        NaN/Inf report: the step it names, the causes it suspects.  An error
         raised inside the block is never masked: NaN/Inf found after it is added
         to it as a note.
         """
@@ -230,6 +234,7 @@ class BrickChain:
         with self._lock:
             self._owner = threading.get_ident()
             try:
+                self._cfg_scale, self._churn = cfg_scale, churn
                 with self._block(labels, batch, height, width, cfg_scale, num_steps, solver) as denoise:
                     yield denoise
             finally:
@@ -472,12 +477,15 @@ class BrickChain:
         backend = self.backend
         engine, label = ("the embedder", "embedder") if j == 0 else (f"brick {j - 1}", f"brick{j - 1}")
         entries = getattr(backend, "entries", None) or {}
-        precision = entries[label].precision if label in entries else backend.precision
+        # The precision that computed: the backend's (OpenVINO and torch choose it at load), or this engine's file
+        # precision where the files differ among themselves (e.g. an fp32 embedder beside int8 bricks).
+        precision = backend.precision
+        if "/" in precision and label in entries:
+            precision = entries[label].precision
         head = f"{engine} ({backend.name}, {precision}) produced NaN/Inf at {where}"
-        model = getattr(backend, "model", None)  # the torch backend can name a broken weight
-        weight = nonfinite_weight(model) if model is not None else None
-        if weight is not None:
-            return f"{head}: its weight {weight} holds NaN/Inf; the checkpoint is damaged, use another one"
+        model = getattr(backend, "model", None)  # the torch backend's weights can tell more
+        if model is not None:
+            return f"{head}: {nonfinite_cause(model, cfg_scale=self._cfg_scale, churn=self._churn)}"
         if precision == "fp16":
             fix = "re-export with --precision fp32 (or bf16)" + ("" if j == 0 else ", or skip that brick")
             return f"{head}: fp16 overflow is likely; {fix}"

@@ -6,12 +6,9 @@
 from __future__ import annotations
 
 from export.errors import BackendError
-from lego_model.errors import LegoError, NonFiniteError, OutputError
+from lego_model.errors import NonFiniteError, OutputError, UsageError
 
-# NonFiniteError and OutputError are lego_model's: the eager path raises them too.  BackendError is export's:
-# the engine loaders (export.loaders) that backends and lego-export's verification share raise it.
+# NonFiniteError, OutputError and UsageError are lego_model's: the eager path and the request raise them too.
+# BackendError is export's: the engine loaders (export.loaders) that backends and lego-export's verification share
+# raise it.
 __all__ = ["BackendError", "NonFiniteError", "OutputError", "UsageError"]
-
-
-class UsageError(LegoError):
-    """The API used out of order or with arguments of the wrong shape, dtype or range; says what to pass."""

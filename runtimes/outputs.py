@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from lego_model.checkpoints import file_sha256
-from lego_model.configs import LegoConfig
 from lego_model.files import check_writable
 from lego_model.images import make_grid, save_image
+from lego_model.request import Request
 from runtimes.errors import OutputError
 
 __all__ = [
@@ -97,12 +97,21 @@ def read_png(path: Path) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def assemble(out: Path, seeds: list[int], npz: Path | None) -> list[Path]:
-    """grid.png of the first seeds and the npz of all seeds, read back from the per-seed PNGs."""
+def grid_seeds(seeds: list[int], rows: int | None) -> list[int]:
+    """The seeds grid.png shows: the first :data:`GRID_MAX`, or with ``rows`` (one per class) the first of each row."""
+    if rows is None:
+        return seeds[:GRID_MAX]
+    per_row = len(seeds) // rows
+    shown = min(per_row, max(1, 4 * GRID_MAX // rows))
+    return [s for r in range(rows) for s in seeds[r * per_row : r * per_row + shown]]
+
+
+def assemble(out: Path, seeds: list[int], npz: Path | None, grid_rows: int | None = None) -> list[Path]:
+    """grid.png (see :func:`grid_seeds`) and the npz of all seeds, read back from the per-seed PNGs."""
     written = []
-    grid_imgs = np.stack([read_png(seed_png(out, s)) for s in seeds[:GRID_MAX]])
+    grid_imgs = np.stack([read_png(seed_png(out, s)) for s in grid_seeds(seeds, grid_rows)])
     tmp = out / ".grid.tmp.png"
-    save_image(make_grid(grid_imgs), tmp)
+    save_image(make_grid(grid_imgs, rows=grid_rows), tmp)
     os.replace(tmp, out / "grid.png")
     written.append(out / "grid.png")
     if npz is not None:
@@ -115,49 +124,18 @@ def assemble(out: Path, seeds: list[int], npz: Path | None) -> list[Path]:
     return written
 
 
-def weights_identity(engine_dir: str | Path | None, checkpoint: str | Path | None) -> str:
-    """What the images' weights are: the sha256 of --checkpoint, else the checkpoint record of the manifest."""
-    if checkpoint is not None:
-        return f"sha256:{file_sha256(checkpoint)}"
-    from export.manifest import load_manifest
+def run_settings(request: Request, *, weights: str, precision: str, output: str = "images") -> dict[str, Any]:
+    """What decides a seed's pixels, in the order a difference is reported (JSON values, as read back).
 
-    record = load_manifest(engine_dir, verify_hashes=False).checkpoint  # the backend verified the hashes
-    if record.random_init_seed is not None:
-        return f"random init seed {record.random_init_seed}"
-    return f"sha256:{record.sha256}"
-
-
-def run_settings(
-    *,
-    config: LegoConfig,
-    weights: str,
-    precision: str,
-    height: int,
-    width: int,
-    steps: int,
-    solver: str,
-    class_idx: int | None,
-    cfg_scale: float | None,
-    churn: dict[str, float],
-    active_per_step: Sequence[tuple[int, ...]],
-    output: str = "images",
-) -> dict[str, Any]:
-    """The settings that decide a seed's pixels, in the order a difference is reported (JSON values)."""
-    settings = {
-        "model": config.name,
-        "config": config.to_dict(),
-        "weights": weights,
-        "precision": precision,
-        "size": f"{height}x{width}",
-        "steps": steps,
-        "solver": solver,
-        "class": "random" if class_idx is None else class_idx,
-        "guidance": "off" if cfg_scale is None else cfg_scale,
-        # Without churn the S_min/S_max/S_noise values do not reach the images.
-        "churn": churn if churn.get("S_churn") else "off",
-        "bricks per step": [list(a) for a in active_per_step],
-        "output": output,  # "images", or "latents" for a latent model without a decoder
-    }
+    The request's settings (model, size, steps, solver, class, guidance, churn,
+    bricks per step) with what the run adds: the weights' identity and the
+    precision that computed, and ``output`` ("images", or "latents" for a
+    latent model without a decoder).
+    """
+    own = request.settings()
+    settings = {"model": own.pop("model"), "config": own.pop("config"), "weights": weights, "precision": precision}
+    settings.update(own)
+    settings["output"] = output
     return json.loads(json.dumps(settings))  # tuples become lists, as when read back
 
 
@@ -326,10 +304,14 @@ class RunOutputs:
         for seed, img in zip(seeds, images):
             write(img, self.seed_file(seed))
 
-    def assemble(self, seeds: list[int]) -> list[Path]:
+    def assemble(self, seeds: list[int], grid_rows: int | None = None) -> list[Path]:
         """grid.png and the npz from the PNGs of all ``seeds``; run.json then records the npz's sha256."""
         if self.npz is not None:
             self.npz.parent.mkdir(parents=True, exist_ok=True)
-        files = [assemble_latents(self.out, seeds)] if self.latents else assemble(self.out, seeds, self.npz)
+        files = (
+            [assemble_latents(self.out, seeds)]
+            if self.latents
+            else assemble(self.out, seeds, self.npz, grid_rows=grid_rows)
+        )
         self.write_record(None if self.npz is None else file_sha256(self.npz))
         return files

@@ -1,17 +1,19 @@
-"""Sample images through an engine directory: ``python -m runtimes.sample --engine-dir engines/``.
+"""Sample images: ``python -m runtimes.sample --engine-dir engines/`` (or the eager model, without engines).
 
 One PNG per seed (``000042.png``), ``run.json`` (the settings that decide the
-pixels, see :mod:`runtimes.outputs`), a grid of the first 64 seeds, optionally
-an npz (uint8 NHWC ``arr_0``, the input format of the ADM evaluation suite the
-LEGO authors use), and a summary: backend, precision, CUDA graphs, images/s,
-ms per denoiser call, the skip plan and its relative cost.  Same seeds and
-plan give the eager model's images (``python -m lego_model.generate``): the
-latents and churn noise come from the same per-seed generators.
+pixels, see :mod:`runtimes.outputs`), a grid of the first 64 seeds (one row
+per class with ``--class-rows``), optionally an npz (uint8 NHWC ``arr_0``, the
+input format of the ADM evaluation suite the LEGO authors use), and a
+summary: backend, precision, CUDA graphs, images/s, ms per denoiser call, the
+skip plan and its relative cost.  Without ``--engine-dir`` the eager model
+samples (the torch backend: ``--checkpoint``, ``--config NAME --random-init``,
+or the shipped model); the same seeds and plan give the same images through
+any backend, to the precision's rounding.
 
 Latent models (the ``_32`` configs) decode each finished batch into images
-(``runtimes.decode``: the manifest's ``vae_decoder`` engine, or diffusers'
-eager decoder with ``--vae-backend torch`` / ``--vae PATH``), timed apart from
-sampling.  Without a decoder they write their latents instead: one
+(the manifest's ``vae_decoder`` engine in the backend, or diffusers' eager
+decoder with ``--vae-backend torch`` / ``--vae PATH``; see
+:mod:`runtimes.backends.decoding`), timed apart from sampling.  Without a decoder they write their latents instead: one
 ``000042.npy`` per seed and ``latents.npz`` (float32 NCHW ``arr_0``, ``seeds``).
 
 Under ``torchrun`` every rank samples its share of the seeds on device
@@ -21,69 +23,36 @@ Everything that can be refused is refused before the first denoiser call.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from lego_model.errors import LegoError
-from lego_model.flops import check_memory
-from lego_model.images import parse_seeds, to_uint8_nhwc
-from lego_model.sampler import MAX_STEPS, check_churn, evaluations_per_step
+from lego_model.cli import one_line_errors
+from lego_model.flops import sampling_flops
+from lego_model.images import class_row_seeds, parse_seeds, to_uint8_nhwc
+from lego_model.request import Churn, Request
+from lego_model.sampler import MAX_STEPS, SOLVERS, evaluations_per_step
 from lego_model.skip import SkipPlan
 from lego_model.vae import NO_VAE_HINT
 from runtimes import distributed
-from runtimes.backends import BACKENDS, Backend, open_backend
-from runtimes.backends.ort import check_threads, default_threads
+from runtimes.backends import BACKENDS, open_backend
+from runtimes.backends.base import default_threads
+from runtimes.backends.decoding import VAE_BACKENDS
 from runtimes.backends.precision import PRECISIONS
-from runtimes.decode import VAE_BACKENDS, Decoder, open_decoder
 from runtimes.errors import OutputError
 from runtimes.generator import Generator
-from runtimes.outputs import LATENTS_NPZ, RunOutputs, check_writable, run_settings, weights_identity
+from runtimes.outputs import LATENTS_NPZ, RunOutputs, check_writable, run_settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SampleOptions:
-    """Every knob of a sampling run (the CLI's options)."""
-
-    engine_dir: str | None = None
-    backend: str = "auto"
-    checkpoint: str | None = None
-    config: str | None = None
-    seeds: str = "0-15"
-    batch: int | None = None
-    steps: int = 18
-    solver: str = "heun"
-    S_churn: float = 0.0
-    S_min: float = 0.0
-    S_max: float = math.inf
-    S_noise: float = 1.0
-    class_idx: int | None = None
-    cfg_scale: float | None = None
-    skip: tuple[str, ...] = ()
-    skip_preset: tuple[str, ...] = ()
-    height: int | None = None
-    width: int | None = None
-    out: str = "samples"
-    npz: str | None = None
-    resume: bool = False
-    cuda_graphs: bool = True
-    threads: int | None = None
-    ort_optimization: str = "all"
-    vae: str | None = None
-    vae_backend: str = "engine"
-    precision: str = "auto"
 
 
 @dataclass
@@ -138,216 +107,175 @@ class SampleReport:
         return "\n".join(lines)
 
 
-def batches(seeds: list[int], size: int) -> list[list[int]]:
-    return [seeds[i : i + size] for i in range(0, len(seeds), size)]
-
-
 @dataclass
 class SamplingRun:
     """A run that passed every check: its generator (loaded by ``with run.generator``) and this rank's work."""
 
-    opts: SampleOptions
     info: distributed.RankInfo
     generator: Generator
-    height: int
-    width: int
-    plan: SkipPlan
+    request: Request  # this rank's seeds still to sample
     seeds: list[int]  # every seed of the run (rank 0 assembles the grid and npz from all of them)
-    groups: list[list[int]]  # this rank's batches
     outputs: RunOutputs  # --out, --npz and run.json
     report: SampleReport
-    decoder: Decoder | None = None  # latent models: latents -> images after each batch
+    grid_rows: int | None = None  # --class-rows: one grid row per class
     wrote: bool = False  # whether this process has written a batch (run.json goes first)
 
-    @property
-    def writes_latents(self) -> bool:
-        """A latent model without a decoder: its output is latents, not images."""
-        return self.generator.config.is_latent and self.decoder is None
 
+def prepare_run(o: dict[str, Any], info: distributed.RankInfo) -> SamplingRun:
+    """Every refusal, before any compute: backend, request (sizes, class, guidance, plan), profiles, outputs.
 
-def prepare_run(opts: SampleOptions, info: distributed.RankInfo) -> SamplingRun:
-    """Every refusal, before any compute: backend, sizes, class, guidance, plan, profiles, output paths."""
-    check_writable(Path(opts.out), "--out")  # first: before the backend reads its files
-    if opts.threads is not None:
-        check_threads(opts.threads)
-    threads = opts.threads or default_threads(info.local_world_size)
+    ``o`` holds the command's options by parameter name (as click passes them).
+    """
+    check_writable(Path(o["out"]), "--out")  # first: before the backend reads its files
     backend, why = open_backend(
-        opts.backend,
-        engine_dir=opts.engine_dir,
-        checkpoint=opts.checkpoint,
-        config=opts.config,
+        o["backend"],
+        engine_dir=o["engine_dir"],
+        checkpoint=o["checkpoint"],
+        config=o["config"],
+        random_init=o["random_init"],
         local_rank=info.local_rank,
-        threads=threads,
-        ort_optimization=opts.ort_optimization,
-        precision=opts.precision,
+        threads=o["threads"],
+        ort_optimization=o["ort_optimization"],
+        precision=o["precision"],
+        vae=o["vae"],
+        vae_backend=o["vae_backend"],
     )
-    gen = Generator(backend, cuda_graphs=opts.cuda_graphs, why=why)
+    threads = o["threads"] or default_threads(info.local_world_size)
+    gen = Generator(backend, cuda_graphs=o["cuda_graphs"], why=why)
     cfg = gen.config
-    height, width = opts.height or cfg.resolution, opts.width or cfg.resolution
-    cfg.check_image_size(height, width)
-    cfg.check_class(opts.class_idx)
-    cfg.check_guidance(opts.cfg_scale)
-    check_churn(opts.S_churn, opts.S_min, opts.S_max, opts.S_noise)
-    decoder = _open_decoder(opts, backend, threads)
-    if decoder is not None:
-        decoder.check(height, width)
-    writes_latents = cfg.is_latent and decoder is None
-    if writes_latents and opts.npz:
+    writes_latents = cfg.is_latent and not backend.has_decoder
+    if writes_latents and o["npz"]:
         raise OutputError(f"--npz holds uint8 images, and this latent model has no decoder: {NO_VAE_HINT}")
-    seeds = parse_seeds(opts.seeds)
-    plan = SkipPlan.from_text(cfg, opts.skip, opts.skip_preset)
-    steps = plan.steps(opts.steps)  # refuses a plan that leaves a step without bricks
-    batch = opts.batch or gen.max_batch(opts.cfg_scale is not None)
-    churn = dict(S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise)
+    seeds = parse_seeds(o["seeds"])
+    classes: int | list[int] | None = o["class_idx"]
+    batch, grid_rows = o["batch"], None
+    if o["class_rows"]:
+        rows = class_row_seeds(seeds, cfg.label_dim, o["class_idx"])
+        seeds = [s for _, row in rows for s in row]
+        classes = [c for c, row in rows for _ in row]
+        grid_rows = len(rows)
+        if batch is None and len(rows[0][1]) <= gen.max_batch(o["cfg_scale"] is not None):
+            batch = len(rows[0][1])  # one batch per class row
+    request = Request.make(
+        cfg,
+        seeds,
+        classes=classes,
+        size=(o["height"] or cfg.resolution, o["width"] or cfg.resolution),
+        plan=SkipPlan.from_text(cfg, o["skip"], o["skip_preset"]),
+        cfg_scale=o["cfg_scale"],
+        steps=o["steps"],
+        solver=o["solver"],
+        churn=Churn(o["S_churn"], o["S_min"], o["S_max"], o["S_noise"]),
+        batch=batch,
+        output="latents" if writes_latents else "tensor",
+    )
     settings = run_settings(
-        config=cfg,
-        weights=weights_identity(opts.engine_dir, opts.checkpoint),
-        precision=backend.precision,
-        height=height,
-        width=width,
-        steps=opts.steps,
-        solver=opts.solver,
-        class_idx=opts.class_idx,
-        cfg_scale=opts.cfg_scale,
-        churn=churn,
-        active_per_step=steps,
-        output="latents" if writes_latents else "images",
+        request, weights=backend.weights, precision=backend.precision, output="latents" if writes_latents else "images"
     )
     outputs = RunOutputs(
-        Path(opts.out), Path(opts.npz) if opts.npz else None, settings, backend.name, latents=writes_latents
+        Path(o["out"]), Path(o["npz"]) if o["npz"] else None, settings, backend.name, latents=writes_latents
     )
-    shard = distributed.shard(seeds, info.rank, info.world_size)
+    shard = distributed.shard(list(request.seeds), info.rank, info.world_size)
     todo = outputs.check(
-        shard, resume=opts.resume, height=height, width=width, channels=cfg.img_channels, engine_dir=opts.engine_dir
+        shard,
+        resume=o["resume"],
+        height=request.height,
+        width=request.width,
+        channels=cfg.img_channels,
+        engine_dir=o["engine_dir"],
     )
-    skipped = len(shard) - len(todo)
-    groups = batches(todo, batch)
-    for group in [[0] * batch, *({len(g): g for g in groups}.values())]:  # every batch size a request will have
-        gen.check(group, **request_args(opts, height, width, plan, batch))
-    if backend.device.type == "cpu" and groups:  # host memory: the torch backend has no profile to bound it
-        check_memory(cfg, height, width, max(len(g) for g in groups) * (2 if opts.cfg_scale is not None else 1))
+    mine = request.only(todo)
+    gen.check(mine)  # the engines' profiles, the decoder's, and the memory a batch needs
     if backend.device.type == "cpu":
         torch.set_num_threads(threads)
     else:  # CUDA graph capture and the libraries' handles follow the current device
         torch.cuda.set_device(backend.device)
+    gflop = sampling_flops(cfg, request.height, request.width, list(request.active), request.solver) / 1e9
     report = SampleReport(
         backend=backend.name,
         why=why,
         precision=f"{backend.precision} ({backend.precision_why})",
         device=str(backend.device),
         graphs=gen.chain.graphs is not None,
-        plan_text=plan.describe(cfg, opts.steps, opts.solver, height, width),
-        skipped_existing=skipped,
-        decoder=None if decoder is None else decoder.name,
+        plan_text=f"{request.describe()}\n  cost: {gflop:.3g} GFLOP per image",
+        skipped_existing=len(shard) - len(todo),
+        decoder=backend.decoder_name(),
         latent=cfg.is_latent,
     )
-    return SamplingRun(opts, info, gen, height, width, plan, seeds, groups, outputs, report, decoder=decoder)
+    return SamplingRun(info, gen, mine, list(request.seeds), outputs, report, grid_rows=grid_rows)
 
 
-def _open_decoder(opts: SampleOptions, backend: Backend, threads: int) -> Decoder | None:
-    """The run's latent decoder (runtimes.decode.open_decoder) from the options and the engine directory."""
-    manifest = None
-    if opts.engine_dir is not None:
-        from export.manifest import load_manifest
-
-        manifest = load_manifest(opts.engine_dir, verify_hashes=False)  # open_backend has checked the hashes
-    return open_decoder(
-        backend.config,
-        backend=backend.name,
-        device=backend.device,
-        manifest=manifest,
-        engine_dir=opts.engine_dir,
-        vae_path=opts.vae,
-        vae_backend=opts.vae_backend,
-        threads=threads,
-    )
-
-
-def request_args(
-    opts: SampleOptions, height: int, width: int, plan: SkipPlan, batch: int, latent: bool = False
-) -> dict:
-    """The ``Generator.generate`` arguments of one batch of this run (all but its seeds).
-
-    A latent model's batch comes back as float64 latents (``output="tensor"``), to be decoded or saved.
-    """
-    return dict(
-        classes=opts.class_idx,
-        size=(height, width),
-        plan=plan,
-        cfg_scale=opts.cfg_scale,
-        steps=opts.steps,
-        solver=opts.solver,
-        S_churn=opts.S_churn,
-        S_min=opts.S_min,
-        S_max=opts.S_max,
-        S_noise=opts.S_noise,
-        batch=batch,
-        output="tensor" if latent else "uint8",
-    )
-
-
-def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[list[int], np.ndarray]]:
+def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
     """Sample this rank's batches: (seeds, uint8 NHWC images) per batch; timing goes into ``run.report``.
 
-    Each batch is one ``Generator.generate`` request.  A latent model's batch is
-    decoded after the sampling clock stops (the decoder has its own); without a
-    decoder the batch comes as float32 NCHW latents.  Call it inside ``with
-    run.generator`` (and ``run.decoder``).
+    A latent model's batch is decoded after the sampling clock stops (the
+    decoder has its own); without a decoder the batch comes as float32 NCHW
+    latents.  Call it inside ``with run.generator``.
     """
-    opts, info, report, cfg = run.opts, run.info, run.report, run.generator.config
-    calls_per_batch = sum(evaluations_per_step(opts.steps, opts.solver))
-    for i, group in enumerate(run.groups):
-        where = f"batch {i + 1}/{len(run.groups)}"
-        bar = tqdm(
-            total=opts.steps,
-            desc=f"rank {info.rank} {where}" if info.distributed else where,
-            unit="step",
-            leave=False,
-            disable=not progress,
-            position=info.rank,
-        )
-        t0 = time.perf_counter()
-        kwargs = request_args(opts, run.height, run.width, run.plan, len(group), latent=cfg.is_latent)
-        arr = run.generator.generate(group, on_step=lambda _, bar=bar: bar.update(), **kwargs)
-        if cfg.is_latent:
-            arr = arr.float().cpu()  # copies to the host: the clock below reads finished work
+    info, report, request = run.info, run.report, run.request
+    cfg = request.config
+    calls_per_batch = sum(evaluations_per_step(request.steps, request.solver))
+    groups = request.batches(run.generator.max_batch(request.guided))
+    bar = tqdm(
+        total=request.steps * len(groups),
+        desc=f"rank {info.rank}: {len(groups)} batches" if info.distributed else f"{len(groups)} batches",
+        unit="step",
+        leave=False,
+        disable=not progress,
+        position=info.rank,
+    )
+    t0 = time.perf_counter()
+    gen = run.generator
+    for i, (group, x) in enumerate(gen.batches(request, on_step=lambda _: bar.update())):
+        x = x.float().cpu() if cfg.is_latent else x.cpu()  # to the host: the clock below reads finished work
         elapsed = time.perf_counter() - t0
-        bar.close()
-        if run.decoder is not None:  # once per batch, outside the sampling loop and its CUDA graphs
+        if cfg.is_latent and gen.backend.has_decoder:  # once per batch, outside the sampling loop and its graphs
             t1 = time.perf_counter()
-            arr = to_uint8_nhwc(run.decoder.decode(arr))
+            arr = to_uint8_nhwc(gen.decode(x))
             report.decode_seconds += time.perf_counter() - t1
         elif cfg.is_latent:
-            arr = arr.numpy()
+            arr = x.numpy()
+        else:
+            arr = to_uint8_nhwc(x)
         report.images += len(group)
         report.calls += calls_per_batch
         report.seconds_total += elapsed
-        if i > 0 or len(run.groups) == 1:
+        if i > 0 or len(groups) == 1:
             report.seconds += elapsed
             report.steady_calls += calls_per_batch
             report.steady_images += len(group)
         yield group, arr
+        t0 = time.perf_counter()
+    bar.close()
 
 
-def write_batch(run: SamplingRun, group: list[int], images: np.ndarray) -> None:
+def write_batch(run: SamplingRun, group: Sequence[int], images: np.ndarray) -> None:
     """One PNG (or latent .npy) per seed of a batch, each written whole (a rename), so that --resume can trust it."""
     run.outputs.write_batch(group, images, first=not run.wrote)
     run.wrote = True
 
 
-def run_sampling(opts: SampleOptions, info: distributed.RankInfo | None = None, progress: bool = True) -> SampleReport:
+def run_sampling(args: Sequence[str], info: distributed.RankInfo | None = None, progress: bool = False) -> SampleReport:
+    """Run the command with command-line ``args`` in this process; returns this rank's report (for tests and
+    scripts: the options are parsed by the command itself, defaults included)."""
+    with main.make_context("runtimes.sample", list(args)) as ctx:
+        options = dict(ctx.params)
+    options.pop("quiet")
+    return _run(options, info or distributed.rank_info(), progress)
+
+
+def _run(options: dict[str, Any], info: distributed.RankInfo, progress: bool) -> SampleReport:
     """Check everything, sample this rank's share of the seeds, write them; returns this rank's report.
 
     Rank 0 then assembles grid.png (and the npz) from every rank's PNGs.
     """
-    info = info or distributed.rank_info()
-    run = prepare_run(opts, info)
-    with run.generator, run.decoder or contextlib.nullcontext():
+    run = prepare_run(options, info)
+    with run.generator:
         for group, images in sample_batches(run, progress):
             write_batch(run, group, images)
     distributed.barrier(info)
     if info.is_main:
-        run.report.files = run.outputs.assemble(run.seeds)
+        run.report.files = run.outputs.assemble(run.seeds, grid_rows=run.grid_rows)
     return run.report
 
 
@@ -387,7 +315,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     "--engine-dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="Directory written by lego-export (required unless --backend torch --checkpoint).",
+    help="Directory written by lego-export [default: none, the eager model samples (torch backend)].",
 )
 @click.option(
     "--backend",
@@ -395,20 +323,22 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     default="auto",
     show_default=True,
     help="auto: TensorRT if its engines run here, else ONNX Runtime CUDA, else on the CPU OpenVINO "
-    "when installed, else ONNX Runtime CPU.",
+    "when installed, else ONNX Runtime CPU; without --engine-dir, torch.",
 )
 @click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Weights for --backend torch [default: the checkpoint recorded in the manifest].",
+    help="Weights for the torch backend (.safetensors, .pkl, .pt) [default: the manifest's checkpoint, "
+    "or without --engine-dir the shipped model].",
 )
 @click.option(
     "--config",
     metavar="NAME",
     default=None,
-    help="Architecture of a --checkpoint that carries none (a .pt state dict), as in lego-export and generate.",
+    help="Architecture of a --checkpoint that carries none (a .pt state dict), or of --random-init.",
 )
+@click.option("--random-init", is_flag=True, help="Torch backend: random weights (seed 0) of --config NAME.")
 @click.option(
     "--seeds",
     default="0-15",
@@ -422,7 +352,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     help="Images per batch [default: up to 16, as the engine profile allows].",
 )
 @click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), default=18, show_default=True)
-@click.option("--solver", type=click.Choice(["heun", "euler"]), default="heun", show_default=True)
+@click.option("--solver", type=click.Choice(SOLVERS), default="heun", show_default=True)
 @click.option(
     "--S-churn",
     "S_churn",
@@ -436,6 +366,11 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 @click.option("--S-noise", "S_noise", type=float, default=1.0, show_default=True)
 @click.option(
     "--class", "class_idx", type=click.IntRange(min=0), default=None, help="Class index [default: random per seed]."
+)
+@click.option(
+    "--class-rows",
+    is_flag=True,
+    help="One grid row per class: the seeds dealt out in equal rows, row c of class c (one batch per row).",
 )
 @click.option(
     "--cfg-scale", type=float, default=None, help="Classifier-free guidance scale, 0 to 100 (1 = none) [default: off]."
@@ -466,7 +401,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     "--cuda-graphs/--no-cuda-graphs",
     default=True,
     show_default=True,
-    help="Replay denoiser calls from CUDA graphs (torch and TensorRT backends on a GPU).",
+    help="Replay each batch's whole sampling run from one CUDA graph (torch and TensorRT backends on a GPU).",
 )
 @click.option(
     "--threads",
@@ -506,23 +441,21 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     "TensorRT run the precision the engines were exported in.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def main(quiet: bool, **kwargs) -> None:
-    """Sample images with the brick engines of an engine directory (or the torch backend)."""
+def main(quiet: bool, **options: Any) -> None:
+    """Sample images through the brick engines of an engine directory, or with the eager model (torch backend)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    opts = SampleOptions(**kwargs)
     info = distributed.rank_info()
-    try:
-        distributed.init(info)
-        report = run_sampling(opts, info, progress=not quiet)
-        merged, ms_per_call = merge_reports(distributed.gather(info, report))
-        if info.is_main:
-            click.echo(merged.summary(ms_per_call))
-            click.echo(f"wrote {merged.images} images to {opts.out}" + (f" and {opts.npz}" if opts.npz else ""))
-    except (LegoError, OSError) as err:
-        click.echo(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", err=True)
-        sys.exit(1)
-    finally:
-        distributed.shutdown(info)
+    with one_line_errors():
+        try:
+            distributed.init(info)
+            report = _run(options, info, progress=not quiet)
+            merged, ms_per_call = merge_reports(distributed.gather(info, report))
+            if info.is_main:
+                click.echo(merged.summary(ms_per_call))
+                npz = options["npz"]
+                click.echo(f"wrote {merged.images} images to {options['out']}" + (f" and {npz}" if npz else ""))
+        finally:
+            distributed.shutdown(info)
 
 
 if __name__ == "__main__":

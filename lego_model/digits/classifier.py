@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import click
@@ -20,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lego_model.checkpoints import read_safetensors, write_safetensors
-from lego_model.errors import CheckpointError, LegoError
+from lego_model.cli import one_line_errors
+from lego_model.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def shipped_classifier() -> Path:
 def main(out, epochs, seed):
     """Train the digit classifier on 80 % of the digits and report its held-out accuracy."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with one_line_errors():
         from lego_model.digits.data import load_digits_dataset, train_test_split
 
         images, onehot = load_digits_dataset()
@@ -149,9 +149,6 @@ def main(out, epochs, seed):
         }
         path = save_classifier(model, out or shipped_classifier(), meta)
         click.echo(f"held-out accuracy {acc:.2%} on {len(test_idx)} digits; wrote {path}")
-    except (LegoError, OSError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lego_model.checkpoints import load_checkpoint
+from lego_model.cli import one_line_errors
 from lego_model.configs import LegoConfig, refuse_unconditional
 from lego_model.digits.classifier import DigitClassifier, load_classifier, predict, shipped_classifier
 from lego_model.errors import LegoError
@@ -123,17 +123,7 @@ def sample_per_class(
         if sample is not None:
             x = sample(seeds, c, plan)
         else:
-            x = sample_images(
-                model,
-                seeds,
-                height=cfg.resolution,
-                width=cfg.resolution,
-                num_steps=num_steps,
-                solver=solver,
-                class_idx=c,
-                cfg_scale=cfg_scale,
-                plan=plan,
-            )
+            x = sample_images(model, seeds, classes=c, plan=plan, cfg_scale=cfg_scale, steps=num_steps, solver=solver)
         images.append(x.clamp(-1, 1).float())
         classes.append(torch.full((per_class,), c))
     return torch.cat(images), torch.cat(classes)
@@ -215,7 +205,7 @@ def real_reference(classifier: DigitClassifier, resolution: int, per_class: int)
 def main(checkpoint, classifier_path, per_class, steps, solver, cfg_scale, plan_names, json_out, threads):
     """Accuracy, Fréchet distance and relative FLOPs of the full stack, every early exit and the skip presets."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with one_line_errors():
         from lego_model.shipped import shipped_checkpoint
 
         if threads:
@@ -267,9 +257,6 @@ def main(checkpoint, classifier_path, per_class, steps, solver, cfg_scale, plan_
                 "rows": [asdict(r) for r in rows],
             }
             Path(json_out).write_text(json.dumps(payload, indent=2))
-    except (LegoError, OSError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

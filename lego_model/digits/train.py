@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +35,7 @@ from click.core import ParameterSource
 from torch import Tensor
 
 from lego_model.checkpoints import read_safetensors, save_checkpoint, write_safetensors
+from lego_model.cli import one_line_errors
 from lego_model.configs import LegoConfig, get_config
 from lego_model.errors import CheckpointError, LegoError
 from lego_model.model import LegoModel
@@ -361,7 +361,7 @@ def main(
 ):
     """Train a class-conditional LEGO model on scikit-learn's digits (16x16) with the joint prefix objective."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
+    with one_line_errors():
         from lego_model.digits.data import load_digits_dataset
 
         if threads:
@@ -413,9 +413,6 @@ def main(
             stop_after=stop_after,
         )
         log.info("done: step %d, %.0f s of training; model in %s", state.step, state.wall_time_s, out_path)
-    except (LegoError, OSError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

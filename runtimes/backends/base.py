@@ -23,11 +23,13 @@ with its own lock.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -38,7 +40,8 @@ from runtimes.cuda import TORCH_CUDA, Cuda
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
-    from export.records import EngineEntry
+    from export.records import EngineEntry, Manifest, Profile
+    from lego_model.vae import Vae
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,10 @@ class EngineCall:
     brick: int | None
     src: str | None
     dst: str
+
+
+# The decoder of a latent model's latents, run through ``infer`` as every other engine: latents -> images.
+VAE_CALL = EngineCall("vae_decoder", None, None, "images")
 
 
 def buffers_key(engine: str, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> Hashable:
@@ -151,6 +158,76 @@ def check_engine_set(entries: Mapping[str, EngineEntry], config: LegoConfig, fmt
         )
 
 
+@dataclass(frozen=True)
+class BackendOptions:
+    """What a user chooses about a backend: the sample CLI's options and the Python API's keywords, in one place.
+
+    Every field has the default a user who says nothing gets.  A backend
+    uses some of them (:attr:`BackendKind.uses`); a field set to anything but
+    its default for a backend that does not use it is refused
+    (:meth:`BackendKind.check_options`), so that no option is silently ignored.
+    """
+
+    threads: int | None = None  # intra-op threads of the CPU backends (default: the usable cores)
+    precision: str = "auto"  # auto, fp32, bf16: chosen at load by OpenVINO and torch; the others check their files
+    device: str | Any | None = None  # where the torch backend runs ("cpu", "cuda:1"); engine backends run theirs
+    local_rank: int = 0  # the GPU of this torchrun rank
+    ort_optimization: str = "all"  # ONNX Runtime graph optimizations
+    ort_arena: bool = True  # ONNX Runtime's CPU memory arena
+    checkpoint: Any = None  # torch backend: a checkpoint file or a LegoModel instead of the manifest's weights
+    config: str | None = None  # torch backend: the registry config of a checkpoint that carries none
+    random_init: bool = False  # torch backend without engines: random weights (seed 0) of ``config``
+    vae: Any = None  # latent models: decode with diffusers' eager VAE from this path (or a lego_model.vae.Vae)
+    vae_backend: str = "engine"  # latent models: "engine" (the directory's vae_decoder) or "torch" (diffusers eager)
+
+    def changed(self) -> list[str]:
+        """The fields a user set to something other than the default (not local_rank: torchrun sets it)."""
+        default = BackendOptions()
+        return [
+            f.name for f in fields(self) if f.name != "local_rank" and getattr(self, f.name) != getattr(default, f.name)
+        ]
+
+
+# How each option is spelled on the command line (for refusals that name it).
+OPTION_FLAGS = {
+    "threads": "--threads",
+    "precision": "--precision",
+    "device": "device=",
+    "local_rank": "LOCAL_RANK",
+    "ort_optimization": "--ort-optimization",
+    "ort_arena": "ort_arena=",
+    "checkpoint": "--checkpoint",
+    "config": "--config",
+    "random_init": "--random-init",
+    "vae": "--vae",
+    "vae_backend": "--vae-backend",
+}
+# Every backend decodes a latent model's latents (its own vae_decoder engine, or diffusers' eager decoder).
+DECODER_OPTIONS = frozenset({"vae", "vae_backend"})
+
+
+@dataclass(frozen=True)
+class BackendKind:
+    """One entry of the backend registry: a backend's name, what it runs, whether it can run here, how it is built.
+
+    ``format`` is the engine format it runs ("onnx", "tensorrt"), or None for
+    the torch backend, which runs a checkpoint.  ``problem(manifest, options)``
+    says why it cannot run that engine directory on this machine (a missing
+    library, GPU or engine format), or None when it can; it imports heavy
+    libraries lazily.  ``build(manifest, engine_dir, options)`` makes the
+    backend (not yet loaded: ``with backend:`` loads it) and refuses what only
+    building can find.  ``uses`` names the :class:`BackendOptions` fields it
+    reads; ``chosen`` is what ``--backend auto`` says when it picks it.
+    """
+
+    name: str
+    format: str | None
+    problem: Callable[[Manifest, BackendOptions], str | None]
+    build: Callable[[Manifest | None, Path | None, BackendOptions], Backend]
+    uses: frozenset[str]
+    chosen: str
+
+
 class Backend:
     """One way of running the embedder and brick engines; subclasses fill in the hooks below."""
 
@@ -159,6 +236,12 @@ class Backend:
     precision_why: str = "the precision the engines were exported in"
     supports_cuda_graphs: bool = False
     cuda: Cuda = TORCH_CUDA  # the CUDA calls of this backend, its chains and their graphs (a fake in tests)
+    manifest: Manifest | None = None  # the verified manifest of the engine directory it was opened on
+    weights: str = "unknown"  # what computes the pixels: "sha256:<checkpoint>", "random init seed 0", ...
+    # A latent model's decoder (runtimes.backends.decoding.attach_decoder): this backend's own vae_decoder
+    # engine, or diffusers' eager decoder; neither: it samples latents only.
+    decoder_entry: EngineEntry | None = None
+    vae: Vae | None = None
 
     def __init__(self, config: LegoConfig, device: torch.device) -> None:
         self.config = config
@@ -166,6 +249,7 @@ class Backend:
         self.dtypes = BufferDtypes()
         self.loaded = False
         self.generation = 0  # loads so far: CUDA graphs captured under an earlier load point at released engines
+        self._vae_module: torch.nn.Module | None = None  # the eager decoder on the device, once loaded
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> Backend:
@@ -203,6 +287,37 @@ class Backend:
         """Largest batch (in engine rows) every engine takes; None when unlimited."""
         return None
 
+    # ---------------------------------------------------------------- the VAE decoder (latent models)
+    @property
+    def has_decoder(self) -> bool:
+        return self.decoder_entry is not None or self.vae is not None
+
+    def decoder_name(self) -> str | None:
+        """What decodes (for the run's summary), or None."""
+        if self.vae is not None:
+            return f"torch (diffusers AutoencoderKL on {self.device})"
+        if self.decoder_entry is not None:
+            return f"{self.name} ({self.decoder_entry.file})"
+        return None
+
+    def decoder_profile(self) -> Profile | None:
+        """The batch and latent-size ranges of the vae_decoder engine (None: eager, any size)."""
+        return self.decoder_entry.profile if self.vae is None and self.decoder_entry is not None else None
+
+    def _load_vae(self) -> None:
+        """Put the eager decoder on this backend's device (part of :meth:`load` where there is one)."""
+        if self.vae is not None:
+            self._vae_module = self.vae.decoder().to(self.device)
+
+    def decodes_eagerly(self, call: EngineCall) -> bool:
+        """Whether ``call`` is the vae_decoder and diffusers' eager decoder runs it (every backend's infer asks)."""
+        return call.engine == VAE_CALL.engine and self.vae is not None
+
+    def _eager_decode(self, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
+        """The eager decoder's images into ``outputs["images"]`` (diffusers' own decode; fp32 whatever else runs)."""
+        with torch.no_grad():
+            outputs["images"].copy_(self._vae_module(inputs["latents"].float()))
+
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         """Run engine ``call.engine`` reading ``inputs`` and writing into ``outputs`` (no allocation of I/O).
 
@@ -214,9 +329,23 @@ class Backend:
 
 
 class EngineBackend(Backend):
-    """A backend of exported engines (``entries``, by engine name): shapes are bounded by their profiles."""
+    """A backend of exported engines (``entries``, by engine name): shapes are bounded by their profiles.
+
+    Built on a verified manifest (``load_manifest``), of which it runs the
+    engines of one ``format``; refuses a directory that lacks one of them.
+    """
 
     entries: Mapping[str, EngineEntry]
+
+    def __init__(self, manifest: Manifest, engine_dir: str | Path, fmt: str, device: torch.device) -> None:
+        super().__init__(manifest.config, device)
+        self.manifest = manifest
+        self.engine_dir = Path(engine_dir)
+        self.entries = manifest.engines_for(fmt)
+        check_engine_set(self.entries, manifest.config, fmt)
+        self.dtypes = buffer_dtypes(self.entries)
+        self.precision = "/".join(sorted({e.precision for e in self.entries.values()}))
+        self.weights = manifest_weights(manifest)
 
     def check_shape(self, rows: int, height: int, width: int) -> None:
         super().check_shape(rows, height, width)
@@ -225,3 +354,56 @@ class EngineBackend(Backend):
 
     def max_rows(self) -> int | None:
         return min(e.profile.batch[2] for e in self.entries.values())
+
+    def engines_to_load(self) -> dict[str, EngineEntry]:
+        """The embedder and bricks, and the vae_decoder when this backend runs its own."""
+        extra = {self.decoder_entry.name: self.decoder_entry} if self.decoder_entry is not None and not self.vae else {}
+        return {**self.entries, **extra}
+
+
+def default_threads(local_world_size: int | None = None) -> int:
+    """CPU threads per process: the cores this process may use, shared among the processes of one machine.
+
+    ``local_world_size`` defaults to torchrun's LOCAL_WORLD_SIZE (1 outside
+    torchrun).  Oversubscribing (ORT's default of one thread per physical core
+    in every torchrun worker) makes the workers fight for the same cores.
+    """
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, usable_cores() // max(1, local_world_size))
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_threads(threads: object) -> None:
+    """Refuse more CPU threads than this process has cores: they only contend (and 100000 exhaust the OS)."""
+    cores = usable_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores:
+        raise BackendError(
+            f"--threads {threads} is outside 1..{cores}, the cores this process may use; pass at most {cores}"
+        )
+
+
+def manifest_weights(manifest: Manifest) -> str:
+    """What computes an engine directory's pixels: its checkpoint's sha256, or the random-init seed."""
+    record = manifest.checkpoint
+    return (
+        f"random init seed {record.random_init_seed}"
+        if record.random_init_seed is not None
+        else f"sha256:{record.sha256}"
+    )
+
+
+def check_file_precision(backend: str, precision: str, entries: Mapping[str, EngineEntry]) -> None:
+    """Refuse a --precision other than the files' own for backends that run the files as exported."""
+    if precision == "auto":
+        return
+    kinds = sorted({e.precision for e in entries.values()})
+    if kinds != [precision]:
+        raise BackendError(
+            f"{backend} runs the precision the engines were exported in ({'/'.join(kinds)}), not {precision}; "
+            f"use --backend openvino or torch for {precision} at run time, or re-export with --precision {precision}"
+        )

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import threading
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -33,13 +32,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from export.records import VAE_ENGINE
+from lego_model.errors import first_line
 from lego_model.files import default_cache_dir
-from runtimes.backends.base import EngineBackend, EngineCall, buffer_dtypes, buffers_key, check_engine_set
+from runtimes.backends.base import (
+    DECODER_OPTIONS,
+    BackendKind,
+    BackendOptions,
+    EngineBackend,
+    EngineCall,
+    buffers_key,
+    check_threads,
+    default_threads,
+)
 from runtimes.backends.precision import resolve_precision
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
-    from export.records import EngineEntry, Manifest
+    from export.records import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +57,21 @@ log = logging.getLogger(__name__)
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
+MISSING = "openvino is not installed: pip install 'lego-deploy[cpu]' (or pip install openvino)"
+
+
 def import_openvino() -> Any:
     """The openvino module, or a BackendError that says which extra installs it."""
     try:
         import openvino
     except ImportError:
-        raise BackendError(
-            "openvino is not installed: pip install 'lego-deploy[cpu]' (or pip install openvino)"
-        ) from None
+        raise BackendError(MISSING) from None
     return openvino
 
 
 def openvino_available() -> bool:
     """Whether the openvino package is importable here (without importing it)."""
     return importlib.util.find_spec("openvino") is not None
-
-
-def cores_present() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_model_cache() -> Path:
@@ -87,12 +93,7 @@ class OpenVinoBackend(EngineBackend):
         threads: int | None = None,
         cache_dir: str | Path | None = None,
     ) -> None:
-        super().__init__(manifest.config, torch.device("cpu"))
-        self.manifest = manifest
-        self.engine_dir = Path(engine_dir)
-        self.entries: dict[str, EngineEntry] = manifest.engines_for("onnx")
-        check_engine_set(self.entries, manifest.config, "onnx")
-        self.dtypes = buffer_dtypes(self.entries)
+        super().__init__(manifest, engine_dir, "onnx", torch.device("cpu"))
         for tensor, dtype in vars(self.dtypes).items():
             if dtype != torch.float32:
                 raise BackendError(
@@ -103,8 +104,7 @@ class OpenVinoBackend(EngineBackend):
         file_precisions = sorted({e.precision for e in self.entries.values()})
         if file_precisions != ["fp32"]:
             self.precision_why += f"; files exported in {'/'.join(file_precisions)}"
-        cores = cores_present()
-        self.threads = min(threads or cores, cores)
+        self.threads = threads or default_threads()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_model_cache()
         self.requests: dict[str, Any] = {}
         self.loaded_from_cache: dict[str, bool] = {}
@@ -118,32 +118,14 @@ class OpenVinoBackend(EngineBackend):
     def load(self) -> None:
         ov = import_openvino()
         core = ov.Core()
-        # One cache directory per precision: OpenVINO's cache key leaves INFERENCE_PRECISION_HINT out (2026.4),
-        # and an fp32 blob loaded with the bf16 hint returned NaN.
-        cache = self.cache_dir / self.precision
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            core.set_property({"CACHE_DIR": str(cache)})
-        except OSError as err:  # a read-only home: compile every time rather than refuse
-            log.warning("OpenVINO model cache %s not writable (%s); compiling without it", cache, err)
-        config = {
-            "INFERENCE_PRECISION_HINT": _HINTS[self.precision],
-            # One request at a time, as fast as possible: one stream with all the threads.
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": "1",
-            "INFERENCE_NUM_THREADS": str(self.threads),
-        }
-        for name, entry in self.entries.items():
-            path = entry.path(self.engine_dir)
-            try:
-                compiled = core.compile_model(str(path), "CPU", config)
-            except RuntimeError as err:
-                msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise BackendError(
-                    f"OpenVINO cannot compile {path}: {msg}; re-export with lego-export --force"
-                ) from None
+        for name, entry in self.engines_to_load().items():
+            # The VAE decoder runs fp32 whatever the bricks run: diffusers upcasts this VAE, and its engine is
+            # exported and verified in fp32 (the contract's vae_decoder).
+            precision = "fp32" if name == VAE_ENGINE else self.precision
+            compiled = self._compile(core, entry.path(self.engine_dir), precision)
             self.loaded_from_cache[name] = bool(compiled.get_property("LOADED_FROM_CACHE"))
             self.requests[name] = compiled.create_infer_request()
+        self._load_vae()
         log.info(
             "openvino %s: %d engines, %s, %d threads, %d of them from the model cache %s",
             ov.__version__,
@@ -151,8 +133,32 @@ class OpenVinoBackend(EngineBackend):
             self.precision,
             self.threads,
             sum(self.loaded_from_cache.values()),
-            cache,
+            self.cache_dir,
         )
+
+    def _compile(self, core: Any, path: Path, precision: str) -> Any:
+        """One ONNX file compiled for the CPU at ``precision``, through the model cache of that precision."""
+        config = {
+            "INFERENCE_PRECISION_HINT": _HINTS[precision],
+            # One request at a time, as fast as possible: one stream with all the threads.
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": "1",
+            "INFERENCE_NUM_THREADS": str(self.threads),
+        }
+        # One cache directory per precision: OpenVINO's cache key leaves INFERENCE_PRECISION_HINT out (2026.4),
+        # and an fp32 blob loaded with the bf16 hint returned NaN.
+        cache = self.cache_dir / precision
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(cache)
+        except OSError as err:  # a read-only home: compile every time rather than refuse
+            log.warning("OpenVINO model cache %s not writable (%s); compiling without it", cache, err)
+        try:
+            return core.compile_model(str(path), "CPU", config)
+        except RuntimeError as err:
+            raise BackendError(
+                f"OpenVINO cannot compile {path}: {first_line(err)}; re-export with lego-export --force"
+            ) from None
 
     def close(self) -> None:
         self._bound.clear()
@@ -160,6 +166,8 @@ class OpenVinoBackend(EngineBackend):
 
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         self.require_loaded()
+        if self.decodes_eagerly(call):
+            return self._eager_decode(inputs, outputs)
         request = self.requests[call.engine]
         key = buffers_key(call.engine, inputs, outputs)
         with self._lock:
@@ -177,3 +185,32 @@ class OpenVinoBackend(EngineBackend):
                 raise UsageError(f"{engine}.{name}: pass a contiguous CPU tensor, got one on {t.device}")
             request.set_tensor(name, ov.Tensor(t.numpy(), shared_memory=True))
         self._bound[engine] = (key, [t for _, t in tensors])
+
+
+# ---------------------------------------------------------------------------- registry entry
+
+
+def _problem(manifest: Manifest, opts: BackendOptions) -> str | None:
+    if "onnx" not in manifest.formats():
+        return "no ONNX files"
+    if not openvino_available():
+        return MISSING
+    return None
+
+
+def _build(manifest: Manifest | None, engine_dir: Path | None, opts: BackendOptions) -> OpenVinoBackend:
+    assert manifest is not None and engine_dir is not None
+    import_openvino()  # refuse here, naming the extra, rather than when the backend loads
+    if opts.threads is not None:
+        check_threads(opts.threads)
+    return OpenVinoBackend(manifest, engine_dir, precision=opts.precision, threads=opts.threads)
+
+
+KIND = BackendKind(
+    name="openvino",
+    format="onnx",
+    problem=_problem,
+    build=_build,
+    uses=frozenset({"threads", "precision"}) | DECODER_OPTIONS,
+    chosen="OpenVINO is the fastest CPU backend in the benchmarks",
+)

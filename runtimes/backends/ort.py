@@ -26,7 +26,6 @@ per call (benchmarks/test_runtime.py, table "ort settings"), so it is opt-in.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,11 +35,22 @@ import torch
 from torch import Tensor
 
 from export.loaders import SessionSettings, import_onnxruntime, session_from_onnx
-from runtimes.backends.base import BindingCache, EngineBackend, EngineCall, buffer_dtypes, buffers_key, check_engine_set
+from runtimes.backends.base import (
+    DECODER_OPTIONS,
+    BackendKind,
+    BackendOptions,
+    BindingCache,
+    EngineBackend,
+    EngineCall,
+    buffers_key,
+    check_file_precision,
+    check_threads,
+    default_threads,
+)
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
-    from export.records import EngineEntry, Manifest
+    from export.records import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -54,29 +64,6 @@ def cuda_provider_available() -> bool:
     except BackendError:
         return False
     return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
-
-
-def default_threads(local_world_size: int = 1) -> int:
-    """CPU threads per process: the cores this process may use, shared among the processes of one machine.
-
-    Oversubscribing (ORT's default of one thread per physical core in every
-    torchrun worker) makes the workers fight for the same cores.
-    """
-    return max(1, usable_cores() // max(1, local_world_size))
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def check_threads(threads: int) -> None:
-    """Refuse more CPU threads than this process has cores: they only contend (and 100000 exhaust the OS)."""
-    cores = usable_cores()
-    if not 1 <= threads <= cores:
-        raise BackendError(
-            f"--threads {threads} is outside 1..{cores}, the cores this process may use; pass at most {cores}"
-        )
 
 
 class OnnxRuntimeBackend(EngineBackend):
@@ -94,18 +81,11 @@ class OnnxRuntimeBackend(EngineBackend):
         arena: bool = True,
         max_bindings: int = 256,
     ) -> None:
-        super().__init__(manifest.config, device)
-        self.manifest = manifest
-        self.engine_dir = Path(engine_dir)
+        super().__init__(manifest, engine_dir, "onnx", device)
         self.threads = threads or default_threads()
         self.optimization = optimization
         self.spin = spin
         self.arena = arena
-        self.entries: dict[str, EngineEntry] = manifest.engines_for("onnx")
-        check_engine_set(self.entries, manifest.config, "onnx")
-        precisions = sorted({e.precision for e in self.entries.values()})
-        self.precision = "/".join(precisions)
-        self.dtypes = buffer_dtypes(self.entries)
         for name, dtype in vars(self.dtypes).items():
             if dtype not in _NUMPY:
                 raise BackendError(f"ONNX Runtime cannot bind {dtype} tensors ({name}); use fp32 or fp16 engines")
@@ -135,8 +115,9 @@ class OnnxRuntimeBackend(EngineBackend):
         if self.device.type == "cuda":
             # The chain reads the outputs on the same stream; a host wait after every engine would only stall it.
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        for name, entry in self.entries.items():
+        for name, entry in self.engines_to_load().items():
             self.sessions[name] = session_from_onnx(entry.path(self.engine_dir), settings, config=self.config)
+        self._load_vae()
         log.info(
             "onnxruntime %s: %d sessions, %d threads, optimization %s",
             ort.__version__,
@@ -151,6 +132,8 @@ class OnnxRuntimeBackend(EngineBackend):
 
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         self.require_loaded()
+        if self.decodes_eagerly(call):
+            return self._eager_decode(inputs, outputs)
         key = buffers_key(call.engine, inputs, outputs)
         binding = self._bindings.get(key, lambda: self._make_binding(call, inputs, outputs))
         if self._stream is None:
@@ -187,3 +170,50 @@ class OnnxRuntimeBackend(EngineBackend):
                     buffer_ptr=t.data_ptr(),
                 )
         return binding
+
+
+# ---------------------------------------------------------------------------- registry entries
+
+
+def _problem(manifest: Manifest, cuda: bool) -> str | None:
+    if "onnx" not in manifest.formats():
+        return "no ONNX files"
+    try:
+        import_onnxruntime()
+    except BackendError as err:
+        return str(err)
+    if cuda and not cuda_provider_available():
+        return "no CUDA for ONNX Runtime (needs onnxruntime-gpu and a visible GPU)"
+    return None
+
+
+def _build(manifest: Manifest | None, engine_dir: Path | None, opts: BackendOptions, cuda: bool) -> OnnxRuntimeBackend:
+    assert manifest is not None and engine_dir is not None
+    name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
+    check_file_precision(name, opts.precision, manifest.engines_for("onnx"))
+    if opts.threads is not None:
+        check_threads(opts.threads)
+    device = torch.device("cuda", opts.local_rank) if cuda else torch.device("cpu")
+    return OnnxRuntimeBackend(
+        manifest, engine_dir, device=device, threads=opts.threads, optimization=opts.ort_optimization,
+        arena=opts.ort_arena,
+    )  # fmt: skip
+
+
+_ORT_OPTIONS = frozenset({"threads", "precision", "ort_optimization", "ort_arena"}) | DECODER_OPTIONS
+CPU_KIND = BackendKind(
+    name="onnxruntime-cpu",
+    format="onnx",
+    problem=lambda manifest, opts: _problem(manifest, cuda=False),
+    build=lambda manifest, engine_dir, opts: _build(manifest, engine_dir, opts, cuda=False),
+    uses=_ORT_OPTIONS,
+    chosen="ONNX Runtime runs the ONNX files on the CPU",
+)
+CUDA_KIND = BackendKind(
+    name="onnxruntime-cuda",
+    format="onnx",
+    problem=lambda manifest, opts: _problem(manifest, cuda=True),
+    build=lambda manifest, engine_dir, opts: _build(manifest, engine_dir, opts, cuda=True),
+    uses=_ORT_OPTIONS,
+    chosen="ONNX Runtime has CUDA",
+)

@@ -26,11 +26,21 @@ from torch import Tensor
 
 from export.records import contract_io
 from lego_model.checkpoints import file_sha256, load_checkpoint
+from lego_model.configs import get_config
 from lego_model.errors import CheckpointError
 from lego_model.flops import check_memory
 from lego_model.forwards import engine_forward
 from lego_model.model import LegoModel
-from runtimes.backends.base import Backend, EngineCall
+from lego_model.shipped import shipped_checkpoint
+from runtimes.backends.base import (
+    DECODER_OPTIONS,
+    Backend,
+    BackendKind,
+    BackendOptions,
+    EngineCall,
+    check_threads,
+    manifest_weights,
+)
 from runtimes.backends.precision import resolve_precision
 from runtimes.cuda import Cuda, require_cuda
 from runtimes.errors import BackendError
@@ -115,6 +125,7 @@ class TorchBackend(Backend):
                 inputs, outputs = contract_io(self.config, kind, brick)
                 graph = engine_forward(self.model, kind, brick, "bf16").to(self.device).requires_grad_(False)
                 self._graphs[name] = (graph, [t.name for t in inputs], outputs[0].name)
+        self._load_vae()
 
     def check_shape(self, rows: int, height: int, width: int) -> None:
         """Also refuse, on a GPU, a batch whose activations alone exceed the device's free memory.
@@ -133,6 +144,8 @@ class TorchBackend(Backend):
 
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         self.require_loaded()
+        if self.decodes_eagerly(call):
+            return self._eager_decode(inputs, outputs)
         if self._graphs:
             graph, names, out = self._graphs[call.engine]
             with torch.no_grad():
@@ -145,3 +158,50 @@ class TorchBackend(Backend):
             else:
                 brick = self.model.bricks[call.brick]
                 outputs["f"].copy_(brick(inputs["x_in"], inputs.get("f_prev"), inputs["cond"]))
+
+
+# ---------------------------------------------------------------------------- registry entry
+
+RANDOM_INIT_SEED = 0  # --random-init weights, as lego-export --random-init draws them by default
+
+
+def _build(manifest: Manifest | None, engine_dir: Path | None, opts: BackendOptions) -> TorchBackend:
+    """The reference model of a checkpoint (a file or a LegoModel), random weights, the manifest's, or the shipped."""
+    if opts.threads is not None:
+        check_threads(opts.threads)
+    if opts.config is not None and opts.checkpoint is None and not opts.random_init:
+        raise BackendError("--config names the architecture of a --checkpoint or of --random-init; leave it out")
+    if opts.random_init:
+        if opts.checkpoint is not None or opts.config is None:
+            raise BackendError("--random-init needs --config NAME (and no --checkpoint)")
+        model = LegoModel(get_config(opts.config)).randomize_(RANDOM_INIT_SEED).eval()
+        weights = f"random init seed {RANDOM_INIT_SEED}"
+    elif isinstance(opts.checkpoint, LegoModel):
+        model, weights = opts.checkpoint, "a LegoModel in memory"
+    elif opts.checkpoint is not None or manifest is None:
+        path = opts.checkpoint if opts.checkpoint is not None else shipped_checkpoint()
+        model = load_checkpoint(path, opts.config or (manifest.config if manifest is not None else None))
+        weights = f"sha256:{file_sha256(path)}"
+    else:
+        model, weights = model_from_manifest(manifest, engine_dir), manifest_weights(manifest)
+    if manifest is not None and model.config != manifest.config:
+        raise BackendError(
+            f"--checkpoint holds {model.config.name}, the engine directory {engine_dir} is {manifest.config.name}; "
+            "pass that model's checkpoint, or leave out --engine-dir"
+        )
+    device = opts.device
+    if device is None:
+        device = torch.device("cuda", opts.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    backend = TorchBackend(model, device=device, precision=opts.precision)
+    backend.manifest, backend.weights = manifest, weights
+    return backend
+
+
+KIND = BackendKind(
+    name="torch",
+    format=None,
+    problem=lambda manifest, opts: None,
+    build=_build,
+    uses=frozenset({"threads", "precision", "device", "checkpoint", "config", "random_init"}) | DECODER_OPTIONS,
+    chosen="the reference model",
+)

@@ -44,7 +44,17 @@ import torch
 from torch import Tensor
 
 from export.loaders import context_from_engine, engine_from_entry, import_tensorrt, plan_runtime, shared_scratch
-from runtimes.backends.base import BindingCache, EngineBackend, EngineCall, buffer_dtypes, buffers_key, check_engine_set
+from lego_model.errors import LegoError
+from runtimes.backends.base import (
+    DECODER_OPTIONS,
+    BackendKind,
+    BackendOptions,
+    BindingCache,
+    EngineBackend,
+    EngineCall,
+    buffers_key,
+    check_file_precision,
+)
 from runtimes.cuda import TORCH_CUDA, Cuda
 from runtimes.errors import BackendError
 from runtimes.graphs import DeviceLane, hold_for_graph
@@ -111,15 +121,9 @@ class TensorRTBackend(EngineBackend):
         cuda: Cuda | None = None,
         max_contexts: int = 256,
     ) -> None:
-        super().__init__(manifest.config, device)
+        super().__init__(manifest, engine_dir, "tensorrt", device)
         if cuda is not None:
             self.cuda = cuda
-        self.manifest = manifest
-        self.engine_dir = Path(engine_dir)
-        self.entries: dict[str, EngineEntry] = manifest.engines_for("tensorrt")
-        check_engine_set(self.entries, manifest.config, "tensorrt")
-        self.precision = "/".join(sorted({e.precision for e in self.entries.values()}))
-        self.dtypes = buffer_dtypes(self.entries)
         self.engines: dict[str, Any] = {}
         # Execution contexts by the buffers they are bound to, each set up once (bounded, least recently used out).
         self.contexts = BindingCache(max_contexts)
@@ -135,7 +139,7 @@ class TensorRTBackend(EngineBackend):
         # The runtime must outlive the engines it deserializes, and the engines their contexts.
         runtime = self._runtime = plan_runtime()
         self.cuda.set_device(self.device)
-        for name, entry in self.entries.items():
+        for name, entry in self.engines_to_load().items():
             self.engines[name] = engine_from_entry(runtime, entry, self.manifest, self.engine_dir)
         # The bricks run one after another (on the lane's one stream): one scratch allocation serves every context.
         self._scratch = shared_scratch(self.engines.values(), self.device)
@@ -146,6 +150,7 @@ class TensorRTBackend(EngineBackend):
             len(self.engines),
             self._scratch.numel() / 2**20,
         )
+        self._load_vae()
 
     def close(self) -> None:
         self.contexts.clear()  # contexts, then engines, then the runtime and the scratch they used
@@ -156,6 +161,8 @@ class TensorRTBackend(EngineBackend):
 
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         self.require_loaded()
+        if self.decodes_eagerly(call):
+            return self._eager_decode(inputs, outputs)
         with self._lane.enter() as stream:
             bound = self._context(call, inputs, outputs)
             hold_for_graph(bound)  # a graph being captured replays this context: it lives as long as the graph
@@ -204,3 +211,33 @@ class _Bound:
 
     def __init__(self, context: Any) -> None:
         self.context = context
+
+
+# ---------------------------------------------------------------------------- registry entry
+
+
+def _problem(manifest: Manifest, opts: BackendOptions) -> str | None:
+    """Why the manifest's TensorRT engines cannot run in this process, or None."""
+    if "tensorrt" not in manifest.formats():
+        return "no TensorRT engines"
+    try:
+        check_engines_here(manifest.engines_for("tensorrt"), torch.device("cuda", opts.local_rank))
+    except LegoError as err:
+        return str(err)
+    return None
+
+
+def _build(manifest: Manifest | None, engine_dir: Path | None, opts: BackendOptions) -> TensorRTBackend:
+    assert manifest is not None and engine_dir is not None
+    check_file_precision("tensorrt", opts.precision, manifest.engines_for("tensorrt"))
+    return TensorRTBackend(manifest, engine_dir, device=torch.device("cuda", opts.local_rank))
+
+
+KIND = BackendKind(
+    name="tensorrt",
+    format="tensorrt",
+    problem=_problem,
+    build=_build,
+    uses=frozenset({"precision"}) | DECODER_OPTIONS,
+    chosen="TensorRT engines match this GPU and TensorRT",
+)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from lego_model import LegoConfig, LegoModel, get_config
 from lego_model.digits.classifier import DigitClassifier, load_classifier, predict, save_classifier, train_classifier
@@ -17,7 +17,7 @@ from lego_model.digits.quality import (
     standard_plans,
 )
 from lego_model.errors import CheckpointError, LegoError
-from lego_model.images import class_row_seeds
+from lego_model.images import class_row_seeds, make_grid
 from lego_model.skip import SkipPlan
 
 TINY = LegoConfig("tiny_digits_16", (4, 8, 16), (2, 4, 2), (1, 1, 1), 32, 2, img_channels=1, label_dim=10)
@@ -106,14 +106,9 @@ def test_class_row_seeds():
         class_row_seeds(list(range(4)), 0)
 
 
-def test_generate_class_rows_grid(tmp_path):
-    from PIL import Image
-
-    from lego_model.generate import main
-
-    out = tmp_path / "s"
-    args = ["--config", "tiny_PG_16", "--random-init", "--seeds", "0-19", "--steps", "1", "--class-rows"]
-    result = CliRunner().invoke(main, [*args, "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    # 10 rows of 2 images of 16 px with 2 px padding.
-    assert Image.open(out / "grid.png").size == (2 * 18 + 2, 10 * 18 + 2)
+def test_make_grid_rows_and_upscale():
+    images = np.arange(20 * 16 * 16, dtype=np.uint8).reshape(20, 16, 16, 1) % 251
+    grid = make_grid(images, rows=10)  # 10 rows of 2 images of 16 px with 2 px padding, then 4x (tiles >= 64 px)
+    assert grid.shape == (4 * (10 * 18 + 2), 4 * (2 * 18 + 2), 1)
+    np.testing.assert_array_equal(grid[8 : 8 + 64 : 4, 8 : 8 + 64 : 4, 0], images[0, :, :, 0])  # nearest neighbour
+    assert make_grid(np.zeros((4, 64, 64, 3), np.uint8)).shape == (2 * 66 + 2, 2 * 66 + 2, 3)  # large: as is

@@ -113,7 +113,7 @@ def test_eager_samples_are_plain_tensors_in_grad_mode():
     """sample_images leaves no autograd history, and its result can enter a later autograd computation
     (an inference-mode tensor could not be saved for backward)."""
     model = LegoModel(get_config("tiny_PG_16")).randomize_(0).eval()
-    images = sample_images(model, [0], height=16, width=16, num_steps=2, class_idx=1).float()
+    images = sample_images(model, [0], steps=2, classes=1).float()
     assert not images.requires_grad and images.grad_fn is None
     w = torch.ones(1, requires_grad=True)
     (images * w).sum().backward()

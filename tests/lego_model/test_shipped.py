@@ -29,7 +29,7 @@ def test_default_model_is_the_digits_pg_model(shipped_model):
 
 def test_shipped_model_samples_deterministically(shipped_model):
     def run(seeds):
-        return sample_images(shipped_model, seeds, height=16, width=16, num_steps=3, class_idx=3)
+        return sample_images(shipped_model, seeds, size=16, steps=3, classes=3)
 
     a, b = run([0, 1]), run([0, 1])
     torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -41,7 +41,7 @@ def test_shipped_model_samples_deterministically(shipped_model):
 
 
 def test_shipped_model_samples_non_square(shipped_model):
-    x = sample_images(shipped_model, [0], height=16, width=64, num_steps=2, class_idx=0)
+    x = sample_images(shipped_model, [0], size=(16, 64), steps=2, classes=0)
     assert x.shape == (1, 1, 16, 64) and torch.isfinite(x).all()
 
 

@@ -134,7 +134,7 @@ def test_lego_model_works_without_diffusers() -> None:
     """The core imports no diffusers; loading a VAE without it says what to install."""
     code = (
         "import sys; sys.modules['diffusers'] = None\n"
-        "import lego_model, lego_model.vae, lego_model.generate\n"
+        "import lego_model, lego_model.vae, lego_model.eager, lego_model.request\n"
         "assert 'diffusers' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
         "from lego_model.errors import VaeError\n"
         "try:\n    lego_model.vae.import_diffusers_vae()\nexcept VaeError as e:\n    print(e)\n"

@@ -9,24 +9,56 @@ import torch
 
 from export.manifest import load_manifest
 from export.records import BuiltWith
-from runtimes.backends import choose_backend, open_backend
-from runtimes.backends.base import buffer_dtypes
+from lego_model.checkpoints import save_checkpoint
+from runtimes.backends import BACKENDS, REGISTRY, choose_backend, open_backend
+from runtimes.backends.base import BackendOptions, buffer_dtypes
 from runtimes.backends.trt import check_engine_compat
 from runtimes.distributed import rank_info, shard
 from runtimes.errors import BackendError
 from runtimes.graphs import GraphKey
+from tests.runtimes.conftest import tiny_model
 
 
-def test_auto_prefers_tensorrt_then_ort_cuda_then_ort_cpu():
-    both = ["onnx", "tensorrt"]
-    assert choose_backend("auto", formats=both, trt_problem=None, ort_cuda=True)[0] == "tensorrt"
-    name, why = choose_backend("auto", formats=both, trt_problem="built for 8.9", ort_cuda=True)
-    assert name == "onnxruntime-cuda" and "built for 8.9" in why
-    name, why = choose_backend("auto", formats=["onnx"], trt_problem=None, ort_cuda=False)
-    assert name == "onnxruntime-cpu" and "no TensorRT engines" in why
-    assert choose_backend("torch", formats=[], trt_problem=None, ort_cuda=False) == ("torch", "requested")
+def test_auto_walks_the_registry_in_order():
+    usable = dict.fromkeys(["tensorrt", "onnxruntime-cuda", "openvino", "onnxruntime-cpu"])
+    assert choose_backend("auto", usable)[0] == "tensorrt"
+    name, why = choose_backend("auto", {**usable, "tensorrt": "built for 8.9"})
+    assert name == "onnxruntime-cuda" and "tensorrt: built for 8.9" in why
+    only_cpu = {"tensorrt": "no TensorRT engines", "onnxruntime-cuda": "no CUDA", "openvino": "not installed"}
+    name, why = choose_backend("auto", {**only_cpu, "onnxruntime-cpu": None})
+    assert name == "onnxruntime-cpu" and "no TensorRT engines" in why and "openvino: not installed" in why
+    assert choose_backend("torch", {}) == ("torch", "requested")
     with pytest.raises(BackendError, match="no engines this machine can run"):
-        choose_backend("auto", formats=["tensorrt"], trt_problem="no GPU", ort_cuda=False)
+        choose_backend("auto", {**only_cpu, "onnxruntime-cpu": "no ONNX files"})
+    with pytest.raises(BackendError, match="unknown backend 'trt'; choose one of auto, tensorrt"):
+        choose_backend("trt", usable)
+
+
+def test_the_registry_is_one_list_and_every_entry_says_what_it_runs():
+    assert BACKENDS == ("auto", *(kind.name for kind in REGISTRY))
+    assert [k.format for k in REGISTRY] == ["tensorrt", "onnx", "onnx", "onnx", None]
+    for kind in REGISTRY:
+        assert kind.uses <= {f.name for f in dataclasses.fields(BackendOptions)}, kind.name
+        assert callable(kind.problem) and callable(kind.build) and kind.chosen
+
+
+def test_an_option_the_backend_would_ignore_is_refused(engines_pg, tmp_path):
+    pytest.importorskip("onnxruntime")
+    ckpt = save_checkpoint(tiny_model("tiny_PG_16"), tmp_path / "other.safetensors")
+    for options, flag in (
+        (dict(checkpoint=ckpt), "--checkpoint"),
+        (dict(config="tiny_PG_16"), "--config"),
+        (dict(device="cpu"), "device="),
+        (dict(random_init=True, config="tiny_PG_16"), "--random-init samples without engines"),
+    ):
+        with pytest.raises(BackendError, match=f"{flag}.*(onnxruntime-cpu|--engine-dir)"):
+            open_backend("onnxruntime-cpu", engine_dir=engines_pg, **options)
+    with pytest.raises(BackendError, match="--ort-optimization does not apply to the torch backend"):
+        open_backend("torch", ort_optimization="disable")
+    with pytest.raises(BackendError, match="--backend onnxruntime-cpu runs the engines of an engine directory"):
+        open_backend("onnxruntime-cpu")
+    backend, _ = open_backend("torch", engine_dir=engines_pg, checkpoint=ckpt)
+    assert backend.weights.startswith("sha256:") and backend.manifest is not None  # the pixels' own weights
 
 
 BUILT = BuiltWith(

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from export.errors import ProfileError
-from lego_model import SkipPlan, shipped_checkpoint
+from lego_model import shipped_checkpoint
 from lego_model.eager import sample_images
 from lego_model.errors import LegoError, ShapeError, SkipPlanError
 from runtimes import Generator
@@ -28,23 +28,21 @@ REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 
-def eager(model, seeds, *, size=(16, 16), classes=None, plan=None, cfg_scale=None, steps=3, solver="heun", **churn):
-    return sample_images(
-        model,
-        list(seeds),
-        height=size[0],
-        width=size[1],
-        num_steps=steps,
-        solver=solver,
-        class_idx=classes,
-        cfg_scale=cfg_scale,
-        plan=SkipPlan.of(plan, model.config),
-        **churn,
-    )
+def eager(model, seeds, *, steps=3, **request):
+    return sample_images(model, seeds, steps=steps, **request)
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.cpu() - want).abs().max() / want.abs().max()).item()
+
+
+# Two fp32 evaluations of the same model that differ only in the order of their sums (another batch size picks
+# other GEMM blockings; ONNX Runtime's kernels are not torch's): each layer rounds differently by ~sqrt(K) * 2^-24
+# relative (K <= 256 here), ~1e-6; over the ~10 layers of a tiny brick stack ~3e-6 per denoiser call.  Guidance
+# (f_null + s (f_cond - f_null), s = 2) amplifies a difference by up to 1 + 2s = 5, and 3 Heun steps make 5 calls:
+# <= 25 x 3e-6 ~ 8e-5 on the sampled images.  2e-4 leaves the factor of two that rounding on another CPU needs;
+# bit-identical results are asserted where the arithmetic is the same (same batch, same backend).
+REORDERED_FP32 = 2e-4
 
 
 # --------------------------------------------------------------------------- one call per request
@@ -58,14 +56,14 @@ def test_generate_equals_eager_through_torch_and_onnxruntime(engines_pg):
         got = gen.generate([4, 5, 6], **request)
         torch.testing.assert_close(got, want, atol=0, rtol=0)  # same batch, same engines: the same bits
         # Split into batches of 1: each image depends on its seed and class alone.
-        assert rel_err(gen.generate([4, 5, 6], batch=1, **request), want) < 1e-5
+        assert rel_err(gen.generate([4, 5, 6], batch=1, **request), want) < REORDERED_FP32
     with Generator.from_engine_dir(engines_pg, "onnxruntime-cpu", threads=1) as gen:
         assert gen.backend.name == "onnxruntime-cpu"
-        assert rel_err(gen.generate(range(4, 7), **request), want) < 1e-4
+        assert rel_err(gen.generate(range(4, 7), **request), want) < REORDERED_FP32
         # More seeds than the profile's batch (1..8, guidance doubles rows): split into 4 + 4 + 1.
         many = gen.generate(range(9), classes=2, steps=2, cfg_scale=1.5)
         assert many.shape == (9, 3, 16, 16)
-        assert rel_err(many, eager(model, range(9), classes=2, steps=2, cfg_scale=1.5)) < 1e-4
+        assert rel_err(many, eager(model, range(9), classes=2, steps=2, cfg_scale=1.5)) < REORDERED_FP32
 
 
 def test_outputs_as_tensor_uint8_and_pil():
@@ -360,7 +358,7 @@ def test_cuda_device_on_a_cpu_machine_is_refused(engines_pg):
     ):
         with pytest.raises(BackendError, match="needs a CUDA GPU and none is visible"):
             make()
-    with pytest.raises(BackendError, match="device= chooses where the torch backend runs"):
+    with pytest.raises(BackendError, match="device= does not apply to the onnxruntime-cpu backend"):
         Generator.from_engine_dir(engines_pg, "onnxruntime-cpu", device="cpu")
 
 
@@ -374,10 +372,10 @@ GENERATE_MISUSE = [
     (dict(seeds=[0], size=(16, 20)), ShapeError, "multiples of 16"),
     (dict(seeds=[0], size=(16,)), UsageError, r"size: expected \(height, width\)"),
     (dict(seeds=[0], size=(80, 16)), ProfileError, r"height 80 not in \[16, 64\]"),  # the engines' profile
-    (dict(seeds=[0], cfg_scale=float("nan")), UsageError, "cfg_scale must be a finite number"),
+    (dict(seeds=[0], cfg_scale=float("nan")), LegoError, "guidance scale nan is outside 0..100"),
     (dict(seeds=[0], steps=0), UsageError, r"steps must be an int in 1\.\.1000"),
     (dict(seeds=[0], steps=10**7), UsageError, r"steps must be an int in 1\.\.1000"),
-    (dict(seeds=[0], solver="dpm"), UsageError, "solver must be 'heun' or 'euler'"),
+    (dict(seeds=[0], solver="dpm"), UsageError, "solver must be one of 'heun', 'euler', got 'dpm'"),
     (dict(seeds=[0], output="png"), UsageError, "output must be one of tensor, uint8, pil"),
     (dict(seeds=[0], plan="2@0.6"), SkipPlanError, "cannot parse skip rule"),
     (dict(seeds=[0], plan=["0,1,2@0:1"]), SkipPlanError, "leaves step 0"),

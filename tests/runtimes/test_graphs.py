@@ -257,3 +257,18 @@ def test_sample_without_graphs_is_edm_sample_over_the_block(model):
             a = chain.sample(latents, num_steps=3, randn_like=rnd.randn_like, **CHURN)
             b = edm_sample(denoise, latents, num_steps=3, randn_like=rnd2.randn_like, all_bricks=(0, 1, 2), **CHURN)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_the_generator_samples_each_batch_as_one_whole_run_graph(model):
+    """On a GPU the Generator (and so the sample CLI) replays one graph per batch; images equal the eager model's."""
+    from lego_model.eager import sample_images
+    from runtimes.generator import Generator
+
+    request = dict(classes=[1, 5, 9, 2], size=(16, 16), plan="2@0.5:1", cfg_scale=2.0, steps=3, batch=2, S_churn=5.0)
+    with TorchBackend(model, device=CPU, cuda=FakeCuda()) as backend, torch.no_grad():
+        gen = Generator(backend, cuda_graphs=True)
+        got = gen.generate([4, 5, 6, 7], **request)
+        graphs = gen.chain.graphs
+        assert graphs.captures == 1 and graphs.replays == 1  # two batches of one key: captured, then replayed
+        assert all(isinstance(k, LoopKey) for k in graphs._graphs)
+    torch.testing.assert_close(got, sample_images(model, [4, 5, 6, 7], **request), atol=0, rtol=0)

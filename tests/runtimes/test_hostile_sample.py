@@ -77,7 +77,7 @@ OPTIONS = {
     "infinite churn": (["--S-churn", "inf"], "S_churn inf must be a finite number"),
     "NaN churn noise": (["--S-churn", "1", "--S-noise", "nan"], "S_noise nan"),
     "churn range backwards": (["--S-churn", "1", "--S-min", "5", "--S-max", "1"], "0 <= S_min <= S_max"),
-    "--config without --checkpoint": (["--config", "tiny_PG_16"], "--config names the architecture"),
+    "--config with engines": (["--config", "tiny_PG_16"], "--config does not apply to the"),
     "out under a file": (["--out", "{tmp}/file/sub"], "is not a directory"),
     "npz under a file": (["--npz", "{tmp}/file/x.npz"], "is not a directory"),
     "out is a dangling symlink": (["--out", "{tmp}/dangling"], "dangling is not a directory"),
@@ -113,6 +113,7 @@ def test_absurd_steps_are_a_usage_error_not_a_hang(engines_pg, tmp_path):
     assert not (tmp_path / "samples").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the host-memory refusal of a CPU run (a GPU is visible)")
 def test_huge_canvas_on_the_torch_backend_is_refused_by_its_memory_need(tmp_path):
     ckpt = save_checkpoint(tiny_model("tiny_PR_16"), tmp_path / "pr.safetensors")
     before = snapshot(tmp_path)
@@ -145,6 +146,27 @@ def test_state_dict_checkpoint_asks_for_an_option_sample_has(tmp_path):
     result = run_cli(*common, "--config", "tiny_PR_16", "--out", str(tmp_path / "b"))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "b" / "000000.png").is_file()
+
+
+def test_eager_overflow_with_finite_weights_is_refused_naming_the_suspects(tmp_path):
+    model = tiny_model("tiny_PG_16")
+    with torch.no_grad():
+        model.bricks[2].final_layer.linear.weight.mul_(1e37)  # finite, but its products overflow float32
+    ckpt = save_checkpoint(model, tmp_path / "huge.safetensors")
+    before = snapshot(tmp_path)
+    line = refused(run_cli("--checkpoint", str(ckpt), "--seeds", "0", "--steps", "2", "--out", str(tmp_path / "o")), "")
+    assert "NaN/Inf" in line and "the weights are finite, so float overflowed" in line and "guidance" not in line
+    assert snapshot(tmp_path) == before and not (tmp_path / "o").exists()
+
+
+def test_eager_run_prints_its_cost_and_leaves_user_files_alone(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = run_cli("--random-init", "--config", "tiny_PG_16", "--steps", "2", "--seeds", "0-1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "GFLOP per image" in result.output
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 # ---------------------------------------------------------------- resume with other settings, damaged outputs

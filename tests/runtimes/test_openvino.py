@@ -144,13 +144,12 @@ def test_requests_are_bound_to_the_chain_buffers_and_rebound_when_they_change(en
 
 
 def test_auto_takes_openvino_on_a_cpu_when_installed_else_onnxruntime():
-    name, why = choose_backend("auto", formats=["onnx"], trt_problem=None, ort_cuda=False, openvino=True)
+    cpu_only = {"tensorrt": "no TensorRT engines", "onnxruntime-cuda": "no CUDA", "onnxruntime-cpu": None}
+    name, why = choose_backend("auto", {**cpu_only, "openvino": None})
     assert name == "openvino" and "fastest CPU backend" in why
-    name, why = choose_backend("auto", formats=["onnx"], trt_problem=None, ort_cuda=False, openvino=False)
-    assert name == "onnxruntime-cpu" and "lego-deploy[cpu]" in why
-    assert choose_backend("auto", formats=["onnx"], trt_problem=None, ort_cuda=True, openvino=True)[0] == (
-        "onnxruntime-cuda"
-    )
+    name, why = choose_backend("auto", {**cpu_only, "openvino": "OpenVINO not installed (pip install ...)"})
+    assert name == "onnxruntime-cpu" and "OpenVINO not installed" in why
+    assert choose_backend("auto", {**cpu_only, "onnxruntime-cuda": None, "openvino": None})[0] == "onnxruntime-cuda"
 
 
 @pytest.fixture
@@ -181,7 +180,7 @@ def test_openvino_missing_is_one_line_naming_the_extra(engines_pg, without_openv
     one_line_error(CliRunner().invoke(main, args), "pip install 'lego-deploy[cpu]'")
     assert not (tmp_path / "o").exists()  # refused before anything was written
     backend, why = open_backend("auto", engine_dir=engines_pg)
-    assert backend.name == "onnxruntime-cpu" and "OpenVINO not installed" in why
+    assert backend.name == "onnxruntime-cpu" and "openvino: openvino is not installed" in why
 
 
 def test_bf16_on_a_cpu_without_bf16_units_is_refused_offering_fp32(engines_pg, monkeypatch, tmp_path):

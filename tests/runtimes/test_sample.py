@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -54,10 +55,11 @@ def test_runtime_backends_match_the_eager_sampler(engines_pg, case):
     model = tiny_model("tiny_PG_16")
     plan = SkipPlan.parse(spec.pop("plan"), model.config)
     seeds, steps = [3, 7], 5
-    want = sample_images(model, seeds, num_steps=steps, plan=plan, **spec)
+    height, width, class_idx = spec.pop("height"), spec.pop("width"), spec.pop("class_idx", None)
+    want = sample_images(model, seeds, size=(height, width), steps=steps, plan=plan, classes=class_idx, **spec)
     ort_backend, _ = open_backend("onnxruntime-cpu", engine_dir=engines_pg, threads=1)
     for backend, atol in ((ort_backend, 1e-3), (TorchBackend(model, device=CPU), 1e-12)):
-        got = chain_images(backend, seeds, steps=steps, plan=plan, **spec)
+        got = chain_images(backend, seeds, height, width, steps, plan, class_idx=class_idx, **spec)
         err = (got - want).abs().max().item()
         assert err <= atol, f"{backend.name}: max abs {err:.2e} > {atol:g} in [-1, 1] units"
 
@@ -87,15 +89,12 @@ def test_cli_writes_pngs_grid_npz_and_summary(engines_pg, tmp_path):
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
     np.testing.assert_array_equal(arr[4], read_png(out / "000004.png"))
-    # The same seeds through the eager CLI give the same pictures (to one uint8 level of rounding).
-    from lego_model.generate import main as eager_main
-
+    # The same seeds through the eager model (no engine directory) give the same pictures (to one uint8 level).
     eager = tmp_path / "eager"
-    res = CliRunner().invoke(
-        eager_main, ["--random-init", "--config", "tiny_PG_16", "--seeds", "0-4", "--steps", "3",
-                     "--skip-preset", "global", "--out", str(eager)],
-    )  # fmt: skip
+    res = run_cli("--random-init", "--config", "tiny_PG_16", "--seeds", "0-4", "--steps", "3", "--skip-preset",
+                  "global", "--out", str(eager))  # fmt: skip
     assert res.exit_code == 0, res.output
+    assert "backend: torch (no --engine-dir: the eager model)" in res.stdout
     for s in range(5):
         diff = np.abs(read_png(eager / f"{s:06d}.png").astype(int) - arr[s].astype(int)).max()
         assert diff <= 1, f"seed {s}: eager and ONNX Runtime images differ by {diff} levels"
@@ -149,7 +148,7 @@ def tampered(engines_pg, tmp_path) -> Path:
 
 REFUSALS = {
     "missing engine dir": (["--engine-dir", "{tmp}/nowhere"], "does not exist"),
-    "no engine dir": ([], "--engine-dir is required"),
+    "engine backend, no engine dir": (["--backend", "openvino"], "--backend openvino runs the engines of an engine"),
     "tampered file": (["--engine-dir", "{tampered}"], "does not match its sha256"),
     "size not a multiple": (["--height", "24"], "multiples of 16"),
     "size outside profile": (["--height", "128"], "height 128 not in [16, 64]"),
@@ -171,7 +170,7 @@ def test_refusals_are_one_line_and_come_before_any_compute(name, engines_pg, eng
     (tmp_path / "file").write_text("not a directory")
     fill = {"tmp": str(tmp_path), "tampered": str(tampered), "pr": str(engines_pr)}
     args = [a.format(**fill) for a in args]
-    if "--engine-dir" not in args and name != "no engine dir":
+    if "--engine-dir" not in args and name != "engine backend, no engine dir":
         args = ["--engine-dir", str(engines_pg), *args]
     out = tmp_path / "out"
     if "--out" not in args:
@@ -243,6 +242,7 @@ def test_torch_backend_verifies_the_manifest_checkpoint(tmp_path):
     one_line_error(run_cli(*args, "--out", str(tmp_path / "b")), "sha256 differs")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the torch backend's CPU default (a GPU is visible)")
 def test_torch_backend_replays_a_random_init_manifest(engines_pg, tmp_path):
     common = ["--engine-dir", str(engines_pg), "--seeds", "0-1", "--steps", "3"]
     assert run_cli(*common, "--backend", "onnxruntime-cpu", "--out", str(tmp_path / "ort")).exit_code == 0
@@ -252,3 +252,16 @@ def test_torch_backend_replays_a_random_init_manifest(engines_pg, tmp_path):
     for s in range(2):
         a, b = (read_png(tmp_path / d / f"{s:06d}.png").astype(int) for d in ("ort", "torch"))
         assert np.abs(a - b).max() <= 1
+
+
+def test_class_rows_sample_one_batch_per_class_and_grid_them(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "rows"
+    result = run_cli("--config", "tiny_PG_16", "--random-init", "--seeds", "0-19", "--steps", "1", "--class-rows",
+                     "--out", str(out))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    # 10 rows of 2 images of 16 px with 2 px padding, enlarged 4x (each picture at least 64 px a side).
+    assert Image.open(out / "grid.png").size == (4 * (2 * 18 + 2), 4 * (10 * 18 + 2))
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["class"] == {"per seed": [[s, s // 2] for s in range(20)]}

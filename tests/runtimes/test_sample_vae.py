@@ -7,25 +7,26 @@ import pytest
 from click.testing import CliRunner
 
 from lego_model.errors import VaeError
-from lego_model.generate import main as generate_main
 from runtimes.errors import OutputError
 from runtimes.outputs import read_png
-from runtimes.sample import SampleOptions, main, run_sampling
+from runtimes.sample import main, run_sampling
 from tests.conftest import make_vae_dir
 from tests.runtimes.conftest import export_onnx_dir, tiny_model
 
 pytest.importorskip("diffusers", reason="the latent extra (diffusers) is not installed")
+import torch
 
 SEEDS = "0-2"
 STEPS = 3
 EAGER = ["--config", "tiny_latent_PG_8", "--random-init", "--seeds", SEEDS, "--steps", str(STEPS)]  # seed 0 weights
 
 
-def sample(engine_dir, out, backend="onnxruntime-cpu", **kw):
-    opts = SampleOptions(
-        engine_dir=str(engine_dir), backend=backend, seeds=SEEDS, steps=STEPS, out=str(out), threads=1, **kw
-    )
-    return run_sampling(opts, progress=False)
+def sample(engine_dir, out, backend="onnxruntime-cpu", **options):
+    args = ["--engine-dir", str(engine_dir), "--backend", backend, "--seeds", SEEDS, "--steps", str(STEPS)]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return run_sampling([*args, "--out", str(out), "--threads", "1"])
 
 
 def pngs(out, seeds=(0, 1, 2)) -> np.ndarray:
@@ -51,8 +52,7 @@ def test_torch_decoder_and_eager_generate_give_the_same_images(engine_run, laten
     torch_report = sample(latent_engines, tmp_path / "torch", vae_backend="torch")  # weights from the manifest
     assert torch_report.decoder.startswith("torch")
     eager = CliRunner().invoke(
-        generate_main,
-        [*EAGER, "--vae", load_source(latent_engines), "--out", str(tmp_path / "eager")],
+        main, [*EAGER, "--vae", load_source(latent_engines), "--out", str(tmp_path / "eager"), "--quiet"]
     )
     assert eager.exit_code == 0, eager.output
     ref = pngs(engine_out)
@@ -115,10 +115,7 @@ def test_without_a_decoder_latents_are_written_with_a_hint(tmp_path) -> None:
         assert data["arr_0"].shape == (3, 4, 8, 8) and data["arr_0"].dtype == np.float32
         assert list(data["seeds"]) == [0, 1, 2]
     assert not list((tmp_path / "out").glob("*.png"))
-    eager = CliRunner().invoke(
-        generate_main,
-        [*EAGER, "--out", str(tmp_path / "eager")],
-    )
+    eager = CliRunner().invoke(main, [*EAGER, "--out", str(tmp_path / "eager"), "--quiet"])
     assert eager.exit_code == 0 and "--vae PATH" in eager.output
     with np.load(tmp_path / "eager" / "latents.npz") as e, np.load(tmp_path / "out" / "latents.npz") as r:
         np.testing.assert_allclose(e["arr_0"], r["arr_0"], atol=1e-4)
@@ -140,7 +137,7 @@ def test_refusals_before_sampling(engines_pg, latent_engines, small_vae_dir, tmp
     assert mismatch.exit_code == 1 and "16-channel latents" in mismatch.output
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
     eager_pixel = runner.invoke(
-        generate_main, ["--config", "tiny_PG_16", "--random-init", "--vae", str(small_vae_dir), "--out", str(tmp_path)]
+        main, ["--config", "tiny_PG_16", "--random-init", "--vae", str(small_vae_dir), "--out", str(tmp_path)]
     )
     assert eager_pixel.exit_code == 1 and "generates pixels" in eager_pixel.output
 
@@ -151,18 +148,65 @@ def test_engine_decoder_chunks_within_its_batch_profile(latent_engines) -> None:
 
     import torch
 
-    from export.manifest import load_manifest
     from export.records import Profile
     from lego_model.vae import load_vae
-    from runtimes.decode import OnnxDecoder
+    from runtimes import Generator
 
-    manifest = load_manifest(latent_engines)
-    entry = manifest.decoder_for("onnx")
-    entry = dataclasses.replace(entry, profile=Profile((2, 2, 4), entry.profile.height, entry.profile.width))
-    config = {"block_out_channels": list(manifest.vae.block_out_channels)}
+    gen = Generator.from_engine_dir(latent_engines, "onnxruntime-cpu", threads=1)
+    entry = gen.backend.decoder_entry
+    gen.backend.decoder_entry = dataclasses.replace(entry, profile=Profile((2, 2, 4), entry.profile.height,
+                                                                           entry.profile.width))  # fmt: skip
+    shapes = []
+    infer = gen.backend.infer
+    gen.backend.infer = lambda call, i, o: (shapes.append(tuple(i["latents"].shape)), infer(call, i, o))
     latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # chunks of 4 and 1 (+1 padding)
-    with OnnxDecoder(entry, latent_engines, config, device=torch.device("cpu"), threads=1) as decoder:
-        images = decoder.decode(latents)
-    reference = load_vae(manifest.vae.source).decode(latents)
+    with gen:
+        images = gen.decode(latents)
+    reference = load_vae(gen.backend.manifest.vae.source).decode(latents)
+    assert shapes == [(4, 4, 8, 8), (2, 4, 8, 8)]
     assert images.shape == (5, 3, 64, 64)
     assert float((images - reference).abs().max() / reference.abs().max()) <= 1e-4
+
+
+def test_the_python_api_ends_in_images(latent_engines, small_vae_dir) -> None:
+    """Generator.generate decodes a latent model's latents (engine or eager VAE); latents only when asked for."""
+    from PIL import Image
+
+    from runtimes import Generator, UsageError
+
+    kw = dict(steps=2, classes=3)
+    with Generator.from_engine_dir(latent_engines, "onnxruntime-cpu", threads=1) as gen:
+        images = gen.generate([0, 1], **kw)
+        pil = gen.generate([0, 1], output="pil", **kw)
+        latents = gen.generate([0, 1], output="latents", **kw)
+        again = gen.decode(latents)
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
+    assert latents.shape == (2, 4, 8, 8) and latents.dtype == torch.float64
+    assert isinstance(pil[0], Image.Image) and pil[0].mode == "RGB" and pil[0].size == (64, 64)
+    torch.testing.assert_close(again, images, atol=0, rtol=0)
+    model = tiny_model("tiny_latent_PG_8")
+    with Generator.from_checkpoint(model, device="cpu", vae=str(small_vae_dir)) as eager:
+        torch.testing.assert_close(eager.generate([0, 1], **kw), images, atol=1e-3, rtol=0)  # ORT vs eager fp32
+    bare = export_onnx_dir(model, latent_engines.parent / "no-vae")
+    gen = Generator.from_engine_dir(bare, "onnxruntime-cpu", threads=1)
+    for output in ("tensor", "uint8", "pil"):
+        with pytest.raises(UsageError, match="has no VAE decoder: pass --vae PATH"):
+            gen.generate([0], output=output, **kw)
+    assert gen.generate([0], output="latents", **kw).shape == (1, 4, 8, 8)
+    with pytest.raises(UsageError, match="output='latents' is for latent models"):
+        Generator.from_checkpoint(tiny_model("tiny_PG_16"), device="cpu").generate([0], output="latents")
+
+
+def test_openvino_decodes_with_its_own_compiled_vae_decoder_in_fp32(latent_engines) -> None:
+    """The vae_decoder is one more OpenVINO engine (compiled fp32 whatever the bricks run), equal to ONNX Runtime's."""
+    pytest.importorskip("openvino")
+    from runtimes import Generator
+
+    latents = torch.randn(3, 4, 8, 16, generator=torch.Generator().manual_seed(1))
+    with Generator.from_engine_dir(latent_engines, "onnxruntime-cpu", threads=1) as ort_gen:
+        want = ort_gen.decode(latents)
+    with Generator.from_engine_dir(latent_engines, "openvino", threads=1, precision="auto") as ov_gen:
+        assert "vae_decoder" in ov_gen.backend.requests and ov_gen.backend.decoder_name().startswith("openvino")
+        got = ov_gen.decode(latents)
+    # Both run the same fp32 graph; kernels differ only in summation order (~1e-6 of the output range).
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-4

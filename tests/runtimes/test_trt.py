@@ -17,7 +17,7 @@ from runtimes.backends.trt import TensorRTBackend
 from runtimes.chain import BrickChain
 from tests.fakes.cuda import FakeCuda
 from tests.fakes.engines import fake_tensorrt_dir
-from tests.fakes.tensorrt import FakeTensorRT, plan_bytes
+from tests.fakes.tensorrt import FakeTensorRT
 from tests.runtimes.conftest import tiny_model
 
 CPU = torch.device("cpu")  # the fake GPU's memory
@@ -137,74 +137,21 @@ def test_a_whole_run_through_tensorrt_is_one_graph(backend, model):
         torch.testing.assert_close(again, _sample(plain, [4, 5]), atol=0, rtol=0)
 
 
-def _fake_decoder(trt, tmp_path):
-    """A vae_decoder plan (a nearest-neighbour 8x upsampling of the first three latent channels, as a stand-in
-    kernel) with its manifest, for the TensorRT decoder."""
-    import dataclasses
-
-    from export.identity import engine_identity, plan_name
-    from export.onnx_export import DEFAULT_OPSET
-    from export.pipeline import onnx_built_with
-    from export.records import (
-        VAE_ENGINE,
-        CheckpointRecord,
-        EngineEntry,
-        Manifest,
-        Profile,
-        VaeRecord,
-        Verification,
-        contract_io,
-    )
-    from lego_model import get_config
-    from lego_model.checkpoints import file_sha256
-
-    cfg = get_config("tiny_latent_PG_8")
-    vae = VaeRecord(source="small-vae", sha256="1" * 64, scaling_factor=0.18215, shift_factor=None,
-                    latent_channels=4, block_out_channels=(32, 64))  # fmt: skip
-    inputs, outputs = contract_io(cfg, VAE_ENGINE)
-    profile = Profile(batch=(1, 2, 4), height=(2, 8, 16), width=(2, 8, 16))
-    corners = [(profile.batch[i], profile.height[i], profile.width[i]) for i in range(3)]
-    trt.kernels["vae"] = lambda i: {"images": i["latents"][:, :3].repeat_interleave(8, 2).repeat_interleave(8, 3)}
-    path = tmp_path / "vae_decoder.plan"
-    identity = engine_identity(VAE_ENGINE, VAE_ENGINE, None, "fp32", cfg, vae.weights())
-    path.write_bytes(
-        plan_bytes(
-            plan_name(identity),
-            [t.to_dict() for t in inputs],
-            [t.to_dict() for t in outputs],
-            {"latents": tuple(inputs[0].concrete(*c) for c in corners)},
-            kernel="vae",
-        )
-    )
-    gpu, major, minor = trt.cuda.properties(CPU)
-    built = dataclasses.replace(
-        onnx_built_with("torchscript", DEFAULT_OPSET),
-        tensorrt=trt.version,
-        gpu=gpu,
-        compute_capability=f"{major}.{minor}",
-        onnx_sha256="0" * 64,
-        engine_cache_key="0" * 64,
-    )
-    entry = EngineEntry(
-        name=VAE_ENGINE, kind=VAE_ENGINE, brick=None, file=path.name, format="tensorrt", precision="fp32",
-        inputs=inputs, outputs=outputs, profile=profile, sha256=file_sha256(path),
-        bytes=path.stat().st_size, built_with=built, verification=Verification.of({}, {}, "fake"),
-    )  # fmt: skip
-    return entry, Manifest(config=cfg, checkpoint=CheckpointRecord.random_init(0), engines=[entry], vae=vae)
-
-
 def test_the_tensorrt_vae_decoder_never_runs_on_the_legacy_default_stream(fake, tmp_path):
-    """Defect 4, VAE decoding: the decoder enqueued on torch's current stream (the legacy default stream)."""
-    from runtimes.decode import TensorRTDecoder
+    """Defect 4, VAE decoding: the vae_decoder engine was enqueued on torch's current stream (the legacy default)."""
+    from export.manifest import load_manifest
+    from runtimes.backends.base import VAE_CALL
 
     cuda, trt = fake
-    entry, manifest = _fake_decoder(trt, tmp_path)
+    model = tiny_model("tiny_latent_PG_8")
+    engine_dir = fake_tensorrt_dir(model, tmp_path / "engines", trt, decoder=True, side=(2, 8, 16))
+    manifest = load_manifest(engine_dir)
+    backend = TensorRTBackend(manifest, engine_dir, device=CPU, cuda=cuda)
+    backend.decoder_entry = manifest.decoder_for("tensorrt")  # as runtimes.backends.decoding.attach_decoder does
     latents = torch.randn(3, 4, 8, 8)
-    decoder = TensorRTDecoder(entry, tmp_path, {"block_out_channels": [32, 64]}, device=CPU, manifest=manifest,
-                              cuda=cuda)  # fmt: skip
-    with decoder:
-        images = decoder.decode(latents)
-    assert images.shape == (3, 3, 64, 64)
+    images = torch.zeros(3, 3, 64, 64)
+    with backend, torch.no_grad():
+        backend.infer(VAE_CALL, {"latents": latents}, {"images": images})
     torch.testing.assert_close(images, latents[:, :3].repeat_interleave(8, 2).repeat_interleave(8, 3))
 
 

@@ -1,0 +1,37 @@
+"""What every command line of the project does with an error: one line on stderr, a non-zero exit, no traceback.
+
+Each CLI (``lego-export``, ``python -m runtimes.sample``, the digits
+commands) runs its body inside :func:`one_line_errors`.  A project error
+(:class:`lego_model.errors.LegoError`) or an OSError (a full disk, a
+permission) prints ``error: <its first line>`` and exits 1; Ctrl-C prints one
+line saying what was kept and how to continue (the command says which) and
+exits 130, the shell's code for SIGINT.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import click
+
+from lego_model.errors import LegoError, first_line
+
+
+@contextmanager
+def one_line_errors(on_interrupt: Callable[[], str] | None = None) -> Iterator[None]:
+    """Run a command's body; turn its errors into one line and an exit status.
+
+    ``on_interrupt()`` says, after Ctrl-C, what the command kept and how to
+    continue (e.g. "12 images kept in samples/; run again with --resume").
+    """
+    try:
+        yield
+    except (LegoError, OSError) as err:
+        click.echo(f"error: {first_line(err)}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        said = on_interrupt() if on_interrupt is not None else "nothing was kept"
+        click.echo(f"interrupted: {said}", err=True)
+        sys.exit(130)
