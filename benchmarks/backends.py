@@ -133,12 +133,12 @@ def open_engines(bm: BenchModel, backend: str, **options: Any) -> Iterator[Backe
     ``options`` go to :func:`runtimes.backends.open_backend` (threads, ort_optimization).
     """
     from runtimes.backends import open_backend
-    from runtimes.backends.torch_backend import TorchBackend
 
     kind, precision = RUNTIME.get(backend, (backend, "fp32"))
     if kind == "torch":
         # The already loaded reference weights, on DEVICE in eval mode: load() runs them as they are.
-        be = TorchBackend(bm.model.to(DEVICE).eval(), device=DEVICE, precision=precision)
+        model = bm.model.to(DEVICE).eval()
+        be, _ = open_backend("torch", checkpoint=model, device=DEVICE, precision=precision)  # torch sets its threads
     else:
         be, _ = open_backend(kind, engine_dir=bm.engine_dir, precision=precision, **options)
     with be:
