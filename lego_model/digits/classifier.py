@@ -137,7 +137,7 @@ def shipped_classifier() -> Path:
 @click.command()
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="[default: the shipped classifier's path]")
 @click.option("--epochs", type=BoundedInt(1, MAX_EPOCHS), default=30, show_default=True)
-@click.option("--seed", type=BoundedInt(0, TORCH_SEED_MAX), default=0, show_default=True, help="0 to 2^64-1.")
+@click.option("--seed", type=BoundedInt(0, TORCH_SEED_MAX), default=0, show_default=True)
 def main(out, epochs, seed):
     """Train the digit classifier on 80 % of the digits and report its held-out accuracy."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -347,9 +347,7 @@ def _default_state_path(out: Path) -> Path:
     "--warmup-steps", type=BoundedInt(1, MAX_TRAIN_STEPS), default=TrainOptions.warmup_steps, show_default=True
 )
 @click.option("--ema-decay", type=BoundedFloat(0, 1), default=TrainOptions.ema_decay, show_default=True)
-@click.option(
-    "--seed", type=BoundedInt(0, TORCH_SEED_MAX), default=TrainOptions.seed, show_default=True, help="0 to 2^64-1."
-)
+@click.option("--seed", type=BoundedInt(0, TORCH_SEED_MAX), default=TrainOptions.seed, show_default=True)
 @click.option("--save-every", type=BoundedInt(1, MAX_TRAIN_STEPS), default=250, show_default=True)
 @click.option(
     "--threads",
