@@ -36,9 +36,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lego_model.cli import one_line_errors
-from lego_model.flops import sampling_flops
+from export.records import PROFILE_LIMITS
+from lego_model.cli import OneLineCommand, one_line_errors
+from lego_model.configs import MAX_CFG_SCALE, MAX_PARAMETERS, MAX_SIDE
+from lego_model.flops import sampling_flops, usable_cores
 from lego_model.images import class_row_seeds, parse_seeds, to_uint8_nhwc
+from lego_model.parsing import BoundedFloat, BoundedInt
 from lego_model.request import Churn, Request
 from lego_model.sampler import MAX_STEPS, SOLVERS, evaluations_per_step
 from lego_model.skip import SkipPlan
@@ -310,7 +313,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     return merged, float(np.mean(per_rank)) if per_rank else float("nan")
 
 
-@click.command()
+@click.command(cls=OneLineCommand)
 @click.option(
     "--engine-dir",
     type=click.Path(file_okay=False),
@@ -347,25 +350,29 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 )
 @click.option(
     "--batch",
-    type=click.IntRange(min=1),
+    type=BoundedInt(1, PROFILE_LIMITS["batch"]),
     default=None,
     help="Images per batch [default: up to 16, as the engine profile allows].",
 )
-@click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), default=18, show_default=True)
+@click.option("--steps", type=BoundedInt(1, MAX_STEPS), default=18, show_default=True)
 @click.option("--solver", type=click.Choice(SOLVERS), default="heun", show_default=True)
 @click.option(
     "--S-churn",
     "S_churn",
-    type=click.FloatRange(min=0),
+    type=BoundedFloat(0, math.inf),
     default=0.0,
     show_default=True,
     help="Stochasticity (EDM S_churn); gamma per step is capped at sqrt(2)-1, so values above 0.42*steps act alike.",
 )
-@click.option("--S-min", "S_min", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option("--S-max", "S_max", type=click.FloatRange(min=0), default=math.inf, show_default=True)
-@click.option("--S-noise", "S_noise", type=float, default=1.0, show_default=True)
+@click.option("--S-min", "S_min", type=BoundedFloat(0, math.inf), default=0.0, show_default=True)
+@click.option("--S-max", "S_max", type=BoundedFloat(0, math.inf), default=math.inf, show_default=True)
+@click.option("--S-noise", "S_noise", type=BoundedFloat(0, math.inf), default=1.0, show_default=True)
 @click.option(
-    "--class", "class_idx", type=click.IntRange(min=0), default=None, help="Class index [default: random per seed]."
+    "--class",
+    "class_idx",
+    type=BoundedInt(0, MAX_PARAMETERS),
+    default=None,
+    help="Class index [default: random per seed].",
 )
 @click.option(
     "--class-rows",
@@ -373,12 +380,15 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     help="One grid row per class: the seeds dealt out in equal rows, row c of class c (one batch per row).",
 )
 @click.option(
-    "--cfg-scale", type=float, default=None, help="Classifier-free guidance scale, 0 to 100 (1 = none) [default: off]."
+    "--cfg-scale",
+    type=BoundedFloat(0, MAX_CFG_SCALE),
+    default=None,
+    help="Classifier-free guidance scale (1 = none) [default: off].",
 )
 @click.option("--skip", multiple=True, help="Skip rule BRICKS@FROM:TO (repeatable).")
 @click.option("--skip-preset", multiple=True, help="global[@F] or local[@F] (repeatable).")
-@click.option("--height", type=click.IntRange(min=1), default=None, help="[default: training resolution]")
-@click.option("--width", type=click.IntRange(min=1), default=None, help="[default: training resolution]")
+@click.option("--height", type=BoundedInt(1, MAX_SIDE), default=None, help="[default: training resolution]")
+@click.option("--width", type=BoundedInt(1, MAX_SIDE), default=None, help="[default: training resolution]")
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
@@ -405,7 +415,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 )
 @click.option(
     "--threads",
-    type=click.IntRange(min=1),
+    type=BoundedInt(1, usable_cores()),
     default=None,
     help="CPU threads per process, at most the usable cores [default: usable cores / processes on this machine].",
 )
@@ -444,8 +454,8 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 def main(quiet: bool, **options: Any) -> None:
     """Sample images through the brick engines of an engine directory, or with the eager model (torch backend)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    info = distributed.rank_info()
     with one_line_errors():
+        info = distributed.rank_info()
         try:
             distributed.init(info)
             report = _run(options, info, progress=not quiet)
