@@ -149,29 +149,7 @@ def prepare_run(o: dict[str, Any], info: distributed.RankInfo) -> SamplingRun:
     writes_latents = cfg.is_latent and not backend.has_decoder
     if writes_latents and o["npz"]:
         raise OutputError(f"--npz holds uint8 images, and this latent model has no decoder: {NO_VAE_HINT}")
-    seeds = parse_seeds(o["seeds"])
-    classes: int | list[int] | None = o["class_idx"]
-    batch, grid_rows = o["batch"], None
-    if o["class_rows"]:
-        rows = class_row_seeds(seeds, cfg.label_dim, o["class_idx"])
-        seeds = [s for _, row in rows for s in row]
-        classes = [c for c, row in rows for _ in row]
-        grid_rows = len(rows)
-        if batch is None and len(rows[0][1]) <= gen.max_batch(o["cfg_scale"] is not None):
-            batch = len(rows[0][1])  # one batch per class row
-    request = Request.make(
-        cfg,
-        seeds,
-        classes=classes,
-        size=(o["height"] or cfg.resolution, o["width"] or cfg.resolution),
-        plan=SkipPlan.from_text(cfg, o["skip"], o["skip_preset"]),
-        cfg_scale=o["cfg_scale"],
-        steps=o["steps"],
-        solver=o["solver"],
-        churn=Churn(o["S_churn"], o["S_min"], o["S_max"], o["S_noise"]),
-        batch=batch,
-        output="latents" if writes_latents else "tensor",
-    )
+    request, grid_rows = request_from_options(o, gen, "latents" if writes_latents else "tensor")
     settings = run_settings(
         request, weights=backend.weights, precision=backend.precision, output="latents" if writes_latents else "images"
     )
@@ -206,6 +184,36 @@ def prepare_run(o: dict[str, Any], info: distributed.RankInfo) -> SamplingRun:
         latent=cfg.is_latent,
     )
     return SamplingRun(info, gen, mine, list(request.seeds), outputs, report, grid_rows=grid_rows)
+
+
+def request_from_options(o: dict[str, Any], gen: Generator, output: str) -> tuple[Request, int | None]:
+    """The run's one :class:`Request` from the command's options, and the grid's rows (``--class-rows``: one per
+    class, each a batch of its own where the engines' profile takes it)."""
+    cfg = gen.config
+    seeds = parse_seeds(o["seeds"])
+    classes: int | list[int] | None = o["class_idx"]
+    batch, grid_rows = o["batch"], None
+    if o["class_rows"]:
+        rows = class_row_seeds(seeds, cfg.label_dim, o["class_idx"])
+        seeds = [s for _, row in rows for s in row]
+        classes = [c for c, row in rows for _ in row]
+        grid_rows = len(rows)
+        if batch is None and len(rows[0][1]) <= gen.max_batch(o["cfg_scale"] is not None):
+            batch = len(rows[0][1])
+    request = Request.make(
+        cfg,
+        seeds,
+        classes=classes,
+        size=(o["height"] or cfg.resolution, o["width"] or cfg.resolution),
+        plan=SkipPlan.from_text(cfg, o["skip"], o["skip_preset"]),
+        cfg_scale=o["cfg_scale"],
+        steps=o["steps"],
+        solver=o["solver"],
+        churn=Churn(o["S_churn"], o["S_min"], o["S_max"], o["S_noise"]),
+        batch=batch,
+        output=output,
+    )
+    return request, grid_rows
 
 
 def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
