@@ -23,9 +23,11 @@ from export.pipeline import ENGINE_CHOICES, ExportOptions, ExportResult, check_t
 from export.records import PRECISIONS, PROFILE_LIMITS, CheckpointRecord, Profile
 from export.specs import DEFAULT_BATCH, parse_range
 from export.vae_spec import DEFAULT_VAE_BATCH
-from lego_model.cli import one_line_errors
+from lego_model.cli import OneLineCommand, one_line_errors
 from lego_model.configs import LEGO_CONFIGS
 from lego_model.errors import LegoError
+from lego_model.parsing import BoundedInt
+from lego_model.sampler import TORCH_SEED_MAX
 
 if TYPE_CHECKING:
     from lego_model.model import LegoModel
@@ -33,7 +35,10 @@ if TYPE_CHECKING:
 RANGE_HELP = "as MIN:OPT:MAX (or one number)"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.command(
+    cls=OneLineCommand,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
 @click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -46,8 +51,7 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
 @click.option("--random-init", is_flag=True, help="Export --config with random weights (architecture-only export).")
 @click.option(
     "--seed",
-    # torch generators take 64-bit seeds; a negative one would alias 2**64 + seed.
-    type=click.IntRange(0, 2**64 - 1),
+    type=BoundedInt(0, TORCH_SEED_MAX),
     default=0,
     show_default=True,
     help="Seed of --random-init weights and test inputs.",
@@ -96,7 +100,7 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
 )
 @click.option(
     "--opset",
-    type=click.IntRange(18, 21),
+    type=BoundedInt(18, 21),
     default=DEFAULT_OPSET,
     show_default=True,
     help="ONNX opset (18-21: torch's dynamo exporter writes opset-18 graphs and cannot convert them down).",
@@ -181,7 +185,9 @@ def main(
                 cache_dir=cache_dir,
                 seed=seed,
                 vae=decoder,
-                vae_batch=parse_range(vae_batch, "--vae-batch") if vae_batch else DEFAULT_VAE_BATCH,
+                vae_batch=DEFAULT_VAE_BATCH
+                if vae_batch is None
+                else parse_range(vae_batch, "--vae-batch", PROFILE_LIMITS["batch"]),
             )
             result = export_engine_dir(model, out, record, options, progress=progress)
     click.echo(summary_table(result))
@@ -225,10 +231,13 @@ def _profile(config, batch: str | None, height: str | None, width: str | None) -
     from export.specs import default_profile
 
     base = default_profile(config)
+    given = {"batch": batch, "height": height, "width": width}
+    # `is None`, not falsiness: an empty --batch '' is a mistake to refuse, not a request for the default.
     return Profile(
-        batch=parse_range(batch, "--batch") if batch else base.batch,
-        height=parse_range(height, "--height") if height else base.height,
-        width=parse_range(width, "--width") if width else base.width,
+        **{
+            axis: getattr(base, axis) if text is None else parse_range(text, f"--{axis}", PROFILE_LIMITS[axis])
+            for axis, text in given.items()
+        }
     )
 
 

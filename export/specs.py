@@ -11,7 +11,6 @@ their I/O is float32, are :mod:`lego_model.forwards`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +20,10 @@ from torch import Tensor, nn
 from export.errors import ProfileError
 from export.records import IO_DTYPE, PROFILE_LIMITS, Profile, TensorSpec, contract_io
 from lego_model.configs import LegoConfig
+from lego_model.errors import TextError
 from lego_model.forwards import engine_forward
 from lego_model.model import LegoModel
+from lego_model.parsing import is_whole_number, parse_int, quoted
 from lego_model.precond import prepare_inputs
 
 __all__ = ["DEFAULT_BATCH", "IO_DTYPE", "EngineSpec", "check_profile", "default_profile", "engine_specs", "parse_range"]
@@ -33,20 +34,22 @@ DEFAULT_BATCH = (1, 1, 8)
 # ---------------------------------------------------------------------------------------------- shape ranges
 
 
-def parse_range(text: str, what: str = "range") -> tuple[int, int, int]:
-    """Parse ``MIN:OPT:MAX`` (or a single ``N`` meaning N:N:N) into a checked triple."""
-    parts = text.strip().split(":")
+def parse_range(text: str, what: str = "range", maximum: int = max(PROFILE_LIMITS.values())) -> tuple[int, int, int]:
+    """Parse ``MIN:OPT:MAX`` (or a single ``N`` meaning N:N:N) into a checked triple, each at most ``maximum``.
+
+    Numbers are read by :func:`lego_model.parsing.parse_int` (ASCII digits, spaces around them allowed).
+    """
+    parts = text.split(":") if isinstance(text, str) else []
     if len(parts) == 1:
         parts = parts * 3
-    # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
-    if len(parts) != 3 or not all(re.fullmatch(r"[0-9]+", p.strip()) for p in parts):
-        raise ProfileError(f"{what} {text!r} must be MIN:OPT:MAX (or one integer), e.g. 1:1:8")
-    if any(len(p.strip()) > 9 for p in parts):  # far above every limit, and int() refuses > 4300 digits
-        limits = ", ".join(f"{axis} {n}" for axis, n in PROFILE_LIMITS.items())
-        raise ProfileError(f"{what} {text!r} is out of range; the largest MAX lego-export accepts is {limits}")
-    lo, opt, hi = (int(p) for p in parts)
+    if len(parts) != 3 or not all(is_whole_number(p) for p in parts):
+        raise ProfileError(f"{what} {quoted(text)} must be MIN:OPT:MAX (or one integer) in ASCII digits, e.g. 1:1:8")
+    try:
+        lo, opt, hi = (parse_int(p, f"{what} {field}", 0, maximum) for p, field in zip(parts, ("MIN", "OPT", "MAX")))
+    except TextError as err:
+        raise ProfileError(str(err)) from None
     if not 0 < lo <= opt <= hi:
-        raise ProfileError(f"{what} {text!r} must satisfy 0 < MIN <= OPT <= MAX")
+        raise ProfileError(f"{what} {quoted(text)} must satisfy 0 < MIN <= OPT <= MAX")
     return lo, opt, hi
 
 

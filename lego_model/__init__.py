@@ -2,7 +2,7 @@
 
 from lego_model.checkpoints import load_checkpoint, save_checkpoint
 from lego_model.configs import LEGO_CONFIGS, LegoConfig, get_config
-from lego_model.errors import CheckpointError, ConfigError, LegoError, ShapeError, SkipPlanError
+from lego_model.errors import CheckpointError, ConfigError, LegoError, ShapeError, SkipPlanError, TextError
 from lego_model.model import LegoModel
 from lego_model.precond import denoise_with_bricks, edm_scalings
 from lego_model.sampler import Denoiser, StackedRandomGenerator, draw_latents, edm_sample, edm_schedule
@@ -21,6 +21,7 @@ __all__ = [
     "SkipPlan",
     "SkipPlanError",
     "StackedRandomGenerator",
+    "TextError",
     "denoise_with_bricks",
     "draw_latents",
     "edm_sample",

@@ -9,7 +9,9 @@ Formats, chosen by suffix:
   unpickling would execute.  :class:`_SnapshotUnpickler` executes nothing: it
   resolves only a short list of tensor-rebuilding functions and turns every
   other class or callable into an inert record of its name and arguments, from
-  which we read the constructor kwargs and the tensors.
+  which we read the constructor kwargs and the tensors.  It also bounds its
+  work (``MAX_SNAPSHOT_*``, ``MAX_MODULE_*``): a pickle can ask for endless
+  work without naming any code.
 * ``.pt`` / ``.pth``: a plain state dict, read with ``torch.load(weights_only=True)``;
   these carry no config, so one must be named.
 """
@@ -20,7 +22,11 @@ import collections
 import hashlib
 import io
 import json
+import os
 import pickle
+import reprlib
+import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,11 +191,31 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------- authors' snapshots
 
+# Bounds of reading one authors' snapshot.  A pickle can describe, in a few kilobytes and without any code, work
+# without end: a module tree shared as a diamond (2^48 paths in 6 KB), a cycle, a chain 5,000 deep, millions of
+# one-byte objects, dict keys whose hashes all collide, lengths far beyond the file.  The scale of the real files:
+# our largest config (lego_XL_U_64) has 788 modules, 601 tensors and 7 module levels; the authors' classes add a
+# few wrappers (dropout, identity, their EDM wrapper), "a few thousand modules at most".  A module pickled by torch
+# costs ~117 unpickler operations (measured on this project's tiny snapshots: 12,335 operations for 105 modules),
+# so 3,000 modules take ~350,000, and walking their tree ~7,000 visits (a module, a tensor or a child each).  Every
+# bound is 5x or more above the real scale; a refusal costs a few seconds at most.
+MAX_SNAPSHOT_OPS = 2_000_000  # unpickler operations, plus the elements of containers that calls build
+MAX_SNAPSHOT_GLOBALS = 1_000  # distinct classes and functions a snapshot names (real ones: a few dozen)
+MAX_GLOBAL_NAME = 1_000  # characters of one module.name a snapshot names
+MAX_MODULE_DEPTH = 64  # module levels below 'ema' (real: 7 to 9)
+MAX_MODULE_VISITS = 100_000  # modules, tensors and children looked at, a shared module once per path
+MAX_STATE_KEY = 1_000  # characters of one state-dict key (real: ~60, "model.model.4.blocks.11.adaLN_modulation.1.bias")
+_SMALL_INT = 1 << 31  # int keys below this in magnitude hash to themselves: no two collide (but -1 and -2)
+
+
+class _TooCostly(pickle.UnpicklingError):
+    """A snapshot that asks for more work than any real one: refused, not half-read."""
+
 
 class _Record:
     """Inert stand-in for an object of a class we refuse to import: keeps name, args and state.
 
-    ``find_class`` hands out a fresh subclass per refused global, so that the
+    ``find_class`` hands out one subclass per refused global, so that the
     unpickler's NEWOBJ/REDUCE opcodes create records instead of running code.
     """
 
@@ -219,24 +245,12 @@ class _Record:
         return f"<record {self.qualname}>"
 
 
-def _record_class(qualname: str) -> type[_Record]:
-    return type("Record", (_Record,), {"qualname": qualname})
-
-
-def _persistent_obj(meta: Any) -> _Record:
-    # The authors' _reconstruct_persistent_obj would exec meta['module_src']; we only keep the data.
-    meta = meta if isinstance(meta, dict) else getattr(meta, "items", {})
-    rec = _record_class(f"persistent:{meta.get('class_name', '?')}")()
-    rec.state = meta.get("state")
-    return rec
-
-
 def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
     if isinstance(cls, type) and issubclass(cls, _Record):
         return cls.__new__(cls)
     if cls in (collections.OrderedDict, dict, list, set):
         return cls()
-    raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r}")
+    raise pickle.UnpicklingError(f"refusing to reconstruct {reprlib.repr(cls)}")
 
 
 def _newobj(cls: Any, *args: Any) -> Any:
@@ -261,22 +275,204 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_obj,
     ("copyreg", "_reconstructor"): _reconstructor,
     ("copyreg", "__newobj__"): _newobj,
 }
+_PERSISTENT = ("torch_utils.persistence", "_reconstruct_persistent_obj")
+# What a call of these types costs grows with its argument (a copy, a hash per element); see _check_call.
+_KEYED = (dict, collections.OrderedDict, set, frozenset)
+_SIZED = (list, tuple)
+_NUMBERS = (int, float, bool)
 
 
-class _SnapshotUnpickler(pickle.Unpickler):
+def _check_key(key: Any) -> None:
+    """Dict keys and set members must be names or small ints, whose hashes an attacker cannot make collide.
+
+    CPython hashes an int by its value mod 2^61 - 1, so 100,000 keys k * (2^61 - 1) all collide and filling one
+    dict with them takes minutes; str hashes are salted per process.  Real snapshots key by attribute names and
+    torch's small hook ids.
+    """
+    if type(key) is str or key is None or type(key) is bool or (type(key) is int and -_SMALL_INT < key < _SMALL_INT):
+        return
+    raise pickle.UnpicklingError(f"a dict key or set member of type {type(key).__name__}; snapshots key by names")
+
+
+class _SizedReader:
+    """The snapshot file, refusing to read more bytes than it has left: a length in the pickle is not trusted.
+
+    (Otherwise a 30-byte file declaring a 2^60-byte string is an allocation attempt of that size.)
+    """
+
+    def __init__(self, file: io.BufferedReader) -> None:
+        self.file = file
+        self.left = os.fstat(file.fileno()).st_size
+
+    def read(self, n: int) -> bytes:
+        if n > self.left:
+            raise _TooCostly(f"the pickle declares {n} bytes where the file has {self.left} left")
+        data = self.file.read(n)
+        self.left -= len(data)
+        return data
+
+    def readline(self) -> bytes:
+        line = self.file.readline()
+        self.left -= len(line)
+        return line
+
+
+def _charged(load: Callable[[Any], None]) -> Callable[[Any], None]:
+    def charged(self: _SnapshotUnpickler) -> None:
+        self.ops += 1  # inline: this runs once per opcode
+        if self.ops > MAX_SNAPSHOT_OPS:
+            self.charge(0)
+        load(self)
+
+    return charged
+
+
+class _Dispatch(dict):
+    def __missing__(self, opcode: int) -> Any:
+        raise pickle.UnpicklingError(f"invalid pickle opcode {bytes([opcode])!r}")
+
+
+class _SnapshotUnpickler(pickle._Unpickler):
+    """Unpickles an authors' snapshot without running anything it names, and with bounded work.
+
+    Built on the pure-Python unpickler (as joblib's NumpyUnpickler is) so that every operation is counted and
+    the ones whose cost grows with their argument are checked first: keys that could collide, calls that copy a
+    container, lengths beyond the file, memo indices beyond what was read.  A real snapshot's bulk is its
+    tensors' bytes, each one operation, so this costs a fraction of a second more than the C unpickler.
+    """
+
+    dispatch = _Dispatch({op: _charged(load) for op, load in pickle._Unpickler.dispatch.items()})
+
+    def __init__(self, file: io.BufferedReader) -> None:
+        super().__init__(_SizedReader(file))
+        self.ops = 0
+        self.records: dict[str, type[_Record]] = {}
+
+    def charge(self, n: int) -> None:
+        self.ops += n
+        if self.ops > MAX_SNAPSHOT_OPS:
+            raise _TooCostly(
+                f"it takes more than {MAX_SNAPSHOT_OPS:,} unpickling operations (a real snapshot ~350,000)"
+            )
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[(module, name)]
+        if (module, name) == _PERSISTENT:
+            return self._persistent_obj
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        return _record_class(f"{module}.{name}")
+        return self._record_class(f"{module}.{name}")
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("persistent ids are not used by training snapshots")
+
+    def _record_class(self, qualname: str) -> type[_Record]:
+        if qualname not in self.records:
+            if len(qualname) > MAX_GLOBAL_NAME:
+                raise _TooCostly(f"it names a class of {len(qualname):,} characters")
+            if len(self.records) >= MAX_SNAPSHOT_GLOBALS:
+                raise _TooCostly(f"it names more than {MAX_SNAPSHOT_GLOBALS:,} classes (a real snapshot a few dozen)")
+            self.records[qualname] = type("Record", (_Record,), {"qualname": qualname})
+        return self.records[qualname]
+
+    def _persistent_obj(self, meta: Any) -> _Record:
+        # The authors' _reconstruct_persistent_obj would exec meta['module_src']; we only keep the data.
+        meta = meta if isinstance(meta, dict) else getattr(meta, "items", {})
+        name = meta.get("class_name")
+        rec = self._record_class(f"persistent:{name if isinstance(name, str) else '?'}")()
+        rec.state = meta.get("state")
+        return rec
+
+    def _check_call(self, func: Any, args: Any) -> None:
+        """Before ``func(*args)`` (REDUCE) or ``func.__new__(func, *args)`` (NEWOBJ) of a builtin type."""
+        if func not in _KEYED and func not in _SIZED and func not in _NUMBERS:
+            return
+        if not isinstance(args, tuple) or len(args) > 1:
+            raise pickle.UnpicklingError(f"{func.__name__} called with {type(args).__name__} arguments")
+        if not args:
+            return
+        (arg,) = args
+        if func in _NUMBERS:  # int('١') is 1 and int() of 4,300 digits is slow: numbers come as numbers
+            if not isinstance(arg, _NUMBERS):
+                raise pickle.UnpicklingError(f"{func.__name__}() of a {type(arg).__name__}")
+            return
+        if not isinstance(arg, (list, tuple, set, frozenset, dict)):
+            raise pickle.UnpicklingError(f"{func.__name__}() of a {type(arg).__name__}")
+        self.charge(len(arg))
+        if func in _KEYED:
+            pairs = func in (dict, collections.OrderedDict) and not isinstance(arg, dict)
+            for item in arg:
+                if pairs and not (isinstance(item, (tuple, list)) and len(item) == 2):
+                    raise pickle.UnpicklingError(f"{func.__name__}() of something other than pairs")
+                _check_key(item[0] if pairs else item)
+
+    def load_reduce(self) -> None:
+        self._check_call(self.stack[-2], self.stack[-1])
+        super().load_reduce()
+
+    def load_newobj(self) -> None:
+        self._check_call(self.stack[-2], self.stack[-1])
+        super().load_newobj()
+
+    def load_newobj_ex(self) -> None:
+        self._check_call(self.stack[-3], self.stack[-2])
+        super().load_newobj_ex()
+
+    def load_dict(self) -> None:  # the items since the mark: key, value, key, value, ...
+        for key in self.stack[::2]:
+            _check_key(key)
+        super().load_dict()
+
+    def load_setitem(self) -> None:
+        _check_key(self.stack[-2])
+        super().load_setitem()
+
+    def load_setitems(self) -> None:
+        for key in self.stack[::2]:
+            _check_key(key)
+        super().load_setitems()
+
+    def load_additems(self) -> None:
+        for key in self.stack:
+            _check_key(key)
+        super().load_additems()
+
+    def load_frozenset(self) -> None:
+        for key in self.stack:
+            _check_key(key)
+        super().load_frozenset()
+
+    def load_bytearray8(self) -> None:
+        # bytearray(n) would allocate and zero n declared bytes before reading any; read them first (bounded).
+        (n,) = struct.unpack("<Q", self.read(8))
+        self.stack.append(bytearray(self.read(n)))
+
+    def load_put(self) -> None:  # protocol 0's text index: bounded, so memo keys cannot be made to collide
+        line = self.readline()[:-1]
+        index = int(line) if line.isdigit() and len(line) <= len(str(MAX_SNAPSHOT_OPS)) else -1
+        if not 0 <= index <= self.ops:
+            shown = line[:20].decode("ascii", "replace")
+            raise pickle.UnpicklingError(f"memo index {shown} is not one of the objects read so far")
+        self.memo[index] = self.stack[-1]
+
+
+for _opcode, _name in (
+    (pickle.REDUCE, "load_reduce"),
+    (pickle.NEWOBJ, "load_newobj"),
+    (pickle.NEWOBJ_EX, "load_newobj_ex"),
+    (pickle.DICT, "load_dict"),
+    (pickle.SETITEM, "load_setitem"),
+    (pickle.SETITEMS, "load_setitems"),
+    (pickle.ADDITEMS, "load_additems"),
+    (pickle.FROZENSET, "load_frozenset"),
+    (pickle.BYTEARRAY8, "load_bytearray8"),
+    (pickle.PUT, "load_put"),
+):
+    _SnapshotUnpickler.dispatch[_opcode[0]] = _charged(getattr(_SnapshotUnpickler, _name))
 
 
 def _attrs(obj: Any) -> dict:
@@ -297,51 +493,124 @@ def _as_dict(obj: Any) -> dict:
     return {}
 
 
-def _collect_tensors(module: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
-    attrs = _attrs(module)
-    skip = set(attrs.get("_non_persistent_buffers_set", ()) or ())
-    for group in ("_parameters", "_buffers"):
-        for name, tensor in _as_dict(attrs.get(group, {})).items():
-            if isinstance(tensor, torch.Tensor) and name not in skip:
-                out[prefix + name] = tensor.detach()
-    for name, child in _as_dict(attrs.get("_modules", {})).items():
-        if child is not None:
-            _collect_tensors(child, f"{prefix}{name}.", out)
+def _names(value: Any) -> set[str]:
+    """The names in a recorded ``_non_persistent_buffers_set`` (a set, or the list a protocol-2 set is built from)."""
+    return {v for v in value if isinstance(v, str)} if isinstance(value, (set, frozenset, list, tuple)) else set()
+
+
+def _collect_tensors(root: Any) -> dict[str, torch.Tensor]:
+    """The state dict of a recorded module tree: every parameter and persistent buffer under its dotted name.
+
+    Walked with an explicit stack (no recursion) and bounded: :data:`MAX_MODULE_DEPTH` levels,
+    :data:`MAX_MODULE_VISITS` modules, tensors and children looked at (a module shared by two parents is
+    visited, and named, once per path, as ``nn.Module.state_dict`` does), keys of :data:`MAX_STATE_KEY`
+    characters; a module that contains itself is a cycle.  Any of these raises :class:`_TooCostly`.
+    """
+    out: dict[str, torch.Tensor] = {}
+    visits = 0
+    on_path: dict[int, str] = {}  # id -> name of the modules from the root to the one being expanded
+    stack: list[tuple[Any, str, int, bool]] = [(root, "", 0, False)]  # (module, key prefix, depth, leaving)
+
+    def visit(n: int = 1) -> None:
+        nonlocal visits
+        visits += n
+        if visits > MAX_MODULE_VISITS:
+            raise _TooCostly(
+                f"its module tree takes more than {MAX_MODULE_VISITS:,} visits (shared modules count once per path; "
+                "a real snapshot takes ~7,000)"
+            )
+
+    def key(prefix: str, name: Any) -> str:
+        if not isinstance(name, str):
+            raise _TooCostly(f"a module or tensor under {prefix or 'ema'!r} is named by a {type(name).__name__}")
+        if len(prefix) + len(name) > MAX_STATE_KEY:
+            raise _TooCostly(f"a state-dict key under {prefix[:40]!r}... is longer than {MAX_STATE_KEY} characters")
+        return prefix + name
+
+    while stack:
+        module, prefix, depth, leaving = stack.pop()
+        if leaving:
+            del on_path[id(module)]
+            continue
+        visit()
+        if id(module) in on_path:
+            again = prefix.rstrip(".")
+            raise _TooCostly(f"its module tree has a cycle: {again} is {on_path[id(module)] or 'ema'} again")
+        if depth > MAX_MODULE_DEPTH:
+            raise _TooCostly(f"its module tree is more than {MAX_MODULE_DEPTH} levels deep (a real one ~8)")
+        on_path[id(module)] = prefix.rstrip(".")
+        stack.append((module, prefix, depth, True))
+        attrs = _attrs(module)
+        skip = _names(attrs.get("_non_persistent_buffers_set"))
+        visit(len(skip))
+        for group in ("_parameters", "_buffers"):
+            for name, tensor in _as_dict(attrs.get(group)).items():
+                visit()
+                name = key(prefix, name)
+                if isinstance(tensor, torch.Tensor) and name[len(prefix) :] not in skip:
+                    out[name] = tensor.detach()
+        children = _as_dict(attrs.get("_modules"))
+        visit(len(children))
+        for name, child in reversed(children.items()):  # reversed onto the stack: visited in order
+            if child is not None:
+                stack.append((child, key(prefix, name) + ".", depth + 1, False))
+    return out
+
+
+def _setting(path: Path, name: str, value: Any) -> Any:
+    """A network setting of the snapshot as it is, if it is a plain value (LegoConfig checks its type and range).
+
+    Anything else is refused here: a nested list would make the config's message recurse, an int of 5,000 digits
+    could not be printed in it, and a megabyte of text would be the message.
+    """
+    plain = value is None or isinstance(value, (bool, float)) or (isinstance(value, int) and abs(value) < 1 << 63)
+    if plain or (isinstance(value, str) and len(value) <= 100):
+        return value
+    shown = f"{len(value):,} characters" if isinstance(value, str) else type(value).__name__
+    raise CheckpointError(f"{path}: the snapshot's {name} is not a number or a name ({shown}); not a LEGO snapshot")
 
 
 def _read_snapshot(path: Path) -> tuple[LegoConfig, dict[str, torch.Tensor]]:
     try:
         with open(path, "rb") as f:
             data = _SnapshotUnpickler(f).load()
+    except _TooCostly as err:
+        raise CheckpointError(f"{path} is refused: {err}; not a training snapshot, or a hostile one") from None
     except Exception as err:  # pickle raises many types for corrupt input
-        raise CheckpointError(f"{path} is not a readable training snapshot ({type(err).__name__}: {err})") from None
+        detail = str(err).splitlines()[0][:200] if str(err) else ""
+        raise CheckpointError(f"{path} is not a readable training snapshot ({type(err).__name__}: {detail})") from None
     if not isinstance(data, dict) or "ema" not in data:
         raise CheckpointError(f"{path} has no 'ema' network: not one of the authors' network-snapshot-*.pkl files")
     ema = data["ema"]
     if not (isinstance(ema, _Record) and ema.qualname == "persistent:EDMPrecondLEGO"):
         name = getattr(ema, "qualname", type(ema).__name__)
-        raise CheckpointError(f"{path}: 'ema' is {name}, expected the authors' EDMPrecondLEGO")
+        raise CheckpointError(f"{path}: 'ema' is {name[:100]}, expected the authors' EDMPrecondLEGO")
     attrs = _attrs(ema)
     kwargs = _as_dict(attrs.get("_init_kwargs"))
-    model_type = kwargs.get("model_type")
+
+    def setting(name: str, default: Any, *, in_attrs: bool = True) -> Any:
+        return _setting(path, name, kwargs.get(name, attrs.get(name, default) if in_attrs else default))
+
+    model_type = setting("model_type", None, in_attrs=False)
     try:
         base = get_config(str(model_type))
     except ConfigError as err:
         raise CheckpointError(f"{path}: model_type {model_type!r} is not supported ({err})") from None
-    resolution = kwargs.get("img_resolution", attrs.get("img_resolution", base.resolution))
+    resolution = setting("img_resolution", base.resolution)
     try:  # the values are the snapshot's as they are: LegoConfig checks their types and ranges
         cfg = LegoConfig.from_dict(
             {
                 **base.to_dict(),
-                "img_channels": kwargs.get("img_channels", attrs.get("img_channels", base.img_channels)),
-                "label_dim": kwargs.get("label_dim", attrs.get("label_dim", 0)) or 0,
-                "sigma_data": kwargs.get("sigma_data", attrs.get("sigma_data", 0.5)),
-                "augment_dim": kwargs.get("augment_dim", 0) or 0,
+                "img_channels": setting("img_channels", base.img_channels),
+                "label_dim": setting("label_dim", 0) or 0,
+                "sigma_data": setting("sigma_data", 0.5),
+                "augment_dim": setting("augment_dim", 0, in_attrs=False) or 0,
                 "resolution": resolution if isinstance(resolution, int) else base.resolution,
             }
         )
     except ConfigError as err:
         raise CheckpointError(f"{path}: the snapshot's network settings are not a valid config ({err})") from None
-    state: dict[str, torch.Tensor] = {}
-    _collect_tensors(ema, "", state)
-    return cfg, state
+    try:
+        return cfg, _collect_tensors(ema)
+    except _TooCostly as err:
+        raise CheckpointError(f"{path} is refused: {err}; not a training snapshot, or a hostile one") from None

@@ -35,3 +35,29 @@ def one_line_errors(on_interrupt: Callable[[], str] | None = None) -> Iterator[N
         said = on_interrupt() if on_interrupt is not None else "nothing was kept"
         click.echo(f"interrupted: {said}", err=True)
         sys.exit(130)
+
+
+class OneLineCommand(click.Command):
+    """A click command whose usage errors (an option value out of range, an unknown option) are one line too.
+
+    click prints a usage error as its usage line, a hint and an ``Error:``
+    line; the project's commands print ``error: <what>`` alone (exit status 2,
+    click's code for usage errors), as they print their own errors
+    (:func:`one_line_errors`, exit status 1).  ``--help`` is untouched.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra):  # type: ignore[override]
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as err:
+            click.echo(f"error: {err.format_message()} (see --help)", err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            click.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)  # --help and --version return click's exit code

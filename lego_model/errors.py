@@ -20,6 +20,10 @@ class ShapeError(LegoError):
     """An image size, batch or tensor shape the model cannot take."""
 
 
+class TextError(LegoError):
+    """A number read from text (an option, a rule, a field of a file) that is not in its form or range."""
+
+
 class SkipPlanError(LegoError):
     """A skip rule or preset that cannot be parsed or leaves a step empty."""
 

@@ -1,11 +1,14 @@
 """FLOPs of one denoiser call, counted from the layer shapes (2 FLOPs per multiply-add).
 
 Element-wise work (LayerNorm, GELU, softmax, modulation) is left out: it is a
-few percent of the matrix multiplies for every registered config.
+few percent of the matrix multiplies for every registered config.  What the
+machine offers (available memory, usable cores) is read here too, for the
+checks that refuse a run before it starts.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from lego_model.configs import LegoConfig
@@ -60,6 +63,11 @@ def activation_bytes(config: LegoConfig, height: int, width: int, rows: int) -> 
     D = config.hidden_size
     tokens = max((height // p) * (width // p) for p in config.patch_sizes)
     return 4 * rows * tokens * (2 * D + max(int(config.mlp_ratio * D), 3 * D))
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def available_memory() -> int | None:

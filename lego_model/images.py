@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +10,15 @@ import torch
 
 from lego_model.configs import refuse_unconditional
 from lego_model.errors import LegoError
+from lego_model.parsing import is_whole_number, parse_int, quoted
 from lego_model.sampler import SEED_RANGE
-
-# ASCII digits only: str.isdigit() and \d also take characters int() cannot read ("²") or reads unexpectedly.
-_PART = re.compile(r"^([0-9]+)(?:-([0-9]+))?$")
-_SEED_DIGITS = len(str(1 << 32))  # longer numbers are out of range before int() has to read them
 
 # One PNG per seed, and every seed's latents in one list: a million seeds is 20x an FID-50k run.
 MAX_SEEDS = 1_000_000
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'0-3,10' -> [0, 1, 2, 3, 10], as the authors' --seeds.
+    """'0-3,10' -> [0, 1, 2, 3, 10], as the authors' --seeds (numbers in ASCII digits, see lego_model.parsing).
 
     Refused: seeds outside [0, 2^32) (the per-seed generators' range: larger
     seeds would alias smaller ones), a seed given twice (it would be one image
@@ -31,18 +27,12 @@ def parse_seeds(text: str) -> list[int]:
     """
     spans: list[tuple[int, int]] = []  # inclusive (low, high) per part
     for part in text.split(","):
-        part = part.strip()
-        m = _PART.match(part)
-        if not m:
-            raise LegoError(f"cannot parse seeds {text[:80]!r}; write a list like 0-63,100")
-        for digits in m.groups():
-            if digits is not None and (len(digits) > _SEED_DIGITS or int(digits) >= SEED_RANGE):
-                shown = digits if len(digits) <= 20 else f"{digits[:12]}... ({len(digits)} digits)"
-                raise LegoError(f"seed {shown} is out of range: seeds run from 0 to {SEED_RANGE - 1} (2^32 - 1)")
-        lo = int(m.group(1))
-        hi = lo if m.group(2) is None else int(m.group(2))
+        ends = part.split("-")
+        if len(ends) > 2 or not all(is_whole_number(end) for end in ends):
+            raise LegoError(f"cannot parse seeds {quoted(text)}; write a list like 0-63,100 (ASCII digits)")
+        lo, hi = (parse_int(end, "seed", 0, SEED_RANGE - 1) for end in (ends[0], ends[-1]))
         if hi < lo:
-            raise LegoError(f"seed range {part!r} runs backwards; write LOW-HIGH")
+            raise LegoError(f"seed range {quoted(part.strip(' '))} runs backwards; write LOW-HIGH")
         spans.append((lo, hi))
     count = sum(hi - lo + 1 for lo, hi in spans)
     if count > MAX_SEEDS:
@@ -55,7 +45,7 @@ def parse_seeds(text: str) -> list[int]:
     if len(set(seeds)) != count:
         seen: set[int] = set()
         dup = next(s for s in seeds if s in seen or seen.add(s))
-        raise LegoError(f"seed {dup} is given more than once in {text!r}; list each seed once")
+        raise LegoError(f"seed {dup} is given more than once in {quoted(text)}; list each seed once")
     return seeds
 
 

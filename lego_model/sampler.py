@@ -27,6 +27,8 @@ Solver = Literal["heun", "euler"]
 SOLVERS: tuple[Solver, ...] = ("heun", "euler")  # EDM's 2nd-order Heun (Algorithm 1/2) and its 1st-order Euler
 
 SEED_RANGE = 1 << 32  # seeds are 0 .. 2^32 - 1, as the authors' StackedRandomGenerator takes them
+# torch.Generator.manual_seed takes 0 .. 2^64 - 1 (training and --random-init seeds); a negative seed aliases 2^64 + it.
+TORCH_SEED_MAX = (1 << 64) - 1
 MAX_STEPS = 1000  # sampling steps; EDM needs 18-256, and per-step lists (skip plans, run records) stay small
 
 

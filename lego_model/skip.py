@@ -8,21 +8,26 @@ presets follow the paper's two findings (Zheng et al. 2024, Sec. 4.3):
   end, the low-noise part where detail, not layout, is being refined;
 * ``local@F``: the local bricks (smallest tiles) are off from the start to F,
   the high-noise part where only the global layout matters.
+
+Indices and fractions are read by :mod:`lego_model.parsing`: indices in ASCII
+digits, fractions as decimal numbers in [0, 1] (``0.6``, ``.25``, ``1``), with
+spaces allowed around each part (``0, 1@0:0.5``).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lego_model.configs import LegoConfig
-from lego_model.errors import SkipPlanError
+import numpy as np
+
+from lego_model.configs import MAX_BRICKS, LegoConfig
+from lego_model.errors import SkipPlanError, TextError
 from lego_model.flops import denoiser_flops
+from lego_model.parsing import BLANKS, parse_fraction, parse_int, quoted
 from lego_model.sampler import Solver, evaluations_per_step
 
 PRESETS = {"global": 0.6, "local": 0.4}  # preset -> default break point
-_RULE = re.compile(r"^\s*([\w,\s]+?)\s*@\s*([0-9.]+)\s*:\s*([0-9.]+)\s*$")
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class SkipRule:
         return self.start <= step / num_steps < self.stop
 
     def __str__(self) -> str:
-        return f"{','.join(map(str, self.bricks))}@{self.start:g}:{self.stop:g}"
+        return f"{','.join(map(str, self.bricks))}@{_fraction_text(self.start)}:{_fraction_text(self.stop)}"
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,7 @@ class SkipPlan:
             raise SkipPlanError(
                 f"SkipPlan.parse(rules, config) takes the model's LegoConfig (model.config), got {config!r}"
             )
-        if isinstance(rules, str):
-            rules = (rules,)
+        rules = _texts(rules, "rules: pass rule text such as '2@0.6:1' or a list of such texts")
         n = config.num_bricks
         return cls(n, tuple(_parse_rule(text, n) for text in rules))
 
@@ -73,15 +77,13 @@ class SkipPlan:
                     f"skip plan {plan} is for {plan.num_bricks} bricks; {config.name} has {config.num_bricks}"
                 )
             return plan
-        items = (plan,) if isinstance(plan, str) else tuple(plan)
-        if not all(isinstance(t, str) for t in items):
-            raise SkipPlanError(f"plan: pass a SkipPlan, rule text such as '2@0.6:1', or preset names; got {plan!r}")
+        items = _texts(plan, "plan: pass a SkipPlan, rule text such as '2@0.6:1', or preset names")
         result = cls(config.num_bricks)
         for text in items:
-            if text.strip() in ("", "full stack"):
+            if text.strip(BLANKS) in ("", "full stack"):
                 continue
-            if text.partition("@")[0].strip() in PRESETS:
-                result = result + cls.preset(text.strip(), config)
+            if text.partition("@")[0].strip(BLANKS) in PRESETS:
+                result = result + cls.preset(text, config)
             else:
                 result = result + cls.parse(text, config)
         return result
@@ -92,17 +94,19 @@ class SkipPlan:
     ) -> SkipPlan:
         """One plan from ``--skip`` rules and ``--skip-preset`` names (each a text or a sequence of texts)."""
         plan = cls.parse(skip, config)
-        for name in (presets,) if isinstance(presets, str) else presets:
+        for name in _texts(presets, "presets: pass preset texts such as 'global@0.6'"):
             plan = plan + cls.preset(name, config)
         return plan
 
     @classmethod
     def preset(cls, spec: str, config: LegoConfig) -> SkipPlan:
-        """``global``, ``local``, ``global@0.7`` or ``local@0.3`` for this config's bricks."""
-        name, _, at = spec.partition("@")
+        """``global``, ``local``, ``global@0.7`` or ``local@0.3`` for this config's bricks (F in [0, 1])."""
+        if not isinstance(spec, str):
+            raise SkipPlanError(f"skip preset: pass text such as 'global@0.6', got {type(spec).__name__}")
+        name, at_sign, at = (part.strip(BLANKS) for part in spec.partition("@"))
         if name not in PRESETS:
-            raise SkipPlanError(f"unknown skip preset {spec!r}; use global[@F] or local[@F], F in (0, 1)")
-        point = _fraction(at, spec) if at else PRESETS[name]
+            raise SkipPlanError(f"unknown skip preset {quoted(spec)}; use global[@F] or local[@F], F in [0, 1]")
+        point = _fraction(at, "F", spec, "skip preset") if at_sign else PRESETS[name]
         if config.global_bricks == config.local_bricks:
             raise SkipPlanError(f"{config.name}: all bricks have the same size, so there is no {name} brick to skip")
         if name == "global":
@@ -155,35 +159,50 @@ class SkipPlan:
         return " ".join(map(str, self.rules)) if self.rules else "full stack"
 
 
-def _fraction(text: str, rule: str) -> float:
+def _texts(value: str | Sequence[str], expected: str) -> tuple[str, ...]:
+    """One text or a sequence of texts, as a tuple; anything else is refused (a str is one text, not characters)."""
+    items = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Sequence) else None
+    if items is None or not all(isinstance(t, str) for t in items):
+        raise SkipPlanError(f"{expected}; got {type(value).__name__}")
+    return items
+
+
+def _fraction(text: str, field: str, rule: str, kind: str = "skip rule") -> float:
     try:
-        value = float(text)
-    except ValueError:
-        raise SkipPlanError(f"skip rule {rule!r}: {text!r} is not a fraction between 0 and 1") from None
-    if not 0.0 <= value <= 1.0:
-        raise SkipPlanError(f"skip rule {rule!r}: {value:g} is outside [0, 1]; fractions are of sampling progress")
-    return value
+        return parse_fraction(text, field)
+    except TextError as err:
+        raise SkipPlanError(f"{kind} {quoted(rule)}: {err}") from None
+
+
+def _fraction_text(value: float) -> str:
+    """The shortest positional decimal that reads back as ``value``: ``str(rule)`` parses back to the same rule."""
+    return np.format_float_positional(value, trim="-")
 
 
 def _parse_rule(text: str, num_bricks: int) -> SkipRule:
-    m = _RULE.match(text)
-    if not m:
-        raise SkipPlanError(f"cannot parse skip rule {text!r}; write BRICKS@FROM:TO, e.g. 2@0.6:1 or top@0.5:1")
+    where, _, span = text.partition("@")
+    parts = span.split(":")
+    if "@" not in text or "@" in span or len(parts) != 2:
+        raise SkipPlanError(f"cannot parse skip rule {quoted(text)}; write BRICKS@FROM:TO, e.g. 2@0.6:1 or top@0.5:1")
     bricks: list[int] = []
-    for item in m.group(1).split(","):
-        item = item.strip()
+    for item in where.split(","):
+        item = item.strip(BLANKS)
         if item == "top":
             bricks.append(num_bricks - 1)
-        elif item.isdigit():
-            k = int(item)
-            if k >= num_bricks:
-                raise SkipPlanError(
-                    f"skip rule {text!r}: brick {k} does not exist; this model has bricks 0..{num_bricks - 1}"
-                )
-            bricks.append(k)
-        else:
-            raise SkipPlanError(f"skip rule {text!r}: {item!r} is not a brick index or 'top'")
-    start, stop = _fraction(m.group(2), text), _fraction(m.group(3), text)
+            continue
+        try:
+            k = parse_int(item, "brick", 0, MAX_BRICKS - 1)
+        except TextError:
+            raise SkipPlanError(
+                f"skip rule {quoted(text)}: {quoted(item)} is not a brick index (ASCII digits) or 'top'; "
+                f"this model has bricks 0..{num_bricks - 1}"
+            ) from None
+        if k >= num_bricks:
+            raise SkipPlanError(
+                f"skip rule {quoted(text)}: brick {k} does not exist; this model has bricks 0..{num_bricks - 1}"
+            )
+        bricks.append(k)
+    start, stop = _fraction(parts[0], "FROM", text), _fraction(parts[1], "TO", text)
     if start >= stop:
-        raise SkipPlanError(f"skip rule {text!r}: FROM must be below TO")
+        raise SkipPlanError(f"skip rule {quoted(text)}: FROM must be below TO")
     return SkipRule(tuple(sorted(set(bricks))), start, stop)

@@ -17,7 +17,10 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from lego_model.parsing import parse_int
+
 T = TypeVar("T")
+MAX_WORLD = 65536  # processes of one run: far above any cluster a sampling run spans
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,13 @@ class RankInfo:
 def rank_info(env: dict[str, str] | None = None) -> RankInfo:
     """RankInfo from torchrun's environment variables (a single process when they are absent)."""
     env = os.environ if env is None else env
-    world = int(env.get("WORLD_SIZE", "1"))
+    world = parse_int(env.get("WORLD_SIZE", "1"), "WORLD_SIZE (set by torchrun)", 1, MAX_WORLD)
+    local_world = parse_int(env.get("LOCAL_WORLD_SIZE", str(world)), "LOCAL_WORLD_SIZE (set by torchrun)", 1, world)
     return RankInfo(
-        rank=int(env.get("RANK", "0")),
+        rank=parse_int(env.get("RANK", "0"), "RANK (set by torchrun)", 0, world - 1),
         world_size=world,
-        local_rank=int(env.get("LOCAL_RANK", "0")),
-        local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))),
+        local_rank=parse_int(env.get("LOCAL_RANK", "0"), "LOCAL_RANK (set by torchrun)", 0, local_world - 1),
+        local_world_size=local_world,
     )
 
 

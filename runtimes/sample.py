@@ -36,9 +36,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lego_model.cli import one_line_errors
-from lego_model.flops import sampling_flops
+from export.records import PROFILE_LIMITS
+from lego_model.cli import OneLineCommand, one_line_errors
+from lego_model.configs import MAX_CFG_SCALE, MAX_PARAMETERS, MAX_SIDE
+from lego_model.flops import sampling_flops, usable_cores
 from lego_model.images import class_row_seeds, parse_seeds, to_uint8_nhwc
+from lego_model.parsing import BoundedFloat, BoundedInt
 from lego_model.request import Churn, Request
 from lego_model.sampler import MAX_STEPS, SOLVERS, evaluations_per_step
 from lego_model.skip import SkipPlan
@@ -146,29 +149,7 @@ def prepare_run(o: dict[str, Any], info: distributed.RankInfo) -> SamplingRun:
     writes_latents = cfg.is_latent and not backend.has_decoder
     if writes_latents and o["npz"]:
         raise OutputError(f"--npz holds uint8 images, and this latent model has no decoder: {NO_VAE_HINT}")
-    seeds = parse_seeds(o["seeds"])
-    classes: int | list[int] | None = o["class_idx"]
-    batch, grid_rows = o["batch"], None
-    if o["class_rows"]:
-        rows = class_row_seeds(seeds, cfg.label_dim, o["class_idx"])
-        seeds = [s for _, row in rows for s in row]
-        classes = [c for c, row in rows for _ in row]
-        grid_rows = len(rows)
-        if batch is None and len(rows[0][1]) <= gen.max_batch(o["cfg_scale"] is not None):
-            batch = len(rows[0][1])  # one batch per class row
-    request = Request.make(
-        cfg,
-        seeds,
-        classes=classes,
-        size=(o["height"] or cfg.resolution, o["width"] or cfg.resolution),
-        plan=SkipPlan.from_text(cfg, o["skip"], o["skip_preset"]),
-        cfg_scale=o["cfg_scale"],
-        steps=o["steps"],
-        solver=o["solver"],
-        churn=Churn(o["S_churn"], o["S_min"], o["S_max"], o["S_noise"]),
-        batch=batch,
-        output="latents" if writes_latents else "tensor",
-    )
+    request, grid_rows = request_from_options(o, gen, "latents" if writes_latents else "tensor")
     settings = run_settings(
         request, weights=backend.weights, precision=backend.precision, output="latents" if writes_latents else "images"
     )
@@ -203,6 +184,36 @@ def prepare_run(o: dict[str, Any], info: distributed.RankInfo) -> SamplingRun:
         latent=cfg.is_latent,
     )
     return SamplingRun(info, gen, mine, list(request.seeds), outputs, report, grid_rows=grid_rows)
+
+
+def request_from_options(o: dict[str, Any], gen: Generator, output: str) -> tuple[Request, int | None]:
+    """The run's one :class:`Request` from the command's options, and the grid's rows (``--class-rows``: one per
+    class, each a batch of its own where the engines' profile takes it)."""
+    cfg = gen.config
+    seeds = parse_seeds(o["seeds"])
+    classes: int | list[int] | None = o["class_idx"]
+    batch, grid_rows = o["batch"], None
+    if o["class_rows"]:
+        rows = class_row_seeds(seeds, cfg.label_dim, o["class_idx"])
+        seeds = [s for _, row in rows for s in row]
+        classes = [c for c, row in rows for _ in row]
+        grid_rows = len(rows)
+        if batch is None and len(rows[0][1]) <= gen.max_batch(o["cfg_scale"] is not None):
+            batch = len(rows[0][1])
+    request = Request.make(
+        cfg,
+        seeds,
+        classes=classes,
+        size=(o["height"] or cfg.resolution, o["width"] or cfg.resolution),
+        plan=SkipPlan.from_text(cfg, o["skip"], o["skip_preset"]),
+        cfg_scale=o["cfg_scale"],
+        steps=o["steps"],
+        solver=o["solver"],
+        churn=Churn(o["S_churn"], o["S_min"], o["S_max"], o["S_noise"]),
+        batch=batch,
+        output=output,
+    )
+    return request, grid_rows
 
 
 def sample_batches(run: SamplingRun, progress: bool = True) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
@@ -310,7 +321,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     return merged, float(np.mean(per_rank)) if per_rank else float("nan")
 
 
-@click.command()
+@click.command(cls=OneLineCommand)
 @click.option(
     "--engine-dir",
     type=click.Path(file_okay=False),
@@ -347,25 +358,29 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 )
 @click.option(
     "--batch",
-    type=click.IntRange(min=1),
+    type=BoundedInt(1, PROFILE_LIMITS["batch"]),
     default=None,
     help="Images per batch [default: up to 16, as the engine profile allows].",
 )
-@click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), default=18, show_default=True)
+@click.option("--steps", type=BoundedInt(1, MAX_STEPS), default=18, show_default=True)
 @click.option("--solver", type=click.Choice(SOLVERS), default="heun", show_default=True)
 @click.option(
     "--S-churn",
     "S_churn",
-    type=click.FloatRange(min=0),
+    type=BoundedFloat(0, math.inf),
     default=0.0,
     show_default=True,
     help="Stochasticity (EDM S_churn); gamma per step is capped at sqrt(2)-1, so values above 0.42*steps act alike.",
 )
-@click.option("--S-min", "S_min", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option("--S-max", "S_max", type=click.FloatRange(min=0), default=math.inf, show_default=True)
-@click.option("--S-noise", "S_noise", type=float, default=1.0, show_default=True)
+@click.option("--S-min", "S_min", type=BoundedFloat(0, math.inf), default=0.0, show_default=True)
+@click.option("--S-max", "S_max", type=BoundedFloat(0, math.inf), default=math.inf, show_default=True)
+@click.option("--S-noise", "S_noise", type=BoundedFloat(0, math.inf), default=1.0, show_default=True)
 @click.option(
-    "--class", "class_idx", type=click.IntRange(min=0), default=None, help="Class index [default: random per seed]."
+    "--class",
+    "class_idx",
+    type=BoundedInt(0, MAX_PARAMETERS),
+    default=None,
+    help="Class index [default: random per seed].",
 )
 @click.option(
     "--class-rows",
@@ -373,12 +388,15 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     help="One grid row per class: the seeds dealt out in equal rows, row c of class c (one batch per row).",
 )
 @click.option(
-    "--cfg-scale", type=float, default=None, help="Classifier-free guidance scale, 0 to 100 (1 = none) [default: off]."
+    "--cfg-scale",
+    type=BoundedFloat(0, MAX_CFG_SCALE),
+    default=None,
+    help="Classifier-free guidance scale (1 = none) [default: off].",
 )
 @click.option("--skip", multiple=True, help="Skip rule BRICKS@FROM:TO (repeatable).")
 @click.option("--skip-preset", multiple=True, help="global[@F] or local[@F] (repeatable).")
-@click.option("--height", type=click.IntRange(min=1), default=None, help="[default: training resolution]")
-@click.option("--width", type=click.IntRange(min=1), default=None, help="[default: training resolution]")
+@click.option("--height", type=BoundedInt(1, MAX_SIDE), default=None, help="[default: training resolution]")
+@click.option("--width", type=BoundedInt(1, MAX_SIDE), default=None, help="[default: training resolution]")
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
@@ -405,7 +423,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 )
 @click.option(
     "--threads",
-    type=click.IntRange(min=1),
+    type=BoundedInt(1, usable_cores()),
     default=None,
     help="CPU threads per process, at most the usable cores [default: usable cores / processes on this machine].",
 )
@@ -444,8 +462,8 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 def main(quiet: bool, **options: Any) -> None:
     """Sample images through the brick engines of an engine directory, or with the eager model (torch backend)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    info = distributed.rank_info()
     with one_line_errors():
+        info = distributed.rank_info()
         try:
             distributed.init(info)
             report = _run(options, info, progress=not quiet)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,15 @@ def latent_engines(small_vae_dir: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("latent") / "engines"
     export_engine_dir(model, out, CheckpointRecord.random_init(0), options)
     return out
+
+
+@pytest.fixture
+def snapshot_modules():
+    """Restores sys.modules' torch_utils entries, which writing an authors'-style snapshot registers."""
+    saved = {k: sys.modules.get(k) for k in ("torch_utils", "torch_utils.persistence")}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            sys.modules.pop(k, None)
+        else:
+            sys.modules[k] = v

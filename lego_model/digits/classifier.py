@@ -19,13 +19,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lego_model.checkpoints import read_safetensors, write_safetensors
-from lego_model.cli import one_line_errors
+from lego_model.cli import OneLineCommand, one_line_errors
 from lego_model.errors import CheckpointError
+from lego_model.parsing import BoundedInt, parse_int
+from lego_model.sampler import TORCH_SEED_MAX
 
 log = logging.getLogger(__name__)
 
 CLASSIFIER_FORMAT = "lego-digit-classifier/1"
+MAX_EPOCHS = 10_000  # an epoch is ~1,400 digits; the shipped classifier trains 30
 FEATURE_DIM = 64
+MAX_CLASSES, MAX_RESOLUTION = 1000, 256  # of a classifier file: 10 classes at 16x16 are the digits' own
 
 
 class DigitClassifier(nn.Module):
@@ -115,7 +119,10 @@ def load_classifier(path: str | Path) -> DigitClassifier:
     meta, state = read_safetensors(path)
     if meta.get("format") != CLASSIFIER_FORMAT:
         raise CheckpointError(f"{path} is not a digit classifier written by lego_model.digits.classifier")
-    model = DigitClassifier(int(meta["num_classes"]), int(meta["resolution"]))
+    # Read as the file's text: a resolution of 8192 would ask for a 68 GB first layer before any check.
+    num_classes = parse_int(meta.get("num_classes"), f"{path}: num_classes", 1, MAX_CLASSES)
+    resolution = parse_int(meta.get("resolution"), f"{path}: resolution", 4, MAX_RESOLUTION)
+    model = DigitClassifier(num_classes, resolution)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -127,10 +134,10 @@ def shipped_classifier() -> Path:
     return ASSETS / "digits_classifier.safetensors"
 
 
-@click.command()
+@click.command(cls=OneLineCommand)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="[default: the shipped classifier's path]")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=BoundedInt(1, MAX_EPOCHS), default=30, show_default=True)
+@click.option("--seed", type=BoundedInt(0, TORCH_SEED_MAX), default=0, show_default=True)
 def main(out, epochs, seed):
     """Train the digit classifier on 80 % of the digits and report its held-out accuracy."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -26,11 +26,14 @@ import torch
 from torch import Tensor
 
 from lego_model.checkpoints import load_checkpoint
-from lego_model.cli import one_line_errors
-from lego_model.configs import LegoConfig, refuse_unconditional
+from lego_model.cli import OneLineCommand, one_line_errors
+from lego_model.configs import MAX_CFG_SCALE, LegoConfig, refuse_unconditional
 from lego_model.digits.classifier import DigitClassifier, load_classifier, predict, shipped_classifier
 from lego_model.errors import LegoError
+from lego_model.flops import usable_cores
 from lego_model.model import LegoModel
+from lego_model.parsing import BoundedFloat, BoundedInt
+from lego_model.sampler import MAX_STEPS
 from lego_model.skip import SkipPlan
 
 log = logging.getLogger(__name__)
@@ -184,7 +187,7 @@ def real_reference(classifier: DigitClassifier, resolution: int, per_class: int)
     return feats, frechet_distance(feats[subset], feats)
 
 
-@click.command()
+@click.command(cls=OneLineCommand)
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="[default: the shipped model]")
 @click.option(
     "--classifier",
@@ -193,15 +196,21 @@ def real_reference(classifier: DigitClassifier, resolution: int, per_class: int)
     default=None,
     help="[default: the shipped classifier]",
 )
+# 10,000 per class is 100,000 images per plan: far more than a table needs (the real digits have ~180 per class).
 @click.option(
-    "--per-class", type=click.IntRange(min=2), default=50, show_default=True, help="Samples per class and plan."
+    "--per-class", type=BoundedInt(2, 10_000), default=50, show_default=True, help="Samples per class and plan."
 )
-@click.option("--steps", type=click.IntRange(min=1), default=18, show_default=True)
+@click.option("--steps", type=BoundedInt(1, MAX_STEPS), default=18, show_default=True)
 @click.option("--solver", type=click.Choice(["heun", "euler"]), default="heun", show_default=True)
-@click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance scale [default: none].")
+@click.option(
+    "--cfg-scale",
+    type=BoundedFloat(0, MAX_CFG_SCALE),
+    default=None,
+    help=f"Classifier-free guidance scale, 0 to {MAX_CFG_SCALE:g} [default: none].",
+)
 @click.option("--plan", "plan_names", multiple=True, help="Only these rows (e.g. 'full stack', 'global@0.6').")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--threads", type=BoundedInt(1, usable_cores()), default=None, help="torch CPU threads.")
 def main(checkpoint, classifier_path, per_class, steps, solver, cfg_scale, plan_names, json_out, threads):
     """Accuracy, Fréchet distance and relative FLOPs of the full stack, every early exit and the skip presets."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -35,15 +35,23 @@ from click.core import ParameterSource
 from torch import Tensor
 
 from lego_model.checkpoints import read_safetensors, save_checkpoint, write_safetensors
-from lego_model.cli import one_line_errors
+from lego_model.cli import OneLineCommand, one_line_errors
 from lego_model.configs import LegoConfig, get_config
 from lego_model.errors import CheckpointError, LegoError
+from lego_model.flops import usable_cores
 from lego_model.model import LegoModel
+from lego_model.parsing import BoundedFloat, BoundedInt, parse_float, parse_int
 from lego_model.precond import combine_output, prepare_inputs
+from lego_model.sampler import TORCH_SEED_MAX
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "lego-train-state/1"
+# Bounds of the command line: far above the shipped run (4,000 steps of batch 64 on 1,797 digits), far below what
+# would only fail after hours (a batch of 10^6 16x16 canvases, a schedule of 10^12 steps).
+MAX_TRAIN_STEPS = 10_000_000
+MAX_BATCH = 4096
+MAX_WALL_TIME_S = 1e12  # seconds of training recorded in a state file (30,000 years)
 
 
 @dataclass(frozen=True)
@@ -199,15 +207,16 @@ def load_state(path: str | Path, opts: TrainOptions | None = None) -> TrainState
     state.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     state.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
     slots: dict[int, dict[str, Tensor]] = {}
+    n_slots = len(list(state.model.parameters()))
     for key, value in tensors.items():
         if key.startswith("optim/"):
-            _, idx, name = key.split("/")
-            slots.setdefault(int(idx), {})[name] = value
+            _, idx, name = key.split("/", 2)
+            slots.setdefault(parse_int(idx, f"{path}: optimizer slot", 0, n_slots - 1), {})[name] = value
     slots = dict(sorted(slots.items()))  # file order is lexical ("10" before "2")
     state.optimizer.load_state_dict({"state": slots, "param_groups": json.loads(meta["param_groups"])})
     state.generator.set_state(tensors["rng/generator"])
-    state.step = int(meta["step"])
-    state.wall_time_s = float(meta["wall_time_s"])
+    state.step = parse_int(meta.get("step"), f"{path}: step", 0, MAX_TRAIN_STEPS)
+    state.wall_time_s = parse_float(meta.get("wall_time_s"), f"{path}: wall_time_s", 0.0, MAX_WALL_TIME_S)
     return state
 
 
@@ -320,7 +329,7 @@ def _default_state_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + ".state.safetensors")
 
 
-@click.command()
+@click.command(cls=OneLineCommand)
 @click.option("--config", "config_name", default="digits_pg_16", show_default=True, help="Registry config to train.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Model file (EMA weights, .safetensors).")
 @click.option(
@@ -331,18 +340,26 @@ def _default_state_path(out: Path) -> Path:
     help="Resume file [default: OUT with .state.safetensors].",
 )
 @click.option("--resume", is_flag=True, help="Continue from the resume file.")
-@click.option("--steps", type=click.IntRange(min=1), default=TrainOptions.steps, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=TrainOptions.batch_size, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TrainOptions.lr, show_default=True)
-@click.option("--warmup-steps", type=click.IntRange(min=1), default=TrainOptions.warmup_steps, show_default=True)
-@click.option("--ema-decay", type=click.FloatRange(0, 1), default=TrainOptions.ema_decay, show_default=True)
-@click.option("--seed", type=int, default=TrainOptions.seed, show_default=True)
-@click.option("--save-every", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--steps", type=BoundedInt(1, MAX_TRAIN_STEPS), default=TrainOptions.steps, show_default=True)
+@click.option("--batch-size", type=BoundedInt(1, MAX_BATCH), default=TrainOptions.batch_size, show_default=True)
+@click.option("--lr", type=BoundedFloat(0, 1, low_open=True), default=TrainOptions.lr, show_default=True)
 @click.option(
-    "--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [default: torch's choice]."
+    "--warmup-steps", type=BoundedInt(1, MAX_TRAIN_STEPS), default=TrainOptions.warmup_steps, show_default=True
+)
+@click.option("--ema-decay", type=BoundedFloat(0, 1), default=TrainOptions.ema_decay, show_default=True)
+@click.option("--seed", type=BoundedInt(0, TORCH_SEED_MAX), default=TrainOptions.seed, show_default=True)
+@click.option("--save-every", type=BoundedInt(1, MAX_TRAIN_STEPS), default=250, show_default=True)
+@click.option(
+    "--threads",
+    type=BoundedInt(1, usable_cores()),
+    default=None,
+    help="torch CPU threads, at most the usable cores [default: torch's choice].",
 )
 @click.option(
-    "--stop-after", type=click.IntRange(min=1), default=None, help="Stop after this many steps (resume later)."
+    "--stop-after",
+    type=BoundedInt(1, MAX_TRAIN_STEPS),
+    default=None,
+    help="Stop after this many steps (resume later).",
 )
 def main(
     config_name,

@@ -23,7 +23,6 @@ with its own lock.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
@@ -36,7 +35,9 @@ from torch import Tensor
 
 from export.records import TORCH_DTYPES
 from lego_model.configs import LegoConfig
+from lego_model.flops import usable_cores
 from runtimes.cuda import TORCH_CUDA, Cuda
+from runtimes.distributed import rank_info
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
@@ -369,13 +370,8 @@ def default_threads(local_world_size: int | None = None) -> int:
     in every torchrun worker) makes the workers fight for the same cores.
     """
     if local_world_size is None:
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        local_world_size = rank_info().local_world_size
     return max(1, usable_cores() // max(1, local_world_size))
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def check_threads(threads: object) -> None:

@@ -465,7 +465,8 @@ def test_bad_profile_options(tmp_path: Path, option: str, value: str, fragment: 
 def test_bad_seed_is_a_usage_error(tmp_path: Path, seed: str) -> None:
     result = export_cli("--config", TINY, "--random-init", "--seed", seed, "--out", tmp_path / "e", *FAST)
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.output.strip().splitlines()[-1].startswith("Error: Invalid value for '--seed'"), result.output
+    assert result.output.strip().splitlines() == [result.stderr.strip()], result.output  # one line
+    assert result.stderr.startswith("error: Invalid value for '--seed'"), result.output
     assert list(tmp_path.iterdir()) == []
 
 

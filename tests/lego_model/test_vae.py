@@ -35,6 +35,7 @@ def test_directory_decodes_as_diffusers_with_the_scaling_factor(small_vae_dir: P
     torch.testing.assert_close(images, diffusers_decode(vae, latents, 0.18215), rtol=0, atol=0)
     # the exported forward (the engine's graph) computes the same
     with torch.no_grad():
+        # The same diffusers decode, the division by the scaling factor inside the module instead of before it.
         torch.testing.assert_close(vae.decoder()(latents), images, rtol=0, atol=1e-6)
 
 
@@ -47,6 +48,8 @@ def test_chunks_bound_memory_and_change_nothing(small_vae_dir: Path) -> None:
     vae = load_vae(small_vae_dir)
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     assert decode_chunk(vae.config, 8, 8, max_bytes=1) == 1
+    # Chunks of one image vs one batch of three: convolutions blocked differently (fp32 sums over 3x3xC <= 2304
+    # terms, ~50 layers: ~sqrt(2304) * 2^-24 * 50 ~ 1.5e-4 relative at worst, images in [-1, 1]).
     torch.testing.assert_close(vae.decode(latents, max_bytes=1), vae.decode(latents), rtol=1e-5, atol=5e-5)
     sd = json.loads(SD_VAE_CONFIG.read_text())
     # sd-vae-ft-ema at 256x256 (32x32 latents): a few images per 2 GiB chunk, fewer at 512x512

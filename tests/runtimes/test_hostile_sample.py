@@ -40,7 +40,8 @@ def run_cli(*args: str):
 
 
 def refused(result, pattern: str) -> str:
-    assert result.exit_code == 1, result.output
+    """One ``error:`` line, exit 1 (a project error) or 2 (an option value click's type refused)."""
+    assert result.exit_code in (1, 2), result.output
     assert "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -68,14 +69,14 @@ OPTIONS = {
     "superscript digit seed": (["--seeds", "\u00b2"], "cannot parse seeds"),
     "5000-digit seed": (["--seeds", "0-" + "9" * 5000], "(5000 digits) is out of range"),
     "overlapping seed ranges": (["--seeds", "0-5,3-8"], "seed 3 is given more than once"),
-    "threads beyond the cores": (["--threads", "100000"], "--threads 100000 is outside 1.."),
-    "negative guidance": (["--cfg-scale", "-1", "--class", "1"], "guidance scale -1.0 is outside 0..100"),
-    "guidance beyond float32": (["--cfg-scale", "1e300", "--class", "1"], "guidance scale 1e+300 is outside 0..100"),
-    "NaN guidance": (["--cfg-scale", "nan", "--class", "1"], "guidance scale nan"),
-    "infinite guidance": (["--cfg-scale", "inf"], "guidance scale inf"),
-    "NaN churn": (["--S-churn", "nan"], "S_churn nan must be a finite number"),
+    "threads beyond the cores": (["--threads", "100000"], "'--threads': 100000 is out of range (minimum 1"),
+    "negative guidance": (["--cfg-scale", "-1", "--class", "1"], "'--cfg-scale': cannot parse '-1'"),
+    "guidance beyond float32": (["--cfg-scale", "1e300", "--class", "1"], "1e300 is outside [0, 100]"),
+    "NaN guidance": (["--cfg-scale", "nan", "--class", "1"], "'--cfg-scale': cannot parse 'nan'"),
+    "infinite guidance": (["--cfg-scale", "inf"], "'--cfg-scale'"),
+    "NaN churn": (["--S-churn", "nan"], "'--S-churn': cannot parse 'nan'"),
     "infinite churn": (["--S-churn", "inf"], "S_churn inf must be a finite number"),
-    "NaN churn noise": (["--S-churn", "1", "--S-noise", "nan"], "S_noise nan"),
+    "NaN churn noise": (["--S-churn", "1", "--S-noise", "nan"], "'--S-noise': cannot parse 'nan'"),
     "churn range backwards": (["--S-churn", "1", "--S-min", "5", "--S-max", "1"], "0 <= S_min <= S_max"),
     "--config with engines": (["--config", "tiny_PG_16"], "--config does not apply to the"),
     "out under a file": (["--out", "{tmp}/file/sub"], "is not a directory"),
@@ -109,7 +110,7 @@ def test_bad_options_are_refused_in_one_line_and_touch_nothing(name, engines_pg,
 
 def test_absurd_steps_are_a_usage_error_not_a_hang(engines_pg, tmp_path):
     result = CliRunner().invoke(main, ["--engine-dir", str(engines_pg), "--steps", "1000000000"])
-    assert result.exit_code == 2 and "1000000000 is not in the range 1<=x<=1000" in result.output
+    assert result.exit_code == 2 and "1000000000 is out of range (minimum 1, maximum 1000)" in result.output
     assert not (tmp_path / "samples").exists()
 
 
@@ -118,9 +119,9 @@ def test_huge_canvas_on_the_torch_backend_is_refused_by_its_memory_need(tmp_path
     ckpt = save_checkpoint(tiny_model("tiny_PR_16"), tmp_path / "pr.safetensors")
     before = snapshot(tmp_path)
     refused(
-        run_cli("--backend", "torch", "--checkpoint", str(ckpt), "--height", "100000", "--width", "100000",
+        run_cli("--backend", "torch", "--checkpoint", str(ckpt), "--height", "8192", "--width", "8192",
                 "--seeds", "0-1", "--out", str(tmp_path / "out")),
-        "2 canvases of 100000x100000 need at least",
+        "2 canvases of 8192x8192 need at least",
     )  # fmt: skip
     assert snapshot(tmp_path) == before
 
