@@ -44,9 +44,9 @@ def precision_of(backend: str) -> str:
 
 
 def _bf16_hardware() -> bool:
-    from runtimes.backends.precision import cpu_bf16_units
+    from runtimes.backends.precision import cpu_bf16_units, gpu_bf16_units
 
-    return torch.cuda.is_bf16_supported() if DEVICE.type == "cuda" else bool(cpu_bf16_units())
+    return gpu_bf16_units(DEVICE)[0] if DEVICE.type == "cuda" else bool(cpu_bf16_units())
 
 
 def available_backends() -> list[str]:
@@ -128,16 +128,19 @@ def denoiser(
 @contextlib.contextmanager
 def open_engines(bm: BenchModel, backend: str, **options: Any) -> Iterator[Backend]:
     """The runtime backend of ``backend`` (a runtime name or a :data:`RUNTIME` name) over ``bm``'s engine
-    directory, loaded; the torch backend reuses bm's weights.
+    directory, loaded; the torch backend runs bm's own weights (no second copy on the device).
 
     ``options`` go to :func:`runtimes.backends.open_backend` (threads, ort_optimization).
     """
     from runtimes.backends import open_backend
 
     kind, precision = RUNTIME.get(backend, (backend, "fp32"))
-    be, _ = open_backend(kind, engine_dir=bm.engine_dir, precision=precision, **options)
     if kind == "torch":
-        be.model = bm.model.to(DEVICE)  # the already loaded reference weights
+        # The already loaded reference weights, on DEVICE in eval mode: load() runs them as they are.
+        model = bm.model.to(DEVICE).eval()
+        be, _ = open_backend("torch", checkpoint=model, device=DEVICE, precision=precision)  # torch sets its threads
+    else:
+        be, _ = open_backend(kind, engine_dir=bm.engine_dir, precision=precision, **options)
     with be:
         yield be
 

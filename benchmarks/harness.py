@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
-# LEGO_BENCH_RESULTS redirects the results (e.g. to $OUT on a lent GPU machine).
+# LEGO_BENCH_RESULTS redirects the results (a timestamped directory per run, mirrored to latest/);
+# LEGO_BENCH_OUT writes them flat into one directory instead, rewritten as each test ends (benchmarks/gpu.sh).
 RESULTS_DIR = Path(os.environ.get("LEGO_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
+FLAT_OUT = Path(os.environ["LEGO_BENCH_OUT"]) if os.environ.get("LEGO_BENCH_OUT") else None
 
 
 def _sync() -> None:
@@ -207,7 +209,24 @@ def machine_info() -> dict[str, Any]:
         except ImportError:
             info[lib] = None
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["driver"] = _nvidia_driver()
     return info
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version nvidia-smi reports, or None without it."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.stdout.strip() else None
 
 
 def _cpu_model() -> str:
@@ -260,17 +279,36 @@ class Report:
             lines += ["## Notes", "", *[f"- {n}" for n in self.notes], ""]
         return "\n".join(lines)
 
-    def save(self, out_dir: Path = RESULTS_DIR) -> Path:
-        """Write results.json, summary.md and plots to results/<timestamp>/ and mirror them to results/latest/."""
-        run_dir = out_dir / self.started.strftime("%Y%m%d-%H%M%S")
-        latest = out_dir / "latest"
-        for d in (run_dir, latest):
+    def save(self, out_dir: Path = RESULTS_DIR, *, plots: bool = True) -> Path:
+        """Write results.json, summary.md and plots to results/<timestamp>/ and mirror them to results/latest/;
+        with LEGO_BENCH_OUT set, results.json and summary.md go flat into that directory."""
+        if FLAT_OUT is not None:
+            dirs = [FLAT_OUT]
+            plots = False  # a bounded set of files there (gpu.sh); the tables hold the figures
+        else:
+            dirs = [out_dir / self.started.strftime("%Y%m%d-%H%M%S"), out_dir / "latest"]
+        for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
             payload = {"machine": self.machine, "started": self.started.isoformat(), "tables": self.tables}
-            (d / "results.json").write_text(json.dumps(payload, indent=1, default=_json_default))
-            (d / "summary.md").write_text(self.markdown())
-            _plots(self.tables, d)
-        return run_dir
+            _write(d / "results.json", json.dumps(payload, indent=1, default=_json_default))
+            _write(d / "summary.md", self.markdown())
+            if plots:
+                _plots(self.tables, d)
+        return dirs[0]
+
+
+def artifact_dir() -> Path:
+    """Where a benchmark writes files beside its tables (profiler traces): LEGO_BENCH_OUT, else results/latest/."""
+    out = FLAT_OUT if FLAT_OUT is not None else RESULTS_DIR / "latest"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace ``path`` whole (temporary name, then rename): a run killed mid-write keeps the previous version."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _json_default(obj: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The runtime's own figures: ONNX Runtime settings, memory over a long run, CUDA graphs against no graphs.
+"""The runtime's own figures: ONNX Runtime settings and memory over a long run (CUDA graphs: test_gpu.py).
 
 * ``ort settings``: ms per denoiser call of the ONNX Runtime chain per thread count and session option
   (graph optimization level, spinning threads) next to eager fp32 at the same thread count, interleaved
@@ -7,9 +7,6 @@
 * ``memory: 100-step run``: resident memory (and allocated CUDA memory) at steps 10, 60 and 99 of a
   100-step Euler run with a skip plan, after a warm-up run that met every active set: a chain that
   allocates per call grows here.
-* ``cuda graphs``: on a CUDA machine, per-call time of eager, the torch-backend chain without and with
-  CUDA graphs; one-call and whole-run parity of graphs against no graphs (a breach fails the benchmark),
-  a replayed run against the capturing one, graphs captured and allocation growth across a replayed run.
 """
 
 from __future__ import annotations
@@ -21,9 +18,9 @@ import statistics
 import pytest
 import torch
 
-from benchmarks.backends import DEVICE, available_backends, chain_batch, denoiser, open_engines
+from benchmarks.backends import DEVICE, available_backends, chain_batch, denoiser
 from benchmarks.conftest import SHIPPED
-from benchmarks.harness import PeakMemory, current_rss_mib, max_abs, time_ms
+from benchmarks.harness import PeakMemory, current_rss_mib, time_ms
 from lego_model import SkipPlan, draw_latents, edm_sample
 
 pytestmark = pytest.mark.benchmark
@@ -126,86 +123,3 @@ def test_long_run_memory(bench_models, report, name, backend):
         rss_mib_step10=marks[10]["rss"], rss_mib_step60=marks[60]["rss"], rss_mib_step99=marks[99]["rss"],
         rss_growth_10_99_mib=marks[99]["rss"] - marks[10]["rss"], peak_rss_mib=mem.rss_mib, **cuda,
     )  # fmt: skip
-
-
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA GPU")
-def test_cuda_graphs(bench_models, report):
-    """lego_S_PG_64 through the torch backend: CUDA graphs against no graphs, timing and parity (TF32 off)."""
-    name = "lego_S_PG_64"
-    if name not in bench_models:
-        pytest.skip(f"{name} is not available on this machine")
-    bm = bench_models[name]
-    cfg = bm.config
-    model = bm.model.to(DEVICE)
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 parity, as on the CPU
-    torch.cuda.reset_peak_memory_stats()
-    failures = []
-    try:
-        with open_engines(bm, "torch") as be, torch.inference_mode():
-            for batch in (1, 8):
-                _graph_calls(report, name, model, be, batch)
-
-            seeds, steps = [0, 1, 2, 3], 18
-            plan = SkipPlan.preset("global@0.6", cfg)
-            for cfg_scale in (None, 2.0):
-                latents, labels, _ = draw_latents(seeds, cfg.img_channels, 64, 64, cfg.label_dim)
-                latents = latents.to(DEVICE)
-                shape = dict(batch=len(seeds), height=64, width=64, cfg_scale=cfg_scale, num_steps=steps)
-                run = functools.partial(edm_sample, num_steps=steps, active_per_step=plan.steps(steps))
-                with chain_batch(be, labels, **shape) as (_, plain):
-                    a, t_plain = _timed(run, plain, latents)
-                with chain_batch(be, labels, **shape, cuda_graphs=True) as (chain, graphed):
-                    b, t_first = _timed(run, graphed, latents)  # captures (each key's first call runs eagerly)
-                    torch.cuda.synchronize()
-                    before = torch.cuda.memory_allocated()
-                    c, t_replay = _timed(run, graphed, latents)
-                    replay_err = max_abs(b, c)
-                    del c  # what stays allocated beyond the state before the run is growth
-                    torch.cuda.synchronize()
-                    growth = torch.cuda.memory_allocated() - before
-                    captured = len(chain.graphs) if chain.graphs is not None else 0
-                err = max_abs(a, b)
-                ok = (
-                    err <= GRAPH_TOLERANCE["run_max_abs"]
-                    and replay_err <= GRAPH_TOLERANCE["replay_max_abs"]
-                    and growth <= GRAPH_TOLERANCE["growth_bytes"]
-                )
-                if not ok:
-                    failures.append(f"cfg {cfg_scale}: max abs {err:.2e}, replay {replay_err:.1e}, growth {growth} B")
-                report.add(
-                    "cuda graphs: runs", model=name, batch=len(seeds), steps=steps, plan="global@0.6",
-                    guidance=cfg_scale or "-", no_graphs_ms=t_plain, graphs_first_ms=t_first, graphs_replay_ms=t_replay,
-                    graphs=captured, max_abs_graphs_vs_none=err, max_abs_replay_vs_first=replay_err,
-                    allocation_growth_bytes=growth, peak_cuda_mib=torch.cuda.max_memory_allocated() / 2**20,
-                )  # fmt: skip
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    assert not failures, "CUDA graphs vs no graphs: " + "; ".join(failures)
-
-
-def _graph_calls(report, name: str, model, be, batch: int) -> None:
-    """Per-call time of eager, chain and chain with graphs at one batch size (64x64), and one-call parity."""
-    cfg = model.config
-    full = tuple(range(cfg.num_bricks))
-    x, sigma, labels = _inputs(cfg, batch, 64, 64)
-    labels = labels.to(DEVICE)
-    shape = dict(batch=batch, height=64, width=64)
-    with chain_batch(be, labels, **shape) as (_, plain), chain_batch(be, labels, **shape, cuda_graphs=True) as pair:
-        graphed = pair[1]
-        calls = {
-            "eager": functools.partial(model, x, sigma, labels, full),
-            "chain": functools.partial(plain, x, sigma, full),
-            "chain+graphs": functools.partial(graphed, x, sigma, full),
-            "chain+graphs, no global brick": functools.partial(graphed, x, sigma, (0, 1)),
-        }
-        ms = {variant: time_ms(fn, warmup=3, repeats=50)["median_ms"] for variant, fn in calls.items()}
-        d_plain = plain(x, sigma, full).clone()
-        d_graph = graphed(x, sigma, full).clone()
-        d_eager = model(x, sigma, labels, full)
-    for variant, t in ms.items():
-        report.add(
-            "cuda graphs: calls", model=name, batch=batch, size="64x64", variant=variant, ms_per_call=t,
-            speedup_vs_eager=ms["eager"] / t, graphs_vs_plain_max_abs=max_abs(d_graph, d_plain),
-            graphs_vs_eager_max_abs=max_abs(d_graph, d_eager),
-        )  # fmt: skip

@@ -370,38 +370,24 @@ def _tensorrt_engine(
     env: Any,
 ) -> tuple[EngineEntry, float, str]:
     """Build (or take from the engine cache) one plan, verify it on the GPU, and describe it."""
-    from export.tensorrt_build import (
-        EngineCache,
-        engine_cache_key,
-        engine_cache_parts,
-        engine_from_onnx,
-        plan_runner,
-        timing_cache_name,
-    )
+    from export.tensorrt_build import cached_plan, plan_runner
 
     t0 = time.perf_counter()
-    cache_dir = options.cache_dir or default_cache_dir()
-    args = (onnx_entry.sha256, onnx_entry.precision, profile, env.tensorrt_version, env.compute_capability)
-    key, parts = engine_cache_key(*args), engine_cache_parts(*args)
-    cache = EngineCache(cache_dir / "engines")
     plan_path = staging / f"{spec.name}.plan"
-    cached = cache.lookup(key, parts)
-    if cached is not None:
-        shutil.copyfile(cached, plan_path)
-        note = "(engine cache hit)"
-    else:
-        timing = cache_dir / timing_cache_name(env.tensorrt_version, env.compute_capability)
-        engine_from_onnx(spec, onnx_path, plan_path, profile, timing, identity=identity)
-        cache.store(key, parts, plan_path)
-        note = "(built)"
-    verification = verify_engine(spec, model, plan_runner(spec, plan_path), onnx_entry.precision, shapes, options.seed)
+    result = cached_plan(
+        spec, onnx_path, plan_path, profile, env, options.cache_dir or default_cache_dir(),
+        onnx_sha256=onnx_entry.sha256, precision=onnx_entry.precision, identity=identity,
+        verify=lambda path: verify_engine(spec, model, plan_runner(spec, path), onnx_entry.precision, shapes,
+                                          options.seed),
+    )  # fmt: skip
+    verification, note = result.verification, result.note
     built_with = dataclasses.replace(
         onnx_entry.built_with,
-        tensorrt=env.tensorrt_version,
-        gpu=env.gpu_name,
-        compute_capability=env.compute_capability,
+        tensorrt=result.builder.tensorrt_version,
+        gpu=result.builder.gpu_name,  # who tuned the plan: on a cache hit the cache's record
+        compute_capability=result.builder.compute_capability,
         onnx_sha256=onnx_entry.sha256,
-        engine_cache_key=key,
+        engine_cache_key=result.key,
     )
     entry = _entry(spec, plan_path, staging, "tensorrt", onnx_entry.precision, profile, built_with, verification)
     return entry, time.perf_counter() - t0, note

@@ -5,10 +5,15 @@
   fp32 islands of half-precision files (LayerNorm, softmax, sinusoid) survive.
 * One optimization profile per engine, from the export's batch/height/width ranges.
 * A timing cache shared by all bricks and all runs of one TensorRT version on
-  one GPU model: later builds skip most kernel timing.
+  one GPU model: later builds skip most kernel timing.  TensorRT refuses a
+  cache made on another device; then the build goes on with a fresh one (one
+  warning) that replaces it.
 * An engine cache keyed by everything that determines the plan (ONNX sha256,
-  precision, profile, TensorRT version, GPU compute capability): a plan is
-  reused only when the whole key matches, never because a file exists.
+  precision, profile, TensorRT version, the GPU model and its compute
+  capability -- an H100 and an H200 are both 9.0 but tune differently -- and
+  the workspace limit): a plan is reused only when the whole key matches, never
+  because a file exists, and only plans that passed verification are stored.
+  Each entry records the GPU that built it, which the manifest then names.
 
 The pure parts (cache keys, file names, the missing-dependency message) are
 tested on any machine; building and running engines needs the ``trt`` marker.
@@ -16,11 +21,14 @@ tested on any machine; building and running engines needs the ``trt`` marker.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +38,7 @@ import numpy as np
 from export.errors import ExportError, MissingDependencyError, VerificationError
 from export.identity import plan_name
 from export.loaders import context_from_engine, engine_from_plan, plan_runtime
-from export.records import Profile
+from export.records import Profile, Verification
 from export.specs import EngineSpec, profile_shapes
 from export.verify import EngineRunner
 from lego_model.checkpoints import file_sha256
@@ -38,7 +46,7 @@ from lego_model.checkpoints import file_sha256
 log = logging.getLogger(__name__)
 
 # Bump when the builder settings below change, so that cached plans built with the old settings are not reused.
-BUILD_RECIPE = 2  # 2: the network name carries the engine identity
+BUILD_RECIPE = 3  # 2: the network name carries the engine identity; 3: keyed by GPU model and workspace too
 INSTALL_HINT = "install the gpu extra on a machine with an NVIDIA GPU: pip install -e '.[gpu]'"
 
 
@@ -88,58 +96,132 @@ def require_tensorrt(requested: str = "trt") -> TrtEnvironment:
 
 
 def engine_cache_key(
-    onnx_sha256: str, precision: str, profile: Profile, tensorrt_version: str, compute_capability: str
+    onnx_sha256: str, precision: str, profile: Profile, env: TrtEnvironment, workspace_bytes: int | None = None
 ) -> str:
     """Hex sha256 identifying a plan; any difference in any part gives another key."""
-    parts = engine_cache_parts(onnx_sha256, precision, profile, tensorrt_version, compute_capability)
+    parts = engine_cache_parts(onnx_sha256, precision, profile, env, workspace_bytes)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def engine_cache_parts(
-    onnx_sha256: str, precision: str, profile: Profile, tensorrt_version: str, compute_capability: str
+    onnx_sha256: str, precision: str, profile: Profile, env: TrtEnvironment, workspace_bytes: int | None = None
 ) -> dict[str, Any]:
-    """The parts of a cache key, as recorded beside each cached plan."""
+    """The parts of a cache key, as recorded beside each cached plan (``workspace_bytes`` None: TensorRT's limit)."""
     return {
         "onnx_sha256": onnx_sha256,
         "precision": precision,
         "profile": profile.to_dict(),
-        "tensorrt": tensorrt_version,
-        "compute_capability": compute_capability,
+        "tensorrt": env.tensorrt_version,
+        "gpu": env.gpu_name,
+        "compute_capability": env.compute_capability,
+        "workspace_bytes": workspace_bytes,
         "recipe": BUILD_RECIPE,
     }
 
 
-def timing_cache_name(tensorrt_version: str, compute_capability: str) -> str:
-    """Timing caches are only valid for one TensorRT version on one GPU architecture."""
-    return f"timing-trt{tensorrt_version}-sm{compute_capability.replace('.', '')}.cache"
+def timing_cache_name(env: TrtEnvironment) -> str:
+    """Timing caches are valid for one TensorRT version on one GPU model (TensorRT checks the device's properties)."""
+    gpu = re.sub(r"[^a-z0-9]+", "-", env.gpu_name.lower()).strip("-")
+    return f"timing-trt{env.tensorrt_version}-sm{env.compute_capability.replace('.', '')}-{gpu}.cache"
+
+
+@dataclass(frozen=True)
+class CachedPlan:
+    """A plan in the engine cache, and the environment that built it."""
+
+    path: Path
+    builder: TrtEnvironment
 
 
 class EngineCache:
-    """Plans stored as ``<key>.plan`` with ``<key>.json`` holding the key's parts and the plan's sha256."""
+    """Plans stored as ``<key>.plan`` with ``<key>.json`` holding the key's parts, the plan's sha256 and its builder."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def lookup(self, key: str, parts: dict[str, Any]) -> Path | None:
+    def lookup(self, key: str, parts: dict[str, Any]) -> CachedPlan | None:
         """The cached plan for ``key`` if its recorded parts equal ``parts`` and its bytes are intact."""
         plan, meta = self.root / f"{key}.plan", self.root / f"{key}.json"
         try:
             record = json.loads(meta.read_text())
-        except (OSError, json.JSONDecodeError):
+            builder = TrtEnvironment(**record["builder"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
             return None
         if record.get("parts") != parts or not plan.is_file() or file_sha256(plan) != record.get("sha256"):
             log.info("engine cache entry %s is stale or damaged; rebuilding", key[:12])
             return None
-        return plan
+        return CachedPlan(plan, builder)
 
-    def store(self, key: str, parts: dict[str, Any], plan: Path) -> None:
+    def store(self, key: str, parts: dict[str, Any], plan: Path, builder: TrtEnvironment) -> None:
         """Copy ``plan`` into the cache (temporary names, then renames: a reader never sees half a file)."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp_plan, tmp_meta = self.root / f"{key}.plan.tmp", self.root / f"{key}.json.tmp"
         shutil.copyfile(plan, tmp_plan)
-        tmp_meta.write_text(json.dumps({"parts": parts, "sha256": file_sha256(plan)}, sort_keys=True))
+        record = {"parts": parts, "sha256": file_sha256(plan), "builder": dataclasses.asdict(builder)}
+        tmp_meta.write_text(json.dumps(record, sort_keys=True))
         os.replace(tmp_plan, self.root / f"{key}.plan")
         os.replace(tmp_meta, self.root / f"{key}.json")
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What :func:`cached_plan` made: the cache key, who built the plan, its verification, how it was got."""
+
+    key: str
+    builder: TrtEnvironment
+    verification: Verification
+    note: str  # "(built)" or "(engine cache hit)"
+
+
+def cached_plan(
+    spec: EngineSpec,
+    onnx_path: str | Path,
+    plan_path: str | Path,
+    profile: Profile,
+    env: TrtEnvironment,
+    cache_dir: str | Path,
+    *,
+    onnx_sha256: str,
+    precision: str,
+    verify: Callable[[Path], Verification],
+    identity: dict[str, str] | None = None,
+    workspace_bytes: int | None = None,
+) -> PlanResult:
+    """The plan of ``spec`` at ``plan_path``: the engine cache's when the whole key matches, else built here.
+
+    ``verify(plan_path)`` checks it either way and raises VerificationError on a
+    bad plan, which is then not cached (a failing plan must not come back from
+    the cache).  The result names the builder: this GPU for a build, the
+    cache's record for a hit.
+    """
+    cache_dir, plan_path = Path(cache_dir), Path(plan_path)
+    parts = engine_cache_parts(onnx_sha256, precision, profile, env, workspace_bytes)
+    key = engine_cache_key(onnx_sha256, precision, profile, env, workspace_bytes)
+    cache = EngineCache(cache_dir / "engines")
+    hit = cache.lookup(key, parts)
+    if hit is not None:
+        shutil.copyfile(hit.path, plan_path)
+        return PlanResult(key, hit.builder, verify(plan_path), "(engine cache hit)")
+    timing = cache_dir / timing_cache_name(env)
+    engine_from_onnx(spec, onnx_path, plan_path, profile, timing, workspace_bytes=workspace_bytes, identity=identity)
+    verification = verify(plan_path)
+    cache.store(key, parts, plan_path, env)
+    return PlanResult(key, env, verification, "(built)")
+
+
+def _attach_timing_cache(config: Any, path: Path) -> None:
+    """Give the builder config the timing cache at ``path``, or a fresh one where TensorRT refuses that file.
+
+    ``set_timing_cache(..., ignore_mismatch=False)`` refuses a cache made on
+    another device (and ``get_timing_cache()`` is then None); taking it anyway
+    (``ignore_mismatch=True``) would time kernels with another GPU's figures.
+    """
+    cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+    if config.set_timing_cache(cache, ignore_mismatch=False):
+        return
+    log.warning("the timing cache %s was made on another GPU or TensorRT; timing afresh (it will be replaced)", path)
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise ExportError(f"TensorRT refused a fresh timing cache; delete {path.parent} and retry")
 
 
 def engine_from_onnx(
@@ -180,8 +262,7 @@ def engine_from_onnx(
         optimization.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(optimization)
     timing_cache = Path(timing_cache)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    _attach_timing_cache(config, timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"{spec.name}: TensorRT failed to build an engine from {Path(onnx_path).name} (see its log)")

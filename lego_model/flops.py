@@ -82,17 +82,22 @@ def available_memory() -> int | None:
     return None
 
 
-def check_memory(config: LegoConfig, height: int, width: int, rows: int) -> int:
+def check_memory(
+    config: LegoConfig, height: int, width: int, rows: int, *, available: int | None = None, where: str = ""
+) -> int:
     """Refuse (ShapeError) an eager batch whose activations alone exceed the available memory; returns the estimate.
 
     Without this a 4096x4096 batch runs into the allocator (a traceback) or the
     kernel's OOM killer after minutes; the estimate is a lower bound, so
-    nothing that would fit is refused.
+    nothing that would fit is refused.  ``available``: the bytes to compare
+    with (default: the host's MemAvailable), ``where`` names that memory in the
+    message (e.g. " on cuda:0").
     """
-    need, have = activation_bytes(config, height, width, rows), available_memory()
+    need = activation_bytes(config, height, width, rows)
+    have = available_memory() if available is None else available
     if have is not None and need > have:
         raise ShapeError(
             f"{rows} canvases of {height}x{width} need at least {need / 2**30:.1f} GiB of activations, "
-            f"{have / 2**30:.1f} GiB is available; sample fewer seeds per run or a smaller size"
+            f"{have / 2**30:.1f} GiB is available{where}; sample fewer seeds per run or a smaller size"
         )
     return need

@@ -320,6 +320,7 @@ def sample_batches(
     device: torch.device,
     default_batch: int,
     on_step: Callable[[int], None] | None = None,
+    sampler: Callable[..., Tensor] = edm_sample,
 ) -> Iterator[tuple[tuple[int, ...], Tensor]]:
     """Sample ``request`` batch by batch: (seeds, float64 [n, C, H, W] on ``device``) per batch.
 
@@ -327,7 +328,9 @@ def sample_batches(
     (``draw_latents``), the batch's denoiser from ``open_batch``, and
     ``edm_sample`` with the request's schedule, plan and churn.  A latent
     model's result is its latents; decoding is the caller's.  ``on_step(i)``
-    is called after each sampling step of each batch.
+    is called after each sampling step of each batch.  ``sampler`` takes
+    ``edm_sample``'s arguments; the runtime passes its chain's whole-run entry
+    point (``BrickChain.sample``, one CUDA graph per run on a GPU), the same program.
     """
     if on_step is not None and not callable(on_step):
         raise UsageError(f"on_step must be a callable taking the step index, got {on_step!r}")
@@ -336,7 +339,7 @@ def sample_batches(
         latents, labels, rnd = draw_latents(seeds, cfg.img_channels, request.height, request.width, cfg.label_dim,
                                             classes)  # fmt: skip
         with open_batch(labels, len(seeds)) as denoise:
-            images = edm_sample(
+            images = sampler(
                 denoise,
                 latents.to(device),
                 num_steps=request.steps,

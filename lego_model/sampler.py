@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -177,6 +178,240 @@ class NonFiniteWatch:
         return min(found) if found else None
 
 
+# Churn noise kept on the device for a whole run beyond this is drawn step by step instead (see SamplingLoop).
+NOISE_BUDGET_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One step of a run, everything host-side fixed before the loop: coefficients, sigma rows, noise, bricks."""
+
+    index: int
+    active: tuple[int, ...]
+    t_hat: float  # the raised noise level the step starts from (t_cur without churn)
+    t_next: float
+    h: float  # t_next - t_hat
+    noise_scale: float  # sqrt(t_hat^2 - t_cur^2) * S_noise; 0 without churn at this step
+    sigma_hat: Tensor  # [B] float64 rows of the sigma table, passed to the denoiser
+    sigma_next: Tensor
+    noise: Tensor | None  # this step's slot of the preloaded churn noise (None: no churn, or drawn per step)
+    heun: bool  # second-order correction (Heun, every step but the last)
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Everything an EDM run's program depends on besides its inputs (latents, churn noise): validated, hashable.
+
+    Two runs of one spec run the same operations with the same coefficients, so a
+    CUDA graph captured for one replays for the other (the runtime keys its
+    whole-loop graphs by it).  Build it with :meth:`of`.
+    """
+
+    shape: tuple[int, ...]  # latents [B, C, H, W]
+    num_steps: int
+    solver: Solver
+    sigma_min: float
+    sigma_max: float
+    rho: float
+    S_churn: float
+    S_min: float
+    S_max: float
+    S_noise: float
+    active: tuple[tuple[int, ...], ...]  # per step
+
+    @classmethod
+    def of(
+        cls,
+        shape: Sequence[int],
+        *,
+        num_steps: int = 18,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        solver: Solver = "heun",
+        S_churn: float = 0.0,
+        S_min: float = 0.0,
+        S_max: float = math.inf,
+        S_noise: float = 1.0,
+        active_per_step: Sequence[Sequence[int]] | None = None,
+        all_bricks: Sequence[int] | None = None,
+    ) -> LoopSpec:
+        """The spec of a run with :func:`edm_sample`'s arguments; refuses what edm_sample refuses."""
+        if solver not in SOLVERS:
+            raise LegoError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        if active_per_step is None and not all_bricks:
+            raise LegoError(
+                "edm_sample needs the bricks to run: pass active_per_step (a SkipPlan's steps(num_steps)) "
+                "or all_bricks (e.g. tuple(range(config.num_bricks)))"
+            )
+        if not 1 <= num_steps <= MAX_STEPS:
+            raise LegoError(f"{num_steps} sampling steps: use 1 to {MAX_STEPS}")
+        if active_per_step is not None and len(active_per_step) != num_steps:
+            raise LegoError(f"skip plan covers {len(active_per_step)} steps, sampler runs {num_steps}")
+        check_churn(S_churn, S_min, S_max, S_noise)
+        if active_per_step is None:
+            active = (tuple(int(k) for k in all_bricks),) * num_steps
+        else:
+            active = tuple(tuple(int(k) for k in a) for a in active_per_step)
+        return cls(
+            shape=tuple(int(n) for n in shape), num_steps=int(num_steps), solver=solver,
+            sigma_min=float(sigma_min), sigma_max=float(sigma_max), rho=float(rho), S_churn=float(S_churn),
+            S_min=float(S_min), S_max=float(S_max), S_noise=float(S_noise), active=active,
+        )  # fmt: skip
+
+    def coefficients(self) -> tuple[float, list[tuple[float, float, float]]]:
+        """(t_0, per step (t_hat, t_next, noise scale)), in the reference sampler's float64 host arithmetic."""
+        t_steps = edm_schedule(self.num_steps, self.sigma_min, self.sigma_max, self.rho).tolist()
+        gamma_max = min(self.S_churn / self.num_steps, math.sqrt(2) - 1)  # EDM caps gamma at sqrt(2) - 1
+        coeffs = []
+        for i in range(self.num_steps):
+            t_cur, t_next = t_steps[i], t_steps[i + 1]
+            gamma = gamma_max if self.S_min <= t_cur <= self.S_max else 0.0
+            t_hat = t_cur + gamma * t_cur
+            coeffs.append((t_hat, t_next, math.sqrt(t_hat**2 - t_cur**2) * self.S_noise))
+        return t_steps[0], coeffs
+
+    def churned_steps(self) -> list[int]:
+        """Steps whose churn noise is used (a non-zero noise scale)."""
+        return [i for i, (_, _, c) in enumerate(self.coefficients()[1]) if c != 0.0]
+
+    def nbytes(self, noise_budget_bytes: int = NOISE_BUDGET_BYTES) -> int:
+        """Memory a :class:`SamplingLoop` of this spec holds: five float64 images, the preloaded noise, sigmas."""
+        image = math.prod(self.shape) * 8
+        noise = len(self.churned_steps()) * image
+        return 5 * image + (noise if noise <= noise_budget_bytes else 0) + self.num_steps * 2 * self.shape[0] * 8
+
+
+class SamplingLoop:
+    """One EDM run (Karras et al. 2022, Algorithm 2) as a program over buffers allocated once.
+
+    Everything that does not change from image to image is fixed when the loop
+    is built from its :class:`LoopSpec`: the schedule t_i and the churn
+    coefficients as host floats, the per-call noise levels as a float64 device
+    table (the [B] rows the denoiser receives), each step's active bricks, and
+    the image-sized float64 buffers of the state.  :meth:`load` fills the
+    inputs: the latents, and the churn noise drawn from the caller's
+    ``randn_like`` before the loop, one draw per step in the authors' order (so
+    the per-seed generators give the same numbers as a draw inside the loop
+    would).  :meth:`run` is then the loop itself: every update is an
+    ``out=``/in-place op on those buffers, with Python-float coefficients, in
+    the operation order of the reference sampler, so it allocates nothing,
+    never reads the device from the host, and can be captured into one CUDA
+    graph (the denoiser must be capturable too); uncaptured, the eager model
+    and every backend run the same code.
+
+    Churn noise above ``noise_budget_bytes`` (huge canvases with churn on many
+    steps) is not preloaded but drawn inside :meth:`run` step by step, which
+    allocates there: such a loop reports ``capturable`` False.
+    """
+
+    @torch.inference_mode(False)  # buffers that later calls in and out of inference mode can write
+    def __init__(
+        self, spec: LoopSpec, *, device: torch.device | str = "cpu", noise_budget_bytes: int = NOISE_BUDGET_BYTES
+    ) -> None:
+        self.spec = spec
+        shape, num_steps, B = spec.shape, spec.num_steps, spec.shape[0]
+        self.shape, self.device = shape, torch.device(device)
+        self.t0, coeffs = spec.coefficients()
+        # The authors draw at every step, gamma = 0 included, so the draws of the steps before the last
+        # churned one still advance the generators (load() draws them too).
+        churned = spec.churned_steps()
+        self.draws = churned[-1] + 1 if churned else 0
+        self.preloaded = len(churned) * math.prod(shape) * 8 <= noise_budget_bytes
+
+        def buffer() -> Tensor:
+            return torch.zeros(shape, dtype=torch.float64, device=self.device)
+
+        self.latents = buffer()  # input: unit-variance noise
+        self.x = buffer()  # the state x_i; holds the images after run()
+        self.x_hat, self.denoised, self.d_cur = buffer(), buffer(), buffer()
+        n_noise = len(churned) if self.preloaded else 0
+        self.noise = torch.zeros(n_noise, *shape, dtype=torch.float64, device=self.device)
+        self._slots = {i: j for j, i in enumerate(churned)} if self.preloaded else {}
+        self._randn_like: Callable[[Tensor], Tensor] | None = None  # per-step draws when not preloaded
+        sigmas = torch.tensor([[t_hat, t_next] for t_hat, t_next, _ in coeffs], dtype=torch.float64)
+        self.sigmas = sigmas.to(self.device)[:, :, None].expand(num_steps, 2, B).contiguous()  # [N, 2, B]
+        self.steps = [
+            _Step(
+                index=i,
+                active=spec.active[i],
+                t_hat=t_hat,
+                t_next=t_next,
+                h=t_next - t_hat,
+                noise_scale=c,
+                sigma_hat=self.sigmas[i, 0],
+                sigma_next=self.sigmas[i, 1],
+                noise=self.noise[self._slots[i]] if i in self._slots else None,
+                heun=spec.solver == "heun" and i < num_steps - 1,
+            )
+            for i, (t_hat, t_next, c) in enumerate(coeffs)
+        ]
+
+    @property
+    def capturable(self) -> bool:
+        """Whether :meth:`run` is free of allocation and host work (all churn noise preloaded)."""
+        return self.preloaded or self.draws == 0
+
+    def load(self, latents: Tensor, randn_like: Callable[[Tensor], Tensor] = torch.randn_like) -> None:
+        """Copy the latents in and draw the churn noise (one ``randn_like(x)`` per step, in step order).
+
+        ``randn_like`` is called with a tensor of the run's shape, dtype (float64) and device, as the
+        reference sampler calls it with x_i.  Draws that only advance the generators are discarded.
+        """
+        if tuple(latents.shape) != self.shape:
+            raise ShapeError(f"latents of shape {tuple(latents.shape)} for a sampling loop of shape {self.shape}")
+        with torch.inference_mode(False), torch.no_grad():
+            self.latents.copy_(latents)
+            if not self.preloaded:
+                self._randn_like = randn_like
+                return
+            for i in range(self.draws):
+                z = randn_like(self.x)
+                if i in self._slots:
+                    self.noise[self._slots[i]].copy_(z)
+
+    @torch.no_grad()
+    def run(self, denoise: Denoiser, on_step: Callable[[int], None] | None = None) -> Tensor:
+        """The sampling loop from the loaded latents; returns the images buffer (float64, [-1, 1] units).
+
+        Each update is the reference sampler's expression in the same float64
+        operation order, written into the loop's buffers (the denoiser's
+        output is copied at once, so it may be a buffer the next call overwrites).
+        """
+        x, x_hat, den, d_cur = self.x, self.x_hat, self.denoised, self.d_cur
+        torch.mul(self.latents, self.t0, out=x)  # x_0 = latents * t_0
+        for step in self.steps:
+            # Churn: raise the noise level temporarily (x_hat = x + sqrt(t_hat^2 - t^2) * S_noise * z).
+            if step.noise is not None:
+                torch.mul(step.noise, step.noise_scale, out=x_hat)
+                x_hat.add_(x)
+            elif self._randn_like is not None and step.index < self.draws:  # over the noise budget: drawn here
+                z = self._randn_like(x)
+                torch.mul(z, step.noise_scale, out=x_hat)
+                x_hat.add_(x)
+            else:
+                x_hat.copy_(x)
+            # Euler step: d = (x_hat - D(x_hat; t_hat)) / t_hat; x_next = x_hat + (t_next - t_hat) * d.
+            den.copy_(denoise(x_hat, step.sigma_hat, step.active))
+            torch.sub(x_hat, den, out=d_cur)
+            d_cur.div_(step.t_hat)
+            torch.mul(d_cur, step.h, out=x)
+            x.add_(x_hat)
+            # Second-order (Heun) correction, except at the last step where t_next = 0:
+            # x_next = x_hat + (t_next - t_hat) * (0.5 d + 0.5 d'), d' = (x_next - D(x_next; t_next)) / t_next.
+            if step.heun:
+                den.copy_(denoise(x, step.sigma_next, step.active))
+                torch.sub(x, den, out=den)
+                den.div_(step.t_next)
+                den.mul_(0.5)
+                d_cur.mul_(0.5).add_(den)
+                d_cur.mul_(step.h)
+                torch.add(x_hat, d_cur, out=x)
+            if on_step is not None:
+                on_step(step.index)
+        return x
+
+
 @torch.no_grad()  # inference: no autograd graph through 2N denoiser calls, whatever the caller's grad mode
 def edm_sample(
     denoise: Denoiser,
@@ -201,46 +436,26 @@ def edm_sample(
     ``active_per_step[i]`` is the brick set of step i (a skip plan's
     ``steps(num_steps)``); without it every step uses ``all_bricks``.  One of
     the two is required: the sampler does not know how many bricks the
-    denoiser has.  Runs under ``torch.no_grad()``: the result has no autograd
-    history whatever the caller's grad mode.
+    denoiser has.  ``randn_like`` draws the churn noise (the per-seed
+    generators' ``randn_like``), all of it before the first step.
+    ``on_step(i)`` is called after step i.  Runs :class:`SamplingLoop`, the
+    one implementation of the sampler, uncaptured, under ``torch.no_grad()``:
+    the result has no autograd history whatever the caller's grad mode.
     """
-    if solver not in SOLVERS:
-        raise LegoError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    if active_per_step is None and not all_bricks:
-        raise LegoError(
-            "edm_sample needs the bricks to run: pass active_per_step (a SkipPlan's steps(num_steps)) "
-            "or all_bricks (e.g. tuple(range(config.num_bricks)))"
-        )
-    if active_per_step is not None and len(active_per_step) != num_steps:
-        raise LegoError(f"skip plan covers {len(active_per_step)} steps, sampler runs {num_steps}")
-    check_churn(S_churn, S_min, S_max, S_noise)
-    # Python floats (float64) keep the schedule on the host: no device sync per step.
-    t_steps = edm_schedule(num_steps, sigma_min, sigma_max, rho).tolist()
-    gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)
-    ones = torch.ones(latents.shape[0], dtype=torch.float64, device=latents.device)
-
-    x_next = latents.to(torch.float64) * t_steps[0]
-    for i in range(num_steps):
-        t_cur, t_next = t_steps[i], t_steps[i + 1]
-        active = all_bricks if active_per_step is None else tuple(active_per_step[i])
-        x_cur = x_next
-
-        # Churn: raise the noise level temporarily.  The noise is drawn at every
-        # step, gamma = 0 included, to consume the per-seed generators as the authors do.
-        gamma = gamma_max if S_min <= t_cur <= S_max else 0.0
-        t_hat = t_cur + gamma * t_cur
-        x_hat = x_cur + math.sqrt(t_hat**2 - t_cur**2) * S_noise * randn_like(x_cur)
-
-        # Euler step.
-        denoised = denoise(x_hat, t_hat * ones, active).to(torch.float64)
-        d_cur = (x_hat - denoised) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
-
-        # Second-order (Heun) correction, except at the last step where t_next = 0.
-        if solver == "heun" and i < num_steps - 1:
-            denoised = denoise(x_next, t_next * ones, active).to(torch.float64)
-            d_prime = (x_next - denoised) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-        if on_step is not None:
-            on_step(i)
-    return x_next
+    spec = LoopSpec.of(
+        latents.shape,
+        num_steps=num_steps,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        rho=rho,
+        solver=solver,
+        S_churn=S_churn,
+        S_min=S_min,
+        S_max=S_max,
+        S_noise=S_noise,
+        active_per_step=active_per_step,
+        all_bricks=all_bricks,
+    )
+    loop = SamplingLoop(spec, device=latents.device)
+    loop.load(latents, randn_like)
+    return loop.run(denoise, on_step)

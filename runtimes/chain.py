@@ -15,10 +15,20 @@ and the guidance scale once per batch, ``f`` ping-pongs between two buffers (a b
 reads and writes the same one), and a skipped brick is simply absent from the
 step's call list.  Both halves of the call around the engines are
 ``lego_model.precond``'s (prepare_inputs, combine_output) on these buffers,
-so that chain and eager model agree to the bit for the same engines.  With
-CUDA graphs the whole call (EDM math and every active brick) is captured per
-(batch, H, W, active set, guidance) and replayed; the guidance scale is a
-device tensor the graph reads, so a new scale needs no new capture.
+so that chain and eager model agree to the bit for the same engines.
+
+A whole sampling run is :meth:`BrickChain.sample`, inside the batch block:
+the sampler's own program (:class:`lego_model.sampler.SamplingLoop`) over
+the block's denoiser.  On CUDA with ``cuda_graphs`` the whole run -- every
+step, both Heun evaluations, the update arithmetic, each step's bricks -- is
+captured once per (batch, H, W, plan, solver, steps, schedule, guidance) and
+a batch costs one replay; the latents and the churn noise (drawn from the
+per-seed generators first) are copied into the loop's buffers before it.
+Per-call graphs, captured per (batch, H, W, active set, guidance), are the
+fallback: for ``edm_sample`` over the block's denoiser, for a run whose
+buffers would not fit in half the free device memory, and for churn noise
+over the sampler's budget.  Either way the guidance scale and the class
+labels are device tensors the graphs read, so a new scale needs no capture.
 
 Backends bind to whatever buffers they are handed (their own caches are keyed
 by the buffers), so any number of chains may share one backend.  Threads: a
@@ -45,9 +55,10 @@ and the sampling step.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -56,12 +67,14 @@ from torch import Tensor
 from lego_model.configs import refuse_unconditional
 from lego_model.eager import nonfinite_cause
 from lego_model.precond import CallInputs, check_active, combine_output, engine_labels, prepare_inputs
-from lego_model.sampler import Denoiser, NonFiniteWatch, Solver, step_of_call
+from lego_model.sampler import Denoiser, LoopSpec, NonFiniteWatch, SamplingLoop, Solver, edm_sample, step_of_call
 from runtimes.backends.base import Backend, EngineCall
 from runtimes.errors import NonFiniteError, UsageError
-from runtimes.graphs import CudaGraphCache, GraphKey
+from runtimes.graphs import CudaGraphCache, GraphKey, LoopKey
 
 log = logging.getLogger(__name__)
+
+LOOPS_PER_SHAPE = 4  # sampling loops (and their whole-run graphs) kept per buffer set, least recently used out
 
 
 def binding_plan(active: Sequence[int], num_bricks: int) -> tuple[EngineCall, ...]:
@@ -105,6 +118,7 @@ class ChainBuffers:
             "cond": self.cond,
         }
         self._feeds: dict[EngineCall, tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
+        self.loops: OrderedDict[LoopSpec, SamplingLoop] = OrderedDict()  # whole runs at this shape, newest last
 
     def feeds(self, call: EngineCall) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(inputs, outputs) of ``call`` by engine tensor name; built once per call."""
@@ -130,15 +144,26 @@ class BrickChain:
 
     ``batch`` yields the denoiser for ``edm_sample``; the D it returns is the
     chain's output buffer, overwritten by the next call (the sampler copies it
-    at once).  Calls run under ``torch.no_grad()``.  ``max_buffer_sets``
-    bounds the buffer sets (and their CUDA graphs) kept for reuse, least
-    recently used first out; :meth:`clear` drops them all.  Thread-safe: one
-    batch block at a time per chain (the others wait on its lock).
+    at once).  Inside the block, :meth:`sample` runs a whole sampling loop
+    (with ``cuda_graphs`` on CUDA: one replay of a captured run, see the module
+    doc; ``loop_graphs=False`` keeps per-call graphs).  Calls run under
+    ``torch.no_grad()``.  ``max_buffer_sets`` bounds the buffer sets (and their
+    sampling loops and CUDA graphs) kept for reuse, least recently used first
+    out; :meth:`clear` drops them all.  Thread-safe: one batch block at a time
+    per chain (the others wait on its lock); chains on one backend may run in
+    several threads (their graphs and TensorRT work are serialised per device,
+    see :mod:`runtimes.graphs`).
     """
 
     @torch.inference_mode(False)
     def __init__(
-        self, backend: Backend, *, cuda_graphs: bool = False, check_finite: bool = True, max_buffer_sets: int = 8
+        self,
+        backend: Backend,
+        *,
+        cuda_graphs: bool = False,
+        check_finite: bool = True,
+        max_buffer_sets: int = 8,
+        loop_graphs: bool = True,
     ) -> None:
         if max_buffer_sets < 1:
             raise UsageError(f"max_buffer_sets must be at least 1, got {max_buffer_sets}")
@@ -146,16 +171,19 @@ class BrickChain:
         self.config = backend.config
         self.device = backend.device
         self.check_finite = check_finite
+        cuda = backend.cuda
         # On the CPU a host read costs nothing extra; on CUDA it would synchronise inside the step loop.
-        self.check_each_call = check_finite and self.device.type == "cpu"
-        use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.check_each_call = check_finite and not cuda.is_device(self.device)
+        use_graphs = cuda_graphs and cuda.is_device(self.device)
         if cuda_graphs and use_graphs and not backend.supports_cuda_graphs:
             log.info("%s cannot be captured into CUDA graphs; running without", backend.name)
             use_graphs = False
-        self.graphs = CudaGraphCache(self.device) if use_graphs else None
+        self.graphs = CudaGraphCache(self.device, cuda) if use_graphs else None
+        self.loop_graphs = loop_graphs  # sample() captures whole runs (with graphs on); else per call
         self.max_buffer_sets = max_buffer_sets
         self._buffers: OrderedDict[tuple[int, int, int, bool], ChainBuffers] = OrderedDict()  # LRU, newest last
         self._open: ChainBuffers | None = None  # the buffers of the batch block in progress
+        self._open_denoiser: Denoiser | None = None  # and its denoiser
         self._lock = threading.Lock()  # held for a whole batch block
         self._owner: int | None = None  # the thread inside a batch block
         self._plans: dict[tuple[int, ...], tuple[EngineCall, ...]] = {}
@@ -246,6 +274,7 @@ class BrickChain:
             with torch.inference_mode(False), torch.no_grad():  # the buffers are normal tensors
                 return self._denoise(bufs, x, sigma, active)
 
+        self._open_denoiser = denoise
         try:
             yield denoise
         except BaseException as err:
@@ -260,6 +289,7 @@ class BrickChain:
                 self._raise_if_nonfinite()
         finally:
             self._open = None
+            self._open_denoiser = None
 
     def check_labels(self, labels: Tensor | None, batch: int) -> None:
         """Refuse labels that are not one-hot (or soft) rows [batch, label_dim], naming what to pass instead."""
@@ -289,7 +319,7 @@ class BrickChain:
         while len(self._buffers) > self.max_buffer_sets:
             old, _ = self._buffers.popitem(last=False)
             if self.graphs is not None:  # their graphs point into the evicted buffers
-                self.graphs.discard(lambda k, old=old: (k.batch, k.height, k.width, k.guided) == old)
+                self.graphs.discard(lambda k, old=old: _buffer_key(k) == old)
         return bufs
 
     def clear(self) -> None:
@@ -306,19 +336,118 @@ class BrickChain:
         return len(self._buffers)
 
     def _denoise(self, bufs: ChainBuffers, x: Tensor, sigma: Tensor, active: tuple[int, ...]) -> Tensor:
-        plan = self._plans.get(active)
-        if plan is None:
-            plan = self._plans[active] = binding_plan(active, self.config.num_bricks)
+        plan = self._plan(active)
         bufs.x.copy_(x)
         bufs.sigma.copy_(sigma)
         if self.graphs is not None:
             key = GraphKey.of(bufs.batch, bufs.height, bufs.width, active, bufs.guided)
-            self.graphs.run(key, lambda: self._compute(bufs, plan))
+            self.graphs.run(key, lambda: self._compute(bufs, plan), generation=self.backend.generation)
         else:
             self._compute(bufs, plan)
         if self.check_each_call:
             self._raise_if_nonfinite()
         return bufs.out
+
+    # ---------------------------------------------------------------- a whole sampling run
+    def sample(
+        self,
+        latents: Tensor,
+        *,
+        num_steps: int = 18,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        solver: Solver = "heun",
+        S_churn: float = 0.0,
+        S_min: float = 0.0,
+        S_max: float = math.inf,
+        S_noise: float = 1.0,
+        randn_like: Callable[[Tensor], Tensor] = torch.randn_like,
+        active_per_step: Sequence[tuple[int, ...]] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> Tensor:
+        """One whole sampling run of the open batch block: the images of ``edm_sample`` over its denoiser.
+
+        Takes ``edm_sample``'s arguments (without the denoiser; ``active_per_step``
+        None runs every brick at every step) and returns a new float64 tensor on
+        the chain's device.  With CUDA graphs the run is captured once per key
+        and replayed (see the module doc); the result equals an uncaptured run to
+        fp32 rounding.  ``on_step(i)``: after step i uncaptured; under a
+        whole-run graph the device is not interrupted per step, so it is called
+        for every step once the replay has finished.
+        """
+        bufs = self._open
+        if bufs is None or self._owner != threading.get_ident():
+            raise UsageError("chain.sample() runs inside a chain.batch() block, on the thread that opened it")
+        C = self.config.img_channels
+        if not isinstance(latents, Tensor) or tuple(latents.shape) != (bufs.batch, C, bufs.height, bufs.width):
+            got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+            raise UsageError(
+                f"latents: expected shape {(bufs.batch, C, bufs.height, bufs.width)} "
+                f"([batch, channels, height, width] of this block), got {got}"
+            )
+        if active_per_step is None:
+            active_per_step = [tuple(range(self.config.num_bricks))] * num_steps
+        spec = LoopSpec.of(
+            latents.shape, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, solver=solver,
+            S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, active_per_step=active_per_step,
+        )  # fmt: skip
+        for active in set(spec.active):
+            self._plan(active)  # refuses an empty or out-of-range brick set before anything runs
+        self._num_steps, self._solver = num_steps, solver
+        loop = self._loop(bufs, spec) if self.graphs is not None and self.loop_graphs else None
+        if loop is None:  # per-call graphs (or none): the sampler over the block's denoiser
+            latents = latents.to(self.device)
+            return edm_sample(self._open_denoiser, latents, randn_like=randn_like, on_step=on_step, **_kwargs(spec))
+        with torch.inference_mode(False), torch.no_grad():
+            loop.load(latents.to(self.device), randn_like)
+            denoise = self._loop_denoiser(bufs)
+            key = LoopKey(spec, bufs.guided)
+            self.graphs.run(key, lambda: loop.run(denoise), generation=self.backend.generation)
+            images = loop.x.clone()
+        if on_step is not None:
+            self.graphs.lane.stream.synchronize()  # the run has finished: report its steps
+            for i in range(num_steps):
+                on_step(i)
+        return images
+
+    def _loop(self, bufs: ChainBuffers, spec: LoopSpec) -> SamplingLoop | None:
+        """The cached sampling loop of ``spec`` at these buffers, or None where a whole-run graph cannot be used."""
+        loop = bufs.loops.get(spec)
+        if loop is not None:
+            bufs.loops.move_to_end(spec)
+            return loop
+        need = spec.nbytes()
+        free, _ = self.backend.cuda.mem_get_info(self.device)
+        if need > free // 2:
+            log.info("a whole-run graph needs %d MiB of %d MiB free: per-call graphs instead", need >> 20, free >> 20)
+            return None
+        loop = SamplingLoop(spec, device=self.device)
+        if not loop.capturable:
+            log.info("churn noise over the sampler's budget is drawn per step: per-call graphs instead")
+            return None
+        bufs.loops[spec] = loop
+        while len(bufs.loops) > LOOPS_PER_SHAPE:
+            old, _ = bufs.loops.popitem(last=False)
+            self.graphs.discard(lambda k, old=old: isinstance(k, LoopKey) and k.spec == old)
+        return loop
+
+    def _plan(self, active: tuple[int, ...]) -> tuple[EngineCall, ...]:
+        plan = self._plans.get(active)
+        if plan is None:
+            plan = self._plans[active] = binding_plan(active, self.config.num_bricks)
+        return plan
+
+    def _loop_denoiser(self, bufs: ChainBuffers) -> Denoiser:
+        """Denoiser calls inside a whole-run capture: the loop hands well-formed tensors, no per-call graphs."""
+
+        def denoise(x: Tensor, sigma: Tensor, active: tuple[int, ...]) -> Tensor:
+            bufs.x.copy_(x)
+            bufs.sigma.copy_(sigma)
+            self._compute(bufs, self._plan(active))
+            return bufs.out
+
+        return denoise
 
     # ---------------------------------------------------------------- the call itself
     def _compute(self, b: ChainBuffers, plan: tuple[EngineCall, ...]) -> None:
@@ -369,3 +498,20 @@ class BrickChain:
             f"{head}: {precision} does not overflow on sound weights, so its weights likely hold NaN/Inf "
             "(re-export from a sound checkpoint), or a huge --cfg-scale or --S-noise drove its input out of range"
         )
+
+
+def _buffer_key(key: Hashable) -> tuple[int, int, int, bool]:
+    """The buffer set (batch, H, W, guided) a graph key's graph points into."""
+    if isinstance(key, LoopKey):
+        B, _, H, W = key.spec.shape
+        return (B, H, W, key.guided)
+    return (key.batch, key.height, key.width, key.guided)
+
+
+def _kwargs(spec: LoopSpec) -> dict:
+    """edm_sample's keyword arguments of a loop spec."""
+    return dict(
+        num_steps=spec.num_steps, sigma_min=spec.sigma_min, sigma_max=spec.sigma_max, rho=spec.rho,
+        solver=spec.solver, S_churn=spec.S_churn, S_min=spec.S_min, S_max=spec.S_max, S_noise=spec.S_noise,
+        active_per_step=spec.active,
+    )  # fmt: skip

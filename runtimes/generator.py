@@ -330,9 +330,14 @@ class Generator:
                 churn=request.churn.on,
             )
 
+        def whole_run(denoise, latents: Tensor, **sampling: Any) -> Tensor:
+            # The chain's whole-run entry point over the open batch: on CUDA one captured graph per run key.
+            return self.chain.sample(latents, **sampling)
+
         return sample_batches(
-            request, open_batch, device=self.device, default_batch=self.max_batch(request.guided), on_step=on_step
-        )
+            request, open_batch, device=self.device, default_batch=self.max_batch(request.guided), on_step=on_step,
+            sampler=whole_run,
+        )  # fmt: skip
 
 
 def convert(images: Tensor, output: Output) -> Tensor | np.ndarray | list[Any]:

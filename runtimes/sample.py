@@ -419,7 +419,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     "--cuda-graphs/--no-cuda-graphs",
     default=True,
     show_default=True,
-    help="Replay denoiser calls from CUDA graphs (torch and TensorRT backends on a GPU).",
+    help="Replay each batch's whole sampling run from one CUDA graph (torch and TensorRT backends on a GPU).",
 )
 @click.option(
     "--threads",

@@ -36,6 +36,7 @@ from torch import Tensor
 from export.records import TORCH_DTYPES
 from lego_model.configs import LegoConfig
 from lego_model.flops import usable_cores
+from runtimes.cuda import TORCH_CUDA, Cuda
 from runtimes.distributed import rank_info
 from runtimes.errors import BackendError, UsageError
 
@@ -235,6 +236,7 @@ class Backend:
     precision: str = "fp32"
     precision_why: str = "the precision the engines were exported in"
     supports_cuda_graphs: bool = False
+    cuda: Cuda = TORCH_CUDA  # the CUDA calls of this backend, its chains and their graphs (a fake in tests)
     manifest: Manifest | None = None  # the verified manifest of the engine directory it was opened on
     weights: str = "unknown"  # what computes the pixels: "sha256:<checkpoint>", "random init seed 0", ...
     # A latent model's decoder (runtimes.backends.decoding.attach_decoder): this backend's own vae_decoder
@@ -247,12 +249,14 @@ class Backend:
         self.device = device
         self.dtypes = BufferDtypes()
         self.loaded = False
+        self.generation = 0  # loads so far: CUDA graphs captured under an earlier load point at released engines
         self._vae_module: torch.nn.Module | None = None  # the eager decoder on the device, once loaded
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> Backend:
         self.load()
         self.loaded = True
+        self.generation += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -399,15 +403,3 @@ def check_file_precision(backend: str, precision: str, entries: Mapping[str, Eng
             f"{backend} runs the precision the engines were exported in ({'/'.join(kinds)}), not {precision}; "
             f"use --backend openvino or torch for {precision} at run time, or re-export with --precision {precision}"
         )
-
-
-def require_cuda(what: str, device_index: int = 0) -> torch.device:
-    """The CUDA device ``device_index`` or a BackendError saying what needs it."""
-    if not torch.cuda.is_available():
-        raise BackendError(f"{what} needs a CUDA GPU and none is visible; use --backend onnxruntime-cpu or torch")
-    if device_index >= torch.cuda.device_count():
-        raise BackendError(
-            f"{what}: device {device_index} requested (LOCAL_RANK) but only "
-            f"{torch.cuda.device_count()} GPUs are visible"
-        )
-    return torch.device("cuda", device_index)

@@ -28,6 +28,7 @@ from export.records import contract_io
 from lego_model.checkpoints import file_sha256, load_checkpoint
 from lego_model.configs import get_config
 from lego_model.errors import CheckpointError
+from lego_model.flops import check_memory
 from lego_model.forwards import engine_forward
 from lego_model.model import LegoModel
 from lego_model.shipped import shipped_checkpoint
@@ -39,9 +40,9 @@ from runtimes.backends.base import (
     EngineCall,
     check_threads,
     manifest_weights,
-    require_cuda,
 )
 from runtimes.backends.precision import resolve_precision
+from runtimes.cuda import Cuda, require_cuda
 from runtimes.errors import BackendError
 
 if TYPE_CHECKING:
@@ -91,18 +92,22 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, model: LegoModel, *, device: torch.device | str = "cpu", precision: str = "fp32") -> None:
+    def __init__(
+        self, model: LegoModel, *, device: torch.device | str = "cpu", precision: str = "fp32", cuda: Cuda | None = None
+    ) -> None:
         device = torch.device(device)
         if device.type == "cuda":
             device = require_cuda("the torch backend on a CUDA device", device.index or 0)
         elif device.type != "cpu":
             raise BackendError(f"the torch backend runs on 'cpu' or 'cuda[:N]', not {str(device)!r}")
         super().__init__(model.config, device)
+        if cuda is not None:
+            self.cuda = cuda
         self.source = model
         self.model = model
-        self.supports_cuda_graphs = self.device.type == "cuda"
+        self.supports_cuda_graphs = self.cuda.is_device(self.device)
         # The reference model runs fp32 unless bf16 is asked: auto does not lean to bf16 here.
-        self.precision, self.precision_why = resolve_precision(precision, self.device, auto_bf16=False)
+        self.precision, self.precision_why = resolve_precision(precision, self.device, auto_bf16=False, cuda=self.cuda)
         self._graphs: dict[str, tuple[torch.nn.Module, list[str], str]] = {}
 
     def load(self) -> None:
@@ -121,6 +126,17 @@ class TorchBackend(Backend):
                 graph = engine_forward(self.model, kind, brick, "bf16").to(self.device).requires_grad_(False)
                 self._graphs[name] = (graph, [t.name for t in inputs], outputs[0].name)
         self._load_vae()
+
+    def check_shape(self, rows: int, height: int, width: int) -> None:
+        """Also refuse, on a GPU, a batch whose activations alone exceed the device's free memory.
+
+        There is no engine profile to bound a torch batch: without this a huge
+        canvas ends in an OutOfMemoryError traceback after the first steps.
+        """
+        super().check_shape(rows, height, width)
+        if self.cuda.is_device(self.device):
+            free, _ = self.cuda.mem_get_info(self.device)
+            check_memory(self.config, height, width, rows, available=free, where=f" on {self.device}")
 
     def close(self) -> None:
         self._graphs.clear()

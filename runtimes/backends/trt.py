@@ -1,13 +1,25 @@
-"""TensorRT backend: each engine deserialized once, one execution context per engine, torch CUDA buffers.
+"""TensorRT backend: each engine deserialized once, one execution context per binding, torch CUDA buffers.
 
-Per shape every context gets ``set_input_shape``; per call the chain's buffers
-are bound with ``set_tensor_address`` and the engine is enqueued with
-``execute_async_v3`` on torch's current stream, so that the EDM arithmetic,
-the engines and a CUDA graph capture all share one stream.  The bricks run
-one after another, so their activation (scratch) memory is one torch
-allocation shared by every context (``USER_MANAGED`` allocation strategy),
-sized for the largest engine over its whole profile: it is never reallocated,
-which keeps captured CUDA graphs valid when the shape changes.
+A context is set up once -- input shapes and the addresses of the tensors it
+is handed -- and never changed afterwards: contexts are kept by the buffers
+they point at (:func:`runtimes.backends.base.buffers_key`), so another batch,
+size, chain, or skip pattern (brick 1 reads zeros under plan (1, 2) but brick
+0's output under (0, 1, 2)) gets a context of its own.  That is TensorRT's rule
+for CUDA graphs -- one execution context per captured graph, untouched after
+the capture -- kept by construction, for per-call graphs and whole-loop graphs
+alike (a whole run enqueues one engine with several bindings); a context a
+graph captured is kept alive with that graph (:func:`runtimes.graphs.hold_for_graph`),
+and found again, even once this backend's bounded cache has dropped it.
+
+The bricks run one after another, so their activation (scratch) memory is one
+torch allocation shared by every context (``USER_MANAGED`` allocation
+strategy), sized for the largest engine over its whole profile: it is never
+reallocated, which keeps captured graphs valid.  Contexts on one scratch must
+never run at the same time, so every enqueue -- and every graph replay -- goes
+through the device's :class:`runtimes.graphs.DeviceLane`: one lock and one
+non-default stream per device, ordered with the caller's current stream by
+events.  Thread-safe: any number of chains and threads may share the backend;
+their engine work is serialised on the device, not parallel.
 
 An engine only runs on the GPU architecture and TensorRT version it was
 built with; :func:`check_engine_compat` compares the manifest's
@@ -16,15 +28,15 @@ are read by :mod:`export.loaders`: each deserialized plan's identity (its
 network name, :func:`export.identity.plan_name`) and inputs and outputs
 (names, dtypes, static dims) are compared with its manifest entry
 (:func:`export.loaders.engine_from_entry`), so a plan in another engine's slot
-is refused before it runs; its context is user-managed on the shared scratch
+is refused before it runs; its contexts are user-managed on the shared scratch
 (:func:`export.loaders.context_from_engine`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Mapping
+import weakref
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,12 +49,15 @@ from runtimes.backends.base import (
     DECODER_OPTIONS,
     BackendKind,
     BackendOptions,
+    BindingCache,
     EngineBackend,
     EngineCall,
+    buffers_key,
     check_file_precision,
-    require_cuda,
 )
+from runtimes.cuda import TORCH_CUDA, Cuda
 from runtimes.errors import BackendError
+from runtimes.graphs import DeviceLane, hold_for_graph
 
 if TYPE_CHECKING:
     from export.records import BuiltWith, EngineEntry, Manifest
@@ -80,45 +95,55 @@ def check_engine_compat(
     return []
 
 
-def check_engines_here(entries: Mapping[str, EngineEntry], device: torch.device) -> list[str]:
+def check_engines_here(entries: Mapping[str, EngineEntry], device: torch.device, cuda: Cuda = TORCH_CUDA) -> list[str]:
     """Check every TensorRT engine against the TensorRT and the GPU of this process; returns warnings."""
     trt = import_tensorrt()
-    require_cuda("the TensorRT backend", device.index or 0)
-    props = torch.cuda.get_device_properties(device)
-    cap = f"{props.major}.{props.minor}"
+    cuda.require(device, "the TensorRT backend")
+    gpu, major, minor = cuda.properties(device)
     warnings: list[str] = []
     for name, entry in entries.items():
-        warnings += check_engine_compat(name, entry.built_with, trt.__version__, props.name, cap)
+        warnings += check_engine_compat(name, entry.built_with, trt.__version__, gpu, f"{major}.{minor}")
     return warnings
 
 
 class TensorRTBackend(EngineBackend):
-    """Runs the manifest's TensorRT plans; buffers are torch CUDA tensors."""
+    """Runs the manifest's TensorRT plans; buffers are torch CUDA tensors (see the module doc)."""
 
     name = "tensorrt"
     supports_cuda_graphs = True
 
-    def __init__(self, manifest: Manifest, engine_dir: str | Path, *, device: torch.device) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        engine_dir: str | Path,
+        *,
+        device: torch.device,
+        cuda: Cuda | None = None,
+        max_contexts: int = 256,
+    ) -> None:
         super().__init__(manifest, engine_dir, "tensorrt", device)
+        if cuda is not None:
+            self.cuda = cuda
         self.engines: dict[str, Any] = {}
-        self.contexts: dict[str, Any] = {}
+        # Execution contexts by the buffers they are bound to, each set up once (bounded, least recently used out).
+        self.contexts = BindingCache(max_contexts)
+        self._alive: weakref.WeakValueDictionary[Hashable, _Bound] = weakref.WeakValueDictionary()  # also held
         self._scratch: Tensor | None = None
         self._runtime: Any = None
-        self._lock = threading.Lock()  # an execution context is not thread-safe: shapes, addresses, enqueue
+        self._lane: DeviceLane | None = None
 
     def load(self) -> None:
-        for warning in check_engines_here(self.entries, self.device):
+        for warning in check_engines_here(self.entries, self.device, self.cuda):
             log.warning(warning)
         trt = import_tensorrt()
         # The runtime must outlive the engines it deserializes, and the engines their contexts.
         runtime = self._runtime = plan_runtime()
-        torch.cuda.set_device(self.device)
+        self.cuda.set_device(self.device)
         for name, entry in self.engines_to_load().items():
             self.engines[name] = engine_from_entry(runtime, entry, self.manifest, self.engine_dir)
-        # The bricks run one after another: one scratch allocation serves every context.
+        # The bricks run one after another (on the lane's one stream): one scratch allocation serves every context.
         self._scratch = shared_scratch(self.engines.values(), self.device)
-        for name, engine in self.engines.items():
-            self.contexts[name] = context_from_engine(engine, name, self._scratch)
+        self._lane = DeviceLane.of(self.device, self.cuda)
         log.info(
             "tensorrt %s: %d engines, shared scratch %.1f MiB",
             trt.__version__,
@@ -129,6 +154,7 @@ class TensorRTBackend(EngineBackend):
 
     def close(self) -> None:
         self.contexts.clear()  # contexts, then engines, then the runtime and the scratch they used
+        self._alive.clear()
         self.engines.clear()
         self._runtime = None
         self._scratch = None
@@ -137,23 +163,54 @@ class TensorRTBackend(EngineBackend):
         self.require_loaded()
         if self.decodes_eagerly(call):
             return self._eager_decode(inputs, outputs)
-        with self._lock:
-            self._enqueue(call, inputs, outputs)
+        with self._lane.enter() as stream:
+            bound = self._context(call, inputs, outputs)
+            hold_for_graph(bound)  # a graph being captured replays this context: it lives as long as the graph
+            ctx = bound.context
+            # The lane's stream (the capture stream while a graph is recorded): never the legacy default stream.
+            if not ctx.execute_async_v3(stream.cuda_stream):
+                raise BackendError(
+                    f"TensorRT failed to enqueue {call.engine}; run with a TensorRT log level of VERBOSE"
+                )
 
-    def _enqueue(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
-        ctx = self.contexts[call.engine]
-        # The context's input shapes and addresses follow the tensors handed now (whoever handed them):
-        # both are host-side settings, cheap to repeat, so nothing is cached that another caller could stale.
-        for name, t in inputs.items():
-            dims = tuple(t.shape)
-            if tuple(ctx.get_tensor_shape(name)) != dims and not ctx.set_input_shape(name, dims):
-                raise BackendError(f"TensorRT refused shape {dims} for {call.engine}.{name}; check the engine profile")
-        for tensors in (inputs, outputs):
-            for name, t in tensors.items():
-                ctx.set_tensor_address(name, t.data_ptr())
-        # Torch's current stream: the capture stream while a CUDA graph is being recorded.
-        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise BackendError(f"TensorRT failed to enqueue {call.engine}; run with a TensorRT log level of VERBOSE")
+    def _context(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> _Bound:
+        """The context bound to exactly these tensors: made and set up on first use, never changed after.
+
+        One the cache dropped but a graph still holds is found again (so the graph's warm-up and capture
+        use one context, and no context is made twice while one lives).
+        """
+        key = buffers_key(call.engine, inputs, outputs)
+
+        def make() -> _Bound:
+            alive = self._alive.get(key)
+            if alive is not None:
+                return alive
+            if self.cuda.capturing():
+                # TensorRT's first enqueue after setup must not be captured; the graph cache's warm-up call
+                # made every context a capture uses, so reaching here is a bug of the caller's warm-up.
+                raise BackendError(f"a TensorRT context for {call.engine} was first needed inside a CUDA graph capture")
+            ctx = context_from_engine(self.engines[call.engine], call.engine, self._scratch)
+            for name, t in inputs.items():
+                if not ctx.set_input_shape(name, tuple(t.shape)):
+                    raise BackendError(
+                        f"TensorRT refused shape {tuple(t.shape)} for {call.engine}.{name}; check the engine profile"
+                    )
+            for tensors in (inputs, outputs):
+                for name, t in tensors.items():
+                    ctx.set_tensor_address(name, t.data_ptr())
+            bound = self._alive[key] = _Bound(ctx)
+            return bound
+
+        return self.contexts.get(key, make)
+
+
+class _Bound:
+    """An execution context set up for one binding; a Python object, so that it can be referenced weakly."""
+
+    __slots__ = ("__weakref__", "context")
+
+    def __init__(self, context: Any) -> None:
+        self.context = context
 
 
 # ---------------------------------------------------------------------------- registry entry

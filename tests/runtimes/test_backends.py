@@ -130,3 +130,37 @@ def test_rank_shares_cover_all_seeds_once():
     info = rank_info({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
     assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (1, 2, 1, 2)
     assert rank_info({}).world_size == 1
+
+
+# --------------------------------------------------------------------------- GPU-side checks, on the fake GPU
+def test_gpu_bf16_needs_compute_capability_8():
+    """Emulated bf16 (what torch.cuda.is_bf16_supported counts on a T4) is refused, native bf16 is taken."""
+    from runtimes.backends.precision import resolve_precision
+    from runtimes.errors import BackendError
+    from tests.fakes.cuda import FakeCuda
+
+    turing, hopper = FakeCuda(name="Tesla T4", capability=(7, 5)), FakeCuda(capability=(9, 0))
+    cpu = torch.device("cpu")  # the fake GPU's memory is host memory
+    with pytest.raises(BackendError, match=r"Tesla T4 is compute capability 7.5: bf16 tensor cores need 8.0"):
+        resolve_precision("bf16", cpu, cuda=turing)
+    assert resolve_precision("auto", cpu, cuda=turing)[0] == "fp32"
+    assert resolve_precision("bf16", cpu, cuda=hopper) == (
+        "bf16",
+        "requested, NVIDIA H200 (fake) (compute capability 9.0) has bf16 tensor cores",
+    )
+    assert resolve_precision("auto", cpu, cuda=hopper)[0] == "bf16"
+
+
+def test_torch_backend_on_a_gpu_refuses_a_batch_beyond_its_free_memory():
+    from lego_model.errors import ShapeError
+    from runtimes.backends.torch_backend import TorchBackend
+    from runtimes.chain import BrickChain
+    from tests.fakes.cuda import FakeCuda
+    from tests.runtimes.conftest import tiny_model
+
+    cuda = FakeCuda(memory=64 << 20)
+    backend = TorchBackend(tiny_model("tiny_PG_16"), device="cpu", cuda=cuda)
+    chain = BrickChain(backend)
+    chain.check(2, 64, 64)  # fits
+    with pytest.raises(ShapeError, match=r"4 canvases of 2048x2048 need at least .* GiB is available on cpu"):
+        chain.check(2, 2048, 2048, cfg_scale=1.5)  # guidance doubles the rows
