@@ -67,7 +67,7 @@ from torch import Tensor
 from lego_model.configs import refuse_unconditional
 from lego_model.eager import nonfinite_cause
 from lego_model.precond import CallInputs, check_active, combine_output, engine_labels, prepare_inputs
-from lego_model.sampler import Denoiser, LoopSpec, NonFiniteWatch, SamplingLoop, Solver, edm_sample, step_of_call
+from lego_model.sampler import Denoiser, LoopSpec, NonFiniteWatch, SamplingLoop, Solver, step_of_call
 from runtimes.backends.base import Backend, EngineCall
 from runtimes.errors import NonFiniteError, UsageError
 from runtimes.graphs import CudaGraphCache, GraphKey, LoopKey
@@ -398,7 +398,9 @@ class BrickChain:
         loop = self._loop(bufs, spec) if self.graphs is not None and self.loop_graphs else None
         if loop is None:  # per-call graphs (or none): the sampler over the block's denoiser
             latents = latents.to(self.device)
-            return edm_sample(self._open_denoiser, latents, randn_like=randn_like, on_step=on_step, **_kwargs(spec))
+            loop = SamplingLoop(spec, device=self.device)  # edm_sample's program, with the spec checked above
+            loop.load(latents, randn_like)
+            return loop.run(self._open_denoiser, on_step)
         with torch.inference_mode(False), torch.no_grad():
             loop.load(latents.to(self.device), randn_like)
             denoise = self._loop_denoiser(bufs)

@@ -205,7 +205,8 @@ class Generator:
             )
         sizes = request.batch_sizes(self.max_batch(request.guided))
         for n in sizes:
-            self.chain.check(n, request.height, request.width, request.cfg_scale)
+            # The request checked its guidance and size itself; what is left is the engines' profiles.
+            self.backend.check_shape(2 * n if request.guided else n, request.height, request.width)
         if self.config.is_latent and request.output != "latents":
             self._check_decoder(request.height, request.width)
         if sizes and self.device.type == "cpu":  # host memory: the torch backend has no profile to bound a batch
