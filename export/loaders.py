@@ -148,15 +148,21 @@ def session_options(ort: Any, settings: SessionSettings) -> Any:
 def fused_onnx(path: str | Path, config: LegoConfig) -> bytes:
     """The ONNX file at ``path`` after the onnxruntime.transformers optimizer's fusions, serialized (nothing written).
 
-    It fuses the tanh-GELU into FastGelu and the LayerNorms; it finds no
-    attention pattern, since attention inside tiles is not BERT-shaped.  Every
+    It fuses a decomposed tanh-GELU (files of opset < 20) into FastGelu and
+    the LayerNorms; it finds no attention pattern, since attention inside
+    tiles is not BERT-shaped.  Every
     brick of lego_S_PG_64 stays within 2e-6 of the unoptimized graph; it costs
     seconds of load time per brick for a few percent per call.
     """
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions("bert")
+    # Its BiasGelu fusion turns Add + any "Gelu" node into the erf GELU, reading ONNX's opset-20
+    # Gelu(approximate="tanh") as com.microsoft's erf Gelu (onnxruntime 1.32): a different function.
+    options.enable_bias_gelu = False
     fused = optimize_model(str(path), model_type="bert", num_heads=config.num_heads, hidden_size=config.hidden_size,
-                           opt_level=0)  # fmt: skip
+                           opt_level=0, optimization_options=options)  # fmt: skip
     log.info("%s: transformers optimizer fusions %s", Path(path).name,
              {k: v for k, v in fused.get_fused_operator_statistics().items() if v})  # fmt: skip
     return fused.model.SerializeToString()
