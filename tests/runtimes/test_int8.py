@@ -89,3 +89,12 @@ def test_openvino_refuses_a_precision_the_files_cannot_run(engines_int8, engines
     result = CliRunner().invoke(main, [*args, "--backend", "openvino", "--precision", "fp32", "--out", str(tmp_path)])
     assert result.exit_code != 0 and result.output.strip().startswith("error: --precision fp32 asked, but")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_file_precision_backends_take_int8_for_int8_files_only(engines_int8, engines_pg):
+    backend, _ = open_backend("onnxruntime-cpu", engine_dir=engines_int8, precision="int8")
+    assert backend.precision == "int8"
+    with pytest.raises(BackendError, match=r"exported in \(int8\), not fp32"):
+        open_backend("onnxruntime-cpu", engine_dir=engines_int8, precision="fp32")
+    with pytest.raises(BackendError, match=r"exported in \(fp32\), not int8"):
+        open_backend("onnxruntime-cpu", engine_dir=engines_pg, precision="int8")
