@@ -109,6 +109,9 @@ class SessionSettings:
     optimization: str = "all"
     arena: bool = True
     spin: bool = False
+    # Write ONNX Runtime's profile (chrome-trace JSON, one event per kernel run) to files with this path prefix;
+    # InferenceSession.end_profiling() names the file (benchmarks/profiling.py reads it).
+    profile_prefix: str | None = None
 
 
 def execution_providers(ort: Any, settings: SessionSettings) -> list[Any]:
@@ -142,6 +145,9 @@ def session_options(ort: Any, settings: SessionSettings) -> Any:
     opts.log_severity_level = 3  # errors only
     opts.enable_cpu_mem_arena = settings.arena
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spin else "0")
+    if settings.profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = settings.profile_prefix
     return opts
 
 
