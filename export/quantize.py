@@ -3,14 +3,15 @@
 Library: NNCF (``nncf.quantize`` on an ONNX model, the ``int8`` extra), not ONNX
 Runtime's ``quantize_static``.  Both write QDQ files (QuantizeLinear /
 DequantizeLinear pairs around the quantized ops) from the same calibration
-feeds; measured side by side on the second brick of lego_S_PG_64 and of the
-shipped model (2-core AMD EPYC Zen 4, AVX512-VNNI), NNCF's files were more
-accurate (relative L2 error against fp32 0.9 % vs 1.3 % on lego_S_PG_64, 4 %
-vs 7 % on the shipped model, the same ops quantized) and faster: with the
-attention products quantized too, OpenVINO (bf16 for the rest) ran NNCF's file
-1.35x faster than the fp32 file and ONNX Runtime's 0.40x (OpenVINO could not
-fuse the attention of ONNX Runtime's QDQ placement), and ONNX Runtime ran
-NNCF's 1.77x faster than fp32, its own 1.26x.  NNCF's transformer mode
+feeds; measured side by side (each with its default preset, one thread) on the
+last brick of lego_S_PG_64 and of the shipped model (2-core AMD EPYC Zen 4,
+AVX512-VNNI), NNCF's files were more accurate (relative L2 error against fp32
+0.9 % vs 1.3 % on lego_S_PG_64, 4 % vs 7 % on the shipped model, the same
+linears quantized) and faster: with the attention products quantized too,
+OpenVINO (bf16 for the rest) ran NNCF's lego_S_PG_64 brick 1.35x faster than
+the fp32 file in bf16 and ONNX Runtime's at 0.40x (OpenVINO could not fuse the
+attention of ONNX Runtime's QDQ placement), and ONNX Runtime ran NNCF's 1.77x
+faster than the fp32 file, its own 1.26x.  NNCF's transformer mode
 (``ModelType.TRANSFORMER``) places the quantizers where OpenVINO's and ONNX
 Runtime's int8 kernels pick them up, smooths activation outliers into the
 weights (SmoothQuant, Xiao et al. 2023) and corrects the biases for the
@@ -22,8 +23,8 @@ default (asymmetric activations): accuracy 89.0 % vs 88.5 %, Fréchet distance
 
 What is quantized, per brick: every MatMul of the transformer blocks and the
 head -- the qkv, projection and MLP linears (weights per output channel, 8-bit
-symmetric; activations per tensor) and the two attention products (q k^T and
-softmax(...) v).  What stays fp32 (and why, measured on the shipped model's
+symmetric; activations per tensor) and the attention logits q k^T (NNCF's
+transformer patterns leave softmax(...) v in float).  What stays fp32 (and why, measured on the shipped model's
 last brick against its fp32 file):
 
 * the adaLN-modulation linears (``Gemm`` on cond): their outputs scale, shift
