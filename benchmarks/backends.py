@@ -6,7 +6,8 @@ exactly as ``python -m runtimes.sample`` does.  :func:`chain_batch` is the one p
 chain, :func:`run_engine` the one place they call an engine alone.  Names ending in ``-fp32`` / ``-bf16`` are
 one runtime backend at a run-time precision (``--precision``, :data:`RUNTIME`): ``openvino-*`` where
 OpenVINO is installed, ``torch-bf16`` and ``openvino-bf16`` only where the hardware has bf16 units
-(elsewhere the runtime refuses bf16).
+(elsewhere the runtime refuses bf16).  ``openvino-int8`` and ``onnxruntime-int8`` run the model's int8
+export (``lego-export --precision int8``; :meth:`BenchModel.engines`), where NNCF is installed.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ RUNTIME = {
     "torch-bf16": ("torch", "bf16"),
     "openvino-fp32": ("openvino", "fp32"),
     "openvino-bf16": ("openvino", "bf16"),
+    "openvino-int8": ("openvino", "int8"),
+    "onnxruntime-int8": ("onnxruntime-cpu", "int8"),
 }
+INT8_BACKENDS = ("openvino-int8", "onnxruntime-int8")
 
 
 def precision_of(backend: str) -> str:
@@ -49,13 +53,19 @@ def _bf16_hardware() -> bool:
     return gpu_bf16_units(DEVICE)[0] if DEVICE.type == "cuda" else bool(cpu_bf16_units())
 
 
-def available_backends() -> list[str]:
-    """Backends this machine can run, eager first."""
+def available_backends(bm: BenchModel | None = None) -> list[str]:
+    """Backends this machine can run, eager first; the int8 ones only for a model with an int8 export (any model
+    when ``bm`` is None and NNCF is installed: the tests skip models without one, :meth:`BenchModel.engines`)."""
+    import importlib.util
+
     from runtimes.backends.openvino import openvino_available
 
     names = ["eager", "compile", "onnxruntime-cpu"]
     if openvino_available():
         names += ["openvino-fp32", "openvino-bf16"] if _bf16_hardware() else ["openvino-fp32"]
+    int8 = importlib.util.find_spec("nncf") is not None if bm is None else bm.int8_dir is not None
+    if DEVICE.type == "cpu" and int8:
+        names += ["onnxruntime-int8", *(["openvino-int8"] if openvino_available() else [])]
     if DEVICE.type == "cuda":
         names += ["torch-graphs"]
         from runtimes.backends.ort import cuda_provider_available
@@ -140,7 +150,7 @@ def open_engines(bm: BenchModel, backend: str, **options: Any) -> Iterator[Backe
         model = bm.model.to(DEVICE).eval()
         be, _ = open_backend("torch", checkpoint=model, device=DEVICE, precision=precision)  # torch sets its threads
     else:
-        be, _ = open_backend(kind, engine_dir=bm.engine_dir, precision=precision, **options)
+        be, _ = open_backend(kind, engine_dir=bm.engines(precision), precision=precision, **options)
     with be:
         yield be
 

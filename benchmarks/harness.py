@@ -113,8 +113,11 @@ def matmul_peak_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048,
     On the CPU the best of torch and the CPU libraries the backends use: ONNX
     Runtime's MLAS for fp32 (faster than torch's kernels on some CPUs) and
     OpenVINO for fp32 and bf16 (its oneDNN AMX kernels), so that an engine is
-    compared with the fastest matmul of its own precision here.
+    compared with the fastest matmul of its own precision here.  ``torch.int8``
+    is the rate of the int8 engines' own kernels (:func:`int8_matmul_peak_gflops`).
     """
+    if dtype == torch.int8:
+        return int8_matmul_peak_gflops(sizes, seconds)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     best = 0.0
     for n in sizes:
@@ -129,40 +132,81 @@ def matmul_peak_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048,
     return best
 
 
-def _matmul_onnx(n: int) -> bytes | None:
-    """A one-node ONNX model C = A @ B for float32 [n, n] inputs (None without the onnx package)."""
+def int8_matmul_peak_gflops(sizes: tuple[int, ...] = (1024, 2048, 4096), seconds: float = 1.0) -> float:
+    """int8 matmul rate (2 n^3 operations per product, as for FLOPs), the best of OpenVINO and ONNX Runtime.
+
+    Measured on what the int8 engines run: a QDQ MatMul (activations
+    quantized per tensor on the fly, int8 weights dequantized per tensor),
+    which both runtimes execute as one u8/s8 x s8 integer product (VNNI or
+    AMX-INT8 where present).  0 where neither runtime is installed.
+    """
+    return max(
+        _ort_matmul_gflops(sizes, seconds, int8=True),
+        _openvino_matmul_gflops(sizes, seconds, "f32", int8=True),
+    )
+
+
+def _matmul_onnx(n: int, int8: bool = False) -> bytes | None:
+    """A one-node ONNX model C = A @ B for float32 [n, n] inputs (None without the onnx package).
+
+    ``int8``: A is quantized and dequantized (QuantizeLinear/DequantizeLinear) and B is an int8 weight with its
+    DequantizeLinear, as NNCF writes the int8 engines' products.
+    """
     try:
-        from onnx import TensorProto, helper
+        import numpy as np
+        from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return None
     io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ABC"]
-    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "mm", io[:2], io[2:])
+    if not int8:
+        graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "mm", io[:2], io[2:])
+    else:
+        weight = np.random.default_rng(0).integers(-127, 128, (n, n), dtype=np.int8)
+        scale, zero = np.array(0.01, np.float32), np.array(0, np.int8)
+        initializers = [
+            numpy_helper.from_array(weight, "Bq"),
+            numpy_helper.from_array(scale, "scale"),
+            numpy_helper.from_array(zero, "zero"),
+        ]
+        nodes = [
+            helper.make_node("QuantizeLinear", ["A", "scale", "zero"], ["Aq"]),
+            helper.make_node("DequantizeLinear", ["Aq", "scale", "zero"], ["Ad"]),
+            helper.make_node("DequantizeLinear", ["Bq", "scale", "zero"], ["Bd"]),
+            helper.make_node("MatMul", ["Ad", "Bd"], ["C"]),
+        ]
+        graph = helper.make_graph(nodes, "mm_int8", io[:1], io[2:], initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
-def _ort_matmul_gflops(sizes: tuple[int, ...], seconds: float) -> float:
-    """fp32 MatMul rate of ONNX Runtime's own kernels (MLAS), which run faster than torch's here."""
+def _matmul_feeds(n: int, int8: bool) -> dict[str, Any]:
+    import numpy as np
+
+    names = "A" if int8 else "AB"
+    return {name: np.random.randn(n, n).astype(np.float32) for name in names}
+
+
+def _ort_matmul_gflops(sizes: tuple[int, ...], seconds: float, int8: bool = False) -> float:
+    """MatMul rate of ONNX Runtime's own kernels (MLAS): fp32, which runs faster than torch's here, or int8 (QDQ)."""
     try:
-        import numpy as np
         import onnxruntime as ort
     except ImportError:
         return 0.0
     best = 0.0
     for n in sizes:
-        model = _matmul_onnx(n)
+        model = _matmul_onnx(n, int8)
         if model is None:
             return 0.0
         session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-        feeds = {"A": np.random.randn(n, n).astype(np.float32), "B": np.random.randn(n, n).astype(np.float32)}
+        feeds = _matmul_feeds(n, int8)
         stats = time_ms(lambda s=session, f=feeds: s.run(None, f), warmup=2, repeats=3, min_seconds=seconds)
         best = max(best, 2 * n**3 / (stats["min_ms"] * 1e-3) / 1e9)
     return best
 
 
-def _openvino_matmul_gflops(sizes: tuple[int, ...], seconds: float, hint: str) -> float:
-    """MatMul rate of OpenVINO on the CPU at inference precision ``hint`` (f32 or bf16), all cores, one stream."""
+def _openvino_matmul_gflops(sizes: tuple[int, ...], seconds: float, hint: str, int8: bool = False) -> float:
+    """MatMul rate of OpenVINO on the CPU at inference precision ``hint`` (f32 or bf16; int8 for a QDQ model),
+    all cores, one stream."""
     try:
-        import numpy as np
         import openvino as ov
     except ImportError:
         return 0.0
@@ -170,11 +214,11 @@ def _openvino_matmul_gflops(sizes: tuple[int, ...], seconds: float, hint: str) -
     config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
     best = 0.0
     for n in sizes:
-        model = _matmul_onnx(n)
+        model = _matmul_onnx(n, int8)
         if model is None:
             return 0.0
         request = core.compile_model(core.read_model(model, b""), "CPU", config).create_infer_request()
-        feeds = {"A": np.random.randn(n, n).astype(np.float32), "B": np.random.randn(n, n).astype(np.float32)}
+        feeds = _matmul_feeds(n, int8)
         stats = time_ms(lambda r=request, f=feeds: r.infer(f), warmup=2, repeats=3, min_seconds=seconds)
         best = max(best, 2 * n**3 / (stats["min_ms"] * 1e-3) / 1e9)
     return best

@@ -18,7 +18,7 @@ import statistics
 import pytest
 import torch
 
-from benchmarks.backends import DEVICE, available_backends, chain_batch, denoiser
+from benchmarks.backends import DEVICE, available_backends, chain_batch, denoiser, precision_of
 from benchmarks.conftest import SHIPPED
 from benchmarks.harness import PeakMemory, current_rss_mib, time_ms
 from lego_model import SkipPlan, draw_latents, edm_sample
@@ -99,6 +99,7 @@ def test_long_run_memory(bench_models, report, name, backend):
     if name not in bench_models:
         pytest.skip(f"{name} is not available on this machine")
     bm = bench_models[name]
+    bm.engines(precision_of(backend))  # skips a model without engines of this precision
     cfg = bm.config
     h = w = cfg.resolution
     steps = 100

@@ -71,7 +71,15 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
     show_default=True,
     help="Engine directory to write; checked (its parent writable, --force rules) before anything is loaded.",
 )
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="Engine precision. fp16/bf16: half-precision files (LayerNorm, softmax, sinusoid in fp32). int8: the bricks "
+    "quantized by NNCF (QDQ files, needs the int8 extra), calibrated on the model's own sampling; the embedder stays "
+    "fp32. See README for what int8 costs in quality.",
+)
 @click.option(
     "--batch",
     metavar="MIN:OPT:MAX",
@@ -103,7 +111,8 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
     type=BoundedInt(18, 21),
     default=DEFAULT_OPSET,
     show_default=True,
-    help="ONNX opset (18-21: torch's dynamo exporter writes opset-18 graphs and cannot convert them down).",
+    help="ONNX opset (18-21: torch's dynamo exporter cannot convert below 18; from 20 the MLP's tanh-GELU is one "
+    "Gelu op, which ONNX Runtime runs fused).",
 )
 @click.option(
     "--exporter",

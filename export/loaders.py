@@ -109,6 +109,9 @@ class SessionSettings:
     optimization: str = "all"
     arena: bool = True
     spin: bool = False
+    # Write ONNX Runtime's profile (chrome-trace JSON, one event per kernel run) to files with this path prefix;
+    # InferenceSession.end_profiling() names the file (benchmarks/profiling.py reads it).
+    profile_prefix: str | None = None
 
 
 def execution_providers(ort: Any, settings: SessionSettings) -> list[Any]:
@@ -142,21 +145,30 @@ def session_options(ort: Any, settings: SessionSettings) -> Any:
     opts.log_severity_level = 3  # errors only
     opts.enable_cpu_mem_arena = settings.arena
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spin else "0")
+    if settings.profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = settings.profile_prefix
     return opts
 
 
 def fused_onnx(path: str | Path, config: LegoConfig) -> bytes:
     """The ONNX file at ``path`` after the onnxruntime.transformers optimizer's fusions, serialized (nothing written).
 
-    It fuses the tanh-GELU into FastGelu and the LayerNorms; it finds no
-    attention pattern, since attention inside tiles is not BERT-shaped.  Every
+    It fuses a decomposed tanh-GELU (files of opset < 20) into FastGelu and
+    the LayerNorms; it finds no attention pattern, since attention inside
+    tiles is not BERT-shaped.  Every
     brick of lego_S_PG_64 stays within 2e-6 of the unoptimized graph; it costs
     seconds of load time per brick for a few percent per call.
     """
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions("bert")
+    # Its BiasGelu fusion turns Add + any "Gelu" node into the erf GELU, reading ONNX's opset-20
+    # Gelu(approximate="tanh") as com.microsoft's erf Gelu (onnxruntime 1.32): a different function.
+    options.enable_bias_gelu = False
     fused = optimize_model(str(path), model_type="bert", num_heads=config.num_heads, hidden_size=config.hidden_size,
-                           opt_level=0)  # fmt: skip
+                           opt_level=0, optimization_options=options)  # fmt: skip
     log.info("%s: transformers optimizer fusions %s", Path(path).name,
              {k: v for k, v in fused.get_fused_operator_statistics().items() if v})  # fmt: skip
     return fused.model.SerializeToString()

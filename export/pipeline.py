@@ -30,10 +30,11 @@ import onnx
 import torch
 
 from export.atomic import remove_stale_temporaries, staged_replacement
+from export.calibration import Calibration, CalibrationSettings, record_calibration
 from export.errors import ExportError, ManifestError
 from export.identity import engine_identity
 from export.manifest import MANIFEST_NAME, load_manifest, read_manifest_json, write_manifest
-from export.onnx_export import DEFAULT_OPSET, onnx_from_spec
+from export.onnx_export import DEFAULT_OPSET, check_onnx, onnx_from_spec
 from export.records import BuiltWith, CheckpointRecord, EngineEntry, Manifest, Profile, Verification
 from export.specs import check_profile, default_profile, engine_specs
 from export.vae_spec import DEFAULT_VAE_BATCH, vae_decoder_spec, vae_profile, vae_record
@@ -46,6 +47,15 @@ from lego_model.vae import Vae
 log = logging.getLogger(__name__)
 
 ENGINE_CHOICES = ("onnx", "trt", "all")
+INT8 = "int8"
+
+
+def engine_precision(kind: str, precision: str) -> str:
+    """The precision an engine of ``kind`` is exported in when the export asks for ``precision``.
+
+    An int8 export quantizes the bricks and keeps the embedder in fp32 (export.quantize says why).
+    """
+    return "fp32" if precision == INT8 and kind != "brick" else precision
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,8 @@ class ExportOptions:
     seed: int = 0  # of the verification inputs
     vae: Vae | None = None  # adds a vae_decoder engine (latent models), always fp32 (export.vae_spec)
     vae_batch: tuple[int, int, int] = DEFAULT_VAE_BATCH  # its own batch range: guidance does not double it
+    # int8: the trajectories that calibrate the quantizer (None: CalibrationSettings' defaults with ``seed``).
+    calibration: CalibrationSettings | None = None
 
 
 @dataclass
@@ -250,7 +262,8 @@ def export_engine_dir(
     # (spec, what it is exported from, its weights' record, precision, profile, verification shapes):
     # the denoiser's engines, then the decoder's (fp32 always, its own batch range, the VAE's weights).
     jobs: list[tuple[Any, Any, CheckpointRecord, str, Profile, list[tuple[int, int, int]]]] = [
-        (spec, model, checkpoint, options.precision, profile, shapes) for spec in engine_specs(config)
+        (spec, model, checkpoint, engine_precision(spec.kind, options.precision), profile, shapes)
+        for spec in engine_specs(config)
     ]
     decoder = None
     if options.vae is not None:
@@ -266,6 +279,14 @@ def export_engine_dir(
         f"exporting {len(jobs)} engines of {config.name} ({options.precision}, {options.engines}) to {out}; "
         f"profile {profile.describe()}; verifying at {', '.join(f'{b}x{h}x{w}' for b, h, w in shapes)}"
     )
+    calibration = None
+    if options.precision == INT8:
+        from export.quantize import import_nncf
+
+        import_nncf()  # refuse a missing nncf before minutes of sampling
+        t0 = time.perf_counter()
+        calibration = record_calibration(model, options.calibration or CalibrationSettings(seed=options.seed))
+        say(f"int8 calibration: {calibration.describe()}, {time.perf_counter() - t0:.1f} s")
     with staged_directory(out, options.force, inputs) as staging:
         onnx_dir = staging if want_onnx else staging / ".onnx-build"
         onnx_dir.mkdir(exist_ok=True)
@@ -274,9 +295,13 @@ def export_engine_dir(
             onnx_path = onnx_dir / f"{spec.name}.onnx"
             say(f"[{i}/{len(jobs)}] {spec.name}: ONNX export ({precision})")
             identity = engine_identity(spec.name, spec.kind, spec.brick, precision, config, weights)
-            exporter = onnx_from_spec(
-                spec, source, onnx_path, precision, options.opset, options.exporter, identity=identity
-            )
+            if precision == INT8:
+                exporter, quantized = _int8_onnx(spec, source, onnx_path, options, identity, calibration)
+                note = f"{exporter}; {quantized}"
+            else:
+                exporter = note = onnx_from_spec(
+                    spec, source, onnx_path, precision, options.opset, options.exporter, identity=identity
+                )
             spec_shapes = _shapes_for(spec, job_shapes)
             runner = onnx_runner(spec, onnx_path, precision)
             verification = verify_engine(spec, source, runner, precision, spec_shapes, seed=options.seed)
@@ -289,7 +314,7 @@ def export_engine_dir(
             onnx_entry = _entry(spec, onnx_path, staging, "onnx", precision, spec_profile, built_with, verification)
             if want_onnx:
                 entries.append(onnx_entry)
-                reports.append(_report(onnx_entry, seconds, exporter))
+                reports.append(_report(onnx_entry, seconds, note))
             if want_trt:
                 entry, seconds, note = _tensorrt_engine(
                     spec, source, identity, onnx_entry, onnx_path, staging, options, spec_profile, spec_shapes, trt_env
@@ -309,6 +334,27 @@ def export_engine_dir(
         write_manifest(manifest, staging)
         load_manifest(staging)  # the directory must pass the runtimes' own checks before it replaces anything
     return ExportResult(manifest=manifest, out=out, reports=reports, seconds=time.perf_counter() - started)
+
+
+def _int8_onnx(
+    spec: Any,
+    model: LegoModel,
+    path: Path,
+    options: ExportOptions,
+    identity: dict[str, str],
+    calibration: Calibration,
+) -> tuple[str, str]:
+    """The brick's fp32 ONNX file quantized into ``path`` (export.quantize); returns (exporter, what is int8)."""
+    from export.quantize import int8_from_onnx
+
+    fp32_path = path.with_name(f".{path.stem}.fp32.onnx")  # beside it, in the staging directory: removed below
+    try:
+        exporter = onnx_from_spec(spec, model, fp32_path, "fp32", options.opset, options.exporter)
+        summary = int8_from_onnx(fp32_path, path, calibration.feeds[spec.name], identity)
+    finally:
+        fp32_path.unlink(missing_ok=True)
+    check_onnx(path, spec)
+    return exporter, summary.describe()
 
 
 def _shapes_for(spec: Any, shapes: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

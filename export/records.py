@@ -63,8 +63,9 @@ __all__ = [
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("onnx", "tensorrt")
-# Engine precisions (what --precision says): the forwards lego-export exports are computed in them.
-PRECISIONS = tuple(PRECISION_TORCH_DTYPES)
+# Engine precisions (what --precision says): the forwards lego-export exports are computed in the first three;
+# int8 bricks are fp32 forwards quantized after export (QDQ files, export.quantize), their embedder stays fp32.
+PRECISIONS = (*PRECISION_TORCH_DTYPES, "int8")
 # Tensor dtype names of the manifest -> torch dtypes (the runtimes' buffers, the exporter's casts).
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPES = tuple(TORCH_DTYPES)
@@ -388,7 +389,7 @@ class EngineEntry:
     brick: int | None  # brick index for kind "brick", None for the embedder
     file: str  # relative to the engine directory, POSIX separators
     format: str  # "onnx" | "tensorrt"
-    precision: str  # "fp32" | "fp16" | "bf16"
+    precision: str  # "fp32" | "fp16" | "bf16" | "int8"
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     profile: Profile

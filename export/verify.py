@@ -37,9 +37,18 @@ from lego_model.model import LegoModel
 
 log = logging.getLogger(__name__)
 
-# max |err| / max |eager| allowed per precision (fp32: reassociation only; fp16: 10-bit mantissa through deep
-# stacks; bf16: 7-bit mantissa of the weights, see the module docstring).
-TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}
+# max |err| / max |eager| allowed per precision.  fp32: reassociation only; fp16: 10-bit mantissa through deep
+# stacks; bf16: 7-bit mantissa of the weights, see the module docstring.  int8 keeps 256 levels of each activation
+# tensor's range, fixed once over the whole noise schedule (static post-training quantization, export.quantize),
+# where bf16 keeps 8 bits of every value: at moderate and high noise a brick's activations fill their ranges and the
+# shipped model's bricks stay within 2-5 % of their output range; towards sigma_min = 0.002 the activations shrink
+# to a small part of the ranges set at high noise (Q-Diffusion, Li et al. 2023: activation ranges drift along the
+# timesteps), a few of the 8 bits are left, and a brick differs by up to ~50 % of its (small) output range there --
+# in calls where c_out(sigma) ~ sigma = 0.2 % weighs it into D.  The verification's sigmas are drawn from EDM's
+# training distribution, down to 0.002, so the bound is the low-noise figure; a wrong graph or weight differs by the
+# whole range (>= 100 %).  What int8 costs in samples is measured, not bounded here (benchmarks/test_skipping.py,
+# "quality per backend").
+TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2, "int8": 0.6}
 
 Shape = tuple[int, int, int]  # (batch, height, width)
 

@@ -13,6 +13,15 @@ tensors of C+2 channels, negligible next to the transformer blocks.  Inside,
 a half-precision forward is :func:`half_precision_copy` of the model's
 modules: weights cast once, LayerNorm, the attention softmax (and in bf16 the
 patch-embedding convolution) kept in float32.
+
+At every precision the exported attention is written out as
+``softmax((q / sqrt(d)) k^T) v`` (:class:`Fp32SoftmaxAttention`), not
+``F.scaled_dot_product_attention``: the dynamo exporter decomposes the latter
+into a K transpose through Reshape-Transpose-Reshape and scales q and k
+separately, which hid the pattern from OpenVINO's attention fusion once the
+products are int8 (quantize/dequantize pairs around them) and left ONNX
+Runtime's MatMul-with-transposed-input fusion one Transpose short.  The eager
+model keeps SDPA (torch's fused CPU/GPU kernels); the two agree to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ __all__ = [
     "Fp32SoftmaxAttention",
     "UnconditionalEmbedderGraph",
     "engine_forward",
+    "fp32_export_copy",
     "half_precision_copy",
 ]
 
@@ -65,12 +75,14 @@ class Fp32LayerNorm(nn.Module):
 
 
 class Fp32SoftmaxAttention(nn.Module):
-    """The brick's tile attention with half-precision matmuls and a float32 softmax.
+    """The brick's tile attention written out, with a float32 softmax: the exported form at every precision.
 
     Same computation as :class:`lego_model.model.Attention` (scaled dot product
-    inside each tile), written out so that the logits can be upcast before the
-    softmax: exp() of fp16 logits saturates and its row sums lose precision.
-    q is scaled before the product to keep the fp16 logits small.
+    inside each tile) as MatMul(q scaled, Transpose(k)) -> Softmax -> MatMul(v),
+    the pattern ONNX runtimes fuse (module docstring); in half precision the
+    logits are upcast before the softmax: exp() of fp16 logits saturates and its
+    row sums lose precision.  q is scaled before the product to keep the fp16
+    logits small.  In fp32 the casts are no-ops.
     """
 
     def __init__(self, attn: Attention) -> None:
@@ -103,6 +115,21 @@ class Fp32Conv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x.float()).to(x.dtype)
+
+
+def fp32_export_copy(module: nn.Module) -> nn.Module:
+    """``module`` with its attention in the exported form (:class:`Fp32SoftmaxAttention`), sharing its weights.
+
+    The module tree is copied (the caller's model is not changed), its
+    parameters and buffers are not: an fp32 export costs no second copy of the weights.
+    """
+    shared = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    out = copy.deepcopy(module, memo=shared)
+    for parent in list(out.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Attention):
+                setattr(parent, name, Fp32SoftmaxAttention(child))
+    return out
 
 
 def half_precision_copy(module: nn.Module, precision: str) -> nn.Module:
@@ -158,7 +185,7 @@ class BrickGraph(nn.Module):
 
     def __init__(self, brick: Brick, precision: str) -> None:
         super().__init__()
-        self.brick = brick if precision == "fp32" else half_precision_copy(brick, precision)
+        self.brick = fp32_export_copy(brick) if precision == "fp32" else half_precision_copy(brick, precision)
         self.dtype = PRECISION_TORCH_DTYPES[precision]
 
     def forward(self, x_in: Tensor, f_prev: Tensor, cond: Tensor) -> Tensor:
@@ -175,7 +202,8 @@ class FirstBrickGraph(BrickGraph):
 def engine_forward(model: LegoModel, kind: str, brick: int | None, precision: str) -> nn.Module:
     """The forward of engine ``kind`` ("embedder" or "brick" ``brick``) of ``model`` at ``precision``, in eval mode.
 
-    The half-precision ones hold copies of the weights (``model`` is not changed); fp32 ones share them.
+    The half-precision ones hold copies of the weights (``model`` is not changed); fp32 ones share them
+    (:func:`fp32_export_copy`).
     """
     if kind == "embedder":
         graph = EmbedderGraph if model.config.label_dim else UnconditionalEmbedderGraph

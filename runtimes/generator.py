@@ -106,7 +106,7 @@ class Generator:
         else ONNX Runtime CPU), or one of ``runtimes.BACKENDS``; ``torch`` runs
         the checkpoint the manifest records (or ``checkpoint=``).  ``options``
         are the sample CLI's backend options (:class:`runtimes.backends.BackendOptions`):
-        ``threads``, ``precision`` (auto, fp32, bf16), ``device`` and
+        ``threads``, ``precision`` (auto, fp32, bf16; int8 for int8 files), ``device`` and
         ``checkpoint``/``config`` (torch backend), ``ort_optimization``,
         ``ort_arena`` (ONNX Runtime), ``local_rank``, and for latent models
         ``vae`` (decode with diffusers' eager decoder from this path) and

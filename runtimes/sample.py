@@ -456,7 +456,8 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
     show_default=True,
     help="Compute precision of the openvino and torch backends (the files stay fp32). auto: bf16 on OpenVINO "
     "when the CPU has AMX or AVX512-BF16, else fp32; torch runs fp32 unless bf16 is asked. ONNX Runtime and "
-    "TensorRT run the precision the engines were exported in.",
+    "TensorRT run the precision the engines were exported in. int8: the files of lego-export --precision int8 "
+    "(OpenVINO, ONNX Runtime), which auto runs as int8 too.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(quiet: bool, **options: Any) -> None:

@@ -153,15 +153,23 @@ def evaluate_plan(
         model, plan, per_class, num_steps=num_steps, solver=solver, cfg_scale=cfg_scale, sample=sample
     )
     seconds = time.perf_counter() - t0
-    pred, feats = predict(classifier, images)
+    accuracy, frechet = score_samples(classifier, real_features, images, classes)
     return PlanQuality(
         plan=name,
         rule=str(plan),
-        accuracy=float((pred == classes).float().mean()),
-        frechet=frechet_distance(feats, real_features),
+        accuracy=accuracy,
+        frechet=frechet,
         relative_cost=plan.relative_cost(cfg, num_steps, solver, cfg.resolution, cfg.resolution),
         seconds=seconds,
     )
+
+
+def score_samples(
+    classifier: DigitClassifier, real_features: Tensor, images: Tensor, classes: Tensor
+) -> tuple[float, float]:
+    """(accuracy, Fréchet distance) of samples (N, C, H, W) in [-1, 1] drawn for ``classes`` (N,)."""
+    pred, feats = predict(classifier, images)
+    return float((pred == classes).float().mean()), frechet_distance(feats, real_features)
 
 
 def markdown_table(rows: list[PlanQuality]) -> str:

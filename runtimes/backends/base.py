@@ -36,6 +36,7 @@ from torch import Tensor
 from export.records import TORCH_DTYPES
 from lego_model.configs import LegoConfig
 from lego_model.flops import usable_cores
+from runtimes.backends.precision import files_precision
 from runtimes.cuda import TORCH_CUDA, Cuda
 from runtimes.distributed import rank_info
 from runtimes.errors import BackendError, UsageError
@@ -170,7 +171,8 @@ class BackendOptions:
     """
 
     threads: int | None = None  # intra-op threads of the CPU backends (default: the usable cores)
-    precision: str = "auto"  # auto, fp32, bf16: chosen at load by OpenVINO and torch; the others check their files
+    # auto, fp32, bf16: chosen at load by OpenVINO and torch, the others check their files; int8: int8 files only
+    precision: str = "auto"
     device: str | Any | None = None  # where the torch backend runs ("cpu", "cuda:1"); engine backends run theirs
     local_rank: int = 0  # the GPU of this torchrun rank
     ort_optimization: str = "all"  # ONNX Runtime graph optimizations
@@ -345,7 +347,7 @@ class EngineBackend(Backend):
         self.entries = manifest.engines_for(fmt)
         check_engine_set(self.entries, manifest.config, fmt)
         self.dtypes = buffer_dtypes(self.entries)
-        self.precision = "/".join(sorted({e.precision for e in self.entries.values()}))
+        self.precision = files_precision(self.entries)
         self.weights = manifest_weights(manifest)
 
     def check_shape(self, rows: int, height: int, width: int) -> None:
@@ -394,12 +396,16 @@ def manifest_weights(manifest: Manifest) -> str:
 
 
 def check_file_precision(backend: str, precision: str, entries: Mapping[str, EngineEntry]) -> None:
-    """Refuse a --precision other than the files' own for backends that run the files as exported."""
+    """Refuse a --precision other than the files' own for backends that run the files as exported.
+
+    The files' precision is :func:`runtimes.backends.precision.files_precision`: an int8 export (int8 bricks,
+    fp32 embedder) is int8.
+    """
     if precision == "auto":
         return
-    kinds = sorted({e.precision for e in entries.values()})
-    if kinds != [precision]:
+    kinds = files_precision(entries)
+    if kinds != precision:
         raise BackendError(
-            f"{backend} runs the precision the engines were exported in ({'/'.join(kinds)}), not {precision}; "
+            f"{backend} runs the precision the engines were exported in ({kinds}), not {precision}; "
             f"use --backend openvino or torch for {precision} at run time, or re-export with --precision {precision}"
         )

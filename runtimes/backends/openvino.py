@@ -1,11 +1,13 @@
-"""OpenVINO backend: the manifest's ONNX files compiled for the CPU in fp32 or bf16, I/O on the chain's buffers.
+"""OpenVINO backend: the manifest's ONNX files compiled for the CPU in fp32, bf16 or int8, I/O on the chain's buffers.
 
-The files stay as exported (fp32); the precision is OpenVINO's
+fp32 files stay as exported; the precision is OpenVINO's
 ``INFERENCE_PRECISION_HINT`` chosen when the backend loads
 (:func:`runtimes.backends.precision.resolve_precision`): ``auto`` is bf16
 where the CPU has AMX or AVX512-BF16 units, where OpenVINO runs the matmuls
 on them and keeps its own fp32 islands (normalisation statistics, softmax
-accumulation), else fp32.
+accumulation), else fp32.  int8 files (``lego-export --precision int8``, QDQ)
+run their quantized products as int8 kernels (VNNI, AMX-INT8) and the ops they
+leave in float at bf16 where the CPU has bf16 units, else fp32.
 
 Each engine is compiled once with dynamic batch and spatial axes (a static
 reshape per (rows, H, W) measured no faster on lego_S_PG_64 and would cost a
@@ -45,7 +47,7 @@ from runtimes.backends.base import (
     check_threads,
     default_threads,
 )
-from runtimes.backends.precision import resolve_precision
+from runtimes.backends.precision import INT8, files_precision, int8_rest_precision, resolve_precision
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
@@ -79,6 +81,18 @@ def default_model_cache() -> Path:
     return default_cache_dir() / "openvino"
 
 
+def compile_config(precision: str, threads: int) -> dict[str, str]:
+    """The CPU plugin's settings for one engine: the inference precision of its float ops (fp32 or bf16; an int8
+    file's quantized products run in int8 whatever it is), one stream with ``threads`` threads, latency first."""
+    return {
+        "INFERENCE_PRECISION_HINT": _HINTS[precision],
+        # One request at a time, as fast as possible: one stream with all the threads.
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": "1",
+        "INFERENCE_NUM_THREADS": str(threads),
+    }
+
+
 class OpenVinoBackend(EngineBackend):
     """Runs the manifest's ONNX files with OpenVINO on the CPU at a precision chosen at load time."""
 
@@ -100,10 +114,12 @@ class OpenVinoBackend(EngineBackend):
                     f"OpenVINO runs float32 engine I/O, these engines have {dtype} {tensor}; "
                     "export with lego-export --engines onnx (float32 I/O at every precision)"
                 )
-        self.precision, self.precision_why = resolve_precision(precision, self.device)
-        file_precisions = sorted({e.precision for e in self.entries.values()})
-        if file_precisions != ["fp32"]:
-            self.precision_why += f"; files exported in {'/'.join(file_precisions)}"
+        files = files_precision(self.entries)
+        self.precision, self.precision_why = resolve_precision(precision, self.device, files=files)
+        # What OpenVINO computes the float ops in: the run precision, or for int8 files what they leave in float.
+        self.float_precision = int8_rest_precision(self.device)[0] if self.precision == INT8 else self.precision
+        if files not in ("fp32", INT8):
+            self.precision_why += f"; files exported in {files}"
         self.threads = threads or default_threads()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_model_cache()
         self.requests: dict[str, Any] = {}
@@ -121,7 +137,7 @@ class OpenVinoBackend(EngineBackend):
         for name, entry in self.engines_to_load().items():
             # The VAE decoder runs fp32 whatever the bricks run: diffusers upcasts this VAE, and its engine is
             # exported and verified in fp32 (the contract's vae_decoder).
-            precision = "fp32" if name == VAE_ENGINE else self.precision
+            precision = "fp32" if name == VAE_ENGINE else self.float_precision
             compiled = self._compile(core, entry.path(self.engine_dir), precision)
             self.loaded_from_cache[name] = bool(compiled.get_property("LOADED_FROM_CACHE"))
             self.requests[name] = compiled.create_infer_request()
@@ -137,16 +153,11 @@ class OpenVinoBackend(EngineBackend):
         )
 
     def _compile(self, core: Any, path: Path, precision: str) -> Any:
-        """One ONNX file compiled for the CPU at ``precision``, through the model cache of that precision."""
-        config = {
-            "INFERENCE_PRECISION_HINT": _HINTS[precision],
-            # One request at a time, as fast as possible: one stream with all the threads.
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": "1",
-            "INFERENCE_NUM_THREADS": str(self.threads),
-        }
-        # One cache directory per precision: OpenVINO's cache key leaves INFERENCE_PRECISION_HINT out (2026.4),
-        # and an fp32 blob loaded with the bf16 hint returned NaN.
+        """One ONNX file compiled for the CPU with its float ops at ``precision``, through the model cache of that
+        precision."""
+        config = compile_config(precision, self.threads)
+        # One cache directory per precision hint: OpenVINO's cache key leaves INFERENCE_PRECISION_HINT out (2026.4),
+        # and an fp32 blob loaded with the bf16 hint returned NaN.  (An int8 file is another model: the key has it.)
         cache = self.cache_dir / precision
         try:
             cache.mkdir(parents=True, exist_ok=True)

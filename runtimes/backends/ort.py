@@ -47,6 +47,7 @@ from runtimes.backends.base import (
     check_threads,
     default_threads,
 )
+from runtimes.backends.precision import INT8
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
@@ -90,6 +91,8 @@ class OnnxRuntimeBackend(EngineBackend):
             if dtype not in _NUMPY:
                 raise BackendError(f"ONNX Runtime cannot bind {dtype} tensors ({name}); use fp32 or fp16 engines")
         self.name = "onnxruntime-cuda" if device.type == "cuda" else "onnxruntime-cpu"
+        if self.precision == INT8:
+            self.precision_why = "int8 files (QDQ bricks, fp32 embedder), run by ONNX Runtime's int8 kernels"
         self.sessions: dict[str, Any] = {}
         self._bindings = BindingCache(max_bindings)
         self._run_options: Any = None

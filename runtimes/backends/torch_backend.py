@@ -41,7 +41,7 @@ from runtimes.backends.base import (
     check_threads,
     manifest_weights,
 )
-from runtimes.backends.precision import resolve_precision
+from runtimes.backends.precision import INT8, resolve_precision
 from runtimes.cuda import Cuda, require_cuda
 from runtimes.errors import BackendError
 
@@ -107,6 +107,11 @@ class TorchBackend(Backend):
         self.model = model
         self.supports_cuda_graphs = self.cuda.is_device(self.device)
         # The reference model runs fp32 unless bf16 is asked: auto does not lean to bf16 here.
+        if precision == INT8:
+            raise BackendError(
+                "the torch backend runs the reference model in fp32 or bf16; int8 runs the files of "
+                "lego-export --precision int8 on --backend openvino or onnxruntime-cpu"
+            )
         self.precision, self.precision_why = resolve_precision(precision, self.device, auto_bf16=False, cuda=self.cuda)
         self._graphs: dict[str, tuple[torch.nn.Module, list[str], str]] = {}
 

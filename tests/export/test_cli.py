@@ -102,7 +102,7 @@ def test_one_line_errors(args: list[str], fragment: str, tmp_path: Path) -> None
         ["--random-init", "--config", "tiny_PG_16", "--checkpoint", "x.safetensors"],
         ["--config", "tiny_PG_16"],
         ["--engines", "tflite"],
-        ["--precision", "int8"],
+        ["--precision", "int4"],
         ["--opset", "17"],
     ],
 )

@@ -235,7 +235,7 @@ def test_missing_manifest_and_directory(engine_dir: Path, tmp_path: Path) -> Non
         (lambda d: d["engines"][0].pop("sha256"), "'sha256' is missing"),
         (lambda d: d["engines"][0].update(sha256="xyz"), "64 lowercase hex"),
         (lambda d: d["engines"][0].update(format="tflite"), "format 'tflite'"),
-        (lambda d: d["engines"][0].update(precision="int8"), "precision 'int8'"),
+        (lambda d: d["engines"][0].update(precision="int4"), "precision 'int4'"),
         (lambda d: d["engines"][1]["inputs"][0].update(dtype="int64"), "dtype 'int64'"),
         (lambda d: d["engines"][1]["inputs"][0].update(shape=["B", 5, "Z", "W"]), "shape entry 'Z'"),
         (lambda d: d["engines"][1]["profile"].update(batch=[4, 2, 8]), "MIN <= OPT <= MAX"),
