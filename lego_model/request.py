@@ -283,7 +283,10 @@ class Request:
     def check_memory(self, default_batch: int, *, available: int | None = None, where: str = "") -> None:
         """Refuse (ShapeError) a request whose largest batch's activations alone exceed ``available`` bytes
         (default: the host's MemAvailable), before any compute: the eager model and the Generator both ask."""
-        rows = max(self.batch_sizes(default_batch)) * (2 if self.guided else 1)
+        sizes = self.batch_sizes(default_batch)
+        if not sizes:  # a resume's remainder with nothing left to sample
+            return
+        rows = max(sizes) * (2 if self.guided else 1)
         check_memory(self.config, self.height, self.width, rows, available=available, where=where)
 
     def describe(self) -> str:
