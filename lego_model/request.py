@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lego_model.configs import LegoConfig
-from lego_model.errors import UsageError, checked_arguments
+from lego_model.errors import ShapeError, UsageError, checked_arguments, first_line
 from lego_model.flops import check_memory
 from lego_model.images import MAX_SEEDS
 from lego_model.sampler import (
@@ -355,18 +355,31 @@ def sample_batches(
     for seeds, classes in request.batches(default_batch):
         latents, labels, rnd = draw_latents(seeds, cfg.img_channels, request.height, request.width, cfg.label_dim,
                                             classes)  # fmt: skip
-        with open_batch(labels, len(seeds)) as denoise:
-            images = sampler(
-                denoise,
-                latents.to(device),
-                num_steps=request.steps,
-                solver=request.solver,
-                randn_like=make_randn_like(rnd, device, request.churn.on),
-                active_per_step=request.active,
-                on_step=on_step,
-                **request.churn.kwargs(),
-            )
+        try:
+            with open_batch(labels, len(seeds)) as denoise:
+                images = sampler(
+                    denoise,
+                    latents.to(device),
+                    num_steps=request.steps,
+                    solver=request.solver,
+                    randn_like=make_randn_like(rnd, device, request.churn.on),
+                    active_per_step=request.active,
+                    on_step=on_step,
+                    **request.churn.kwargs(),
+                )
+        except RuntimeError as err:  # the memory check is a lower bound: what passed it may still not fit
+            if not _out_of_memory(err):
+                raise
+            raise ShapeError(
+                f"{len(seeds)} canvases of {request.height}x{request.width} ran out of memory on {device} "
+                f"({first_line(err)}); sample fewer seeds per batch (batch=, --batch) or a smaller size"
+            ) from None
         yield seeds, images
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether ``err`` is an allocator's refusal (torch's CUDA OutOfMemoryError, or the CPU allocator's)."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
 
 
 def check_on_step(on_step: object) -> None:

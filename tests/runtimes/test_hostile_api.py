@@ -353,3 +353,39 @@ def test_refused_api_calls_leave_a_copy_of_the_engines_alone(engines_pg, tmp_pat
         with pytest.raises(LegoError):
             Generator.from_engine_dir(engines, "onnxruntime-cpu", **options)
     assert snapshot(engines) == before
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99999999999 bytes."),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB"),
+    ],
+)
+def test_an_allocator_refusal_past_the_memory_estimate_is_a_shape_error(error):
+    from contextlib import nullcontext
+
+    from lego_model.request import sample_batches
+
+    def allocating(*args, **kwargs):
+        raise error
+
+    batches = sample_batches(Request.make(CFG, range(3), steps=2), lambda labels, n: nullcontext(None),
+                             device=torch.device("cpu"), default_batch=3, sampler=allocating)  # fmt: skip
+    with pytest.raises(ShapeError) as raised:
+        next(batches)
+    assert one_line(raised.value).startswith("3 canvases of 16x16 ran out of memory on cpu (")
+
+
+def test_other_runtime_errors_of_the_sampler_are_not_taken_for_memory():
+    from contextlib import nullcontext
+
+    from lego_model.request import sample_batches
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    batches = sample_batches(Request.make(CFG, [0], steps=2), lambda labels, n: nullcontext(None),
+                             device=torch.device("cpu"), default_batch=1, sampler=broken)  # fmt: skip
+    with pytest.raises(RuntimeError, match="a bug"):
+        next(batches)
