@@ -211,6 +211,16 @@ def session_from_onnx(
 # ---------------------------------------------------------------------------------------------- TensorRT
 
 
+def onnx_weights(path: str | Path) -> list[tuple[str, Any]]:
+    """(name, numpy array) of every initializer of an ONNX file: the weights an engine computes with (read for a
+    NaN/Inf report, lego_model.eager.nonfinite_cause)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    return [(t.name, numpy_helper.to_array(t)) for t in model.graph.initializer]
+
+
 def import_tensorrt() -> Any:
     """The tensorrt module, or a BackendError that says how to get it."""
     try:

@@ -29,9 +29,10 @@ import torch
 
 from export.errors import REEXPORT, ManifestError, ProfileError
 from lego_model.checkpoints import file_sha256
-from lego_model.configs import LegoConfig
+from lego_model.configs import MAX_SIDE, LegoConfig
 from lego_model.errors import ConfigError
 from lego_model.forwards import PRECISION_TORCH_DTYPES
+from lego_model.sampler import MAX_BATCH
 
 __all__ = [
     "DTYPES",
@@ -79,7 +80,7 @@ IO_DTYPE = "float32"
 # Largest MAX of a profile range lego-export writes and the runtimes accept.  A TensorRT engine sizes its
 # scratch memory for the profile's largest shape, and the runtimes allocate it once at load: a batch of
 # 999999999 or a 100000-pixel side would be recorded as a promise no GPU keeps (and try to allocate it).
-PROFILE_LIMITS = {"batch": 4096, "height": 8192, "width": 8192}
+PROFILE_LIMITS = {"batch": MAX_BATCH, "height": MAX_SIDE, "width": MAX_SIDE}
 
 
 @dataclass(frozen=True)

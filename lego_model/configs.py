@@ -169,13 +169,16 @@ class LegoConfig:
         return tuple(k for k, r in enumerate(self.brick_sizes) if r == low)
 
     def check_image_size(self, height: int, width: int) -> None:
-        """Raise :class:`ShapeError` unless both sides are positive multiples of every brick size."""
+        """Raise :class:`ShapeError` unless both sides are positive multiples of every brick size, at most
+        :data:`MAX_SIDE` (``--height``/``--width`` take the same range)."""
         m = self.size_multiple
         if height <= 0 or width <= 0 or height % m or width % m:
             raise ShapeError(
                 f"image size {height}x{width} does not fit {self.name}: height and width must be "
                 f"positive multiples of {m} (brick sizes {list(self.brick_sizes)})"
             )
+        if max(height, width) > MAX_SIDE:
+            raise ShapeError(f"image size {height}x{width}: each side is at most {MAX_SIDE} (--height, --width)")
 
     def check_guidance(self, cfg_scale: float | None) -> None:
         """Refuse guidance (``cfg_scale`` not None) on an unconditional model, and a scale that is not finite and >= 0.

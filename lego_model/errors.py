@@ -7,6 +7,10 @@ it; the CLIs print that one line and exit non-zero.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from typing import Any
+
 
 class LegoError(Exception):
     """Base class of every error a user can cause and fix."""
@@ -52,3 +56,33 @@ def first_line(err: BaseException) -> str:
     """The first line of an error's message (its type's name when it has none): what a CLI prints."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def checked_arguments(target: Any) -> Any:
+    """Refuse a call whose arguments do not fit the signature (an unknown keyword, a missing or surplus argument)
+    with a :class:`UsageError` naming what the function takes, instead of Python's TypeError.
+
+    For the public API's functions and methods (decorate the function under ``@classmethod``) and, given a
+    class, its ``__init__`` (put it above ``@dataclass``).  Only the binding is checked here; the values are the
+    callee's to check.
+    """
+    if isinstance(target, type):
+        target.__init__ = checked_arguments(target.__init__)
+        return target
+    signature = inspect.signature(target)
+    name = target.__qualname__.removesuffix(".__init__")
+    takes = [
+        p.name
+        for p in signature.parameters.values()
+        if p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+
+    @functools.wraps(target)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise UsageError(f"{name}: {err}; it takes {', '.join(takes)}") from None
+        return target(*args, **kwargs)
+
+    return call

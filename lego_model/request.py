@@ -28,8 +28,11 @@ import torch
 from torch import Tensor
 
 from lego_model.configs import LegoConfig
-from lego_model.errors import UsageError
+from lego_model.errors import ShapeError, UsageError, checked_arguments, first_line
+from lego_model.flops import check_memory
+from lego_model.images import MAX_SEEDS
 from lego_model.sampler import (
+    MAX_BATCH,
     MAX_STEPS,
     SEED_RANGE,
     SOLVERS,
@@ -48,6 +51,7 @@ Output = Literal["tensor", "uint8", "pil", "latents"]
 OUTPUTS: tuple[str, ...] = ("tensor", "uint8", "pil", "latents")
 
 
+@checked_arguments
 @dataclass(frozen=True)
 class Churn:
     """EDM's stochastic sampling settings (Karras et al. 2022, Algorithm 2): off unless ``S_churn > 0``."""
@@ -74,6 +78,7 @@ class Churn:
         return {"S_churn": self.S_churn, "S_min": self.S_min, "S_max": self.S_max, "S_noise": self.S_noise}
 
 
+@checked_arguments
 @dataclass(frozen=True)
 class Request:
     """What to sample, in canonical form; every field is checked against ``config`` when it is built.
@@ -108,6 +113,7 @@ class Request:
         seeds_expected = "ints in [0, 2**32), at least one"
         if not isinstance(self.seeds, tuple) or not self.seeds or not all(_is_int(s) for s in self.seeds):
             raise UsageError(f"seeds: expected a tuple of {seeds_expected}, got {self.seeds!r}")
+        _check_count(len(self.seeds))
         seeds = tuple(operator.index(s) for s in self.seeds)
         for s in seeds:
             if not 0 <= s < SEED_RANGE:
@@ -152,8 +158,8 @@ class Request:
         if not isinstance(self.churn, Churn):
             raise UsageError(f"churn: expected a lego_model.request.Churn, got {self.churn!r}")
         if self.batch is not None:
-            if not _is_int(self.batch) or self.batch < 1:
-                raise UsageError(f"batch must be a positive int or None, got {self.batch!r}")
+            if not _is_int(self.batch) or not 1 <= self.batch <= MAX_BATCH:
+                raise UsageError(f"batch must be an int in 1..{MAX_BATCH} or None, got {self.batch!r}")
             object.__setattr__(self, "batch", operator.index(self.batch))
         if self.output not in OUTPUTS:
             raise UsageError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
@@ -163,6 +169,7 @@ class Request:
 
     # ------------------------------------------------------------------ construction from loose forms
     @classmethod
+    @checked_arguments
     def make(
         cls,
         config: LegoConfig,
@@ -190,6 +197,8 @@ class Request:
         if not isinstance(config, LegoConfig):
             raise UsageError(f"config: expected the model's LegoConfig (model.config), got {config!r}")
         expected = "ints in [0, 2**32)"
+        if not _is_int(seeds) and hasattr(seeds, "__len__"):
+            _check_count(len(seeds))  # before a list of them is built
         seed_list = (
             (_as_int(seeds, "seeds", expected),)
             if _is_int(seeds)
@@ -271,6 +280,15 @@ class Request:
         (a run's batch, so that a resume with fewer seeds left is refused the same way as the first run)."""
         return sorted({len(seeds) for seeds, _ in self.batches(size)} | ({self.batch} if self.batch else set()))
 
+    def check_memory(self, default_batch: int, *, available: int | None = None, where: str = "") -> None:
+        """Refuse (ShapeError) a request whose largest batch's activations alone exceed ``available`` bytes
+        (default: the host's MemAvailable), before any compute: the eager model and the Generator both ask."""
+        sizes = self.batch_sizes(default_batch)
+        if not sizes:  # a resume's remainder with nothing left to sample
+            return
+        rows = max(sizes) * (2 if self.guided else 1)
+        check_memory(self.config, self.height, self.width, rows, available=available, where=where)
+
     def describe(self) -> str:
         """The plan's step table and relative cost (what every command prints before it samples)."""
         return self.plan.describe(self.config, self.steps, self.solver, self.height, self.width)
@@ -332,24 +350,42 @@ def sample_batches(
     ``edm_sample``'s arguments; the runtime passes its chain's whole-run entry
     point (``BrickChain.sample``, one CUDA graph per run on a GPU), the same program.
     """
-    if on_step is not None and not callable(on_step):
-        raise UsageError(f"on_step must be a callable taking the step index, got {on_step!r}")
+    check_on_step(on_step)
     cfg = request.config
     for seeds, classes in request.batches(default_batch):
         latents, labels, rnd = draw_latents(seeds, cfg.img_channels, request.height, request.width, cfg.label_dim,
                                             classes)  # fmt: skip
-        with open_batch(labels, len(seeds)) as denoise:
-            images = sampler(
-                denoise,
-                latents.to(device),
-                num_steps=request.steps,
-                solver=request.solver,
-                randn_like=make_randn_like(rnd, device, request.churn.on),
-                active_per_step=request.active,
-                on_step=on_step,
-                **request.churn.kwargs(),
-            )
+        try:
+            with open_batch(labels, len(seeds)) as denoise:
+                images = sampler(
+                    denoise,
+                    latents.to(device),
+                    num_steps=request.steps,
+                    solver=request.solver,
+                    randn_like=make_randn_like(rnd, device, request.churn.on),
+                    active_per_step=request.active,
+                    on_step=on_step,
+                    **request.churn.kwargs(),
+                )
+        except RuntimeError as err:  # the memory check is a lower bound: what passed it may still not fit
+            if not _out_of_memory(err):
+                raise
+            raise ShapeError(
+                f"{len(seeds)} canvases of {request.height}x{request.width} ran out of memory on {device} "
+                f"({first_line(err)}); sample fewer seeds per batch (batch=, --batch) or a smaller size"
+            ) from None
         yield seeds, images
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether ``err`` is an allocator's refusal (torch's CUDA OutOfMemoryError, or the CPU allocator's)."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
+def check_on_step(on_step: object) -> None:
+    """Refuse an ``on_step`` that is neither None nor callable (before any compute, wherever one is passed)."""
+    if on_step is not None and not callable(on_step):
+        raise UsageError(f"on_step must be a callable taking the step index, got {on_step!r}")
 
 
 def _is_int(value: object) -> bool:
@@ -363,6 +399,14 @@ def _is_int(value: object) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _check_count(count: int) -> None:
+    """At most :data:`lego_model.images.MAX_SEEDS` seeds per request, as ``--seeds`` takes."""
+    if count > MAX_SEEDS:
+        raise UsageError(
+            f"seeds: {count} seeds is more than the limit of {MAX_SEEDS}; split them into several requests"
+        )
 
 
 def _as_int(value: object, name: str, expected: str) -> int:
@@ -380,4 +424,4 @@ def _as_list(value: object, name: str, expected: str) -> list:
         raise UsageError(f"{name}: expected {expected}, got {value!r}") from None
 
 
-__all__ = ["OUTPUTS", "Churn", "OpenBatch", "Output", "Request", "make_randn_like", "sample_batches"]
+__all__ = ["OUTPUTS", "Churn", "OpenBatch", "Output", "Request", "check_on_step", "make_randn_like", "sample_batches"]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lego_model.configs import check_class_index
-from lego_model.errors import LegoError, ShapeError
+from lego_model.errors import LegoError, ShapeError, UsageError
 
 Solver = Literal["heun", "euler"]
 SOLVERS: tuple[Solver, ...] = ("heun", "euler")  # EDM's 2nd-order Heun (Algorithm 1/2) and its 1st-order Euler
@@ -30,6 +30,13 @@ SEED_RANGE = 1 << 32  # seeds are 0 .. 2^32 - 1, as the authors' StackedRandomGe
 # torch.Generator.manual_seed takes 0 .. 2^64 - 1 (training and --random-init seeds); a negative seed aliases 2^64 + it.
 TORCH_SEED_MAX = (1 << 64) - 1
 MAX_STEPS = 1000  # sampling steps; EDM needs 18-256, and per-step lists (skip plans, run records) stay small
+# Images per batch: the engines' batch profiles (export.records.PROFILE_LIMITS), --batch and Request.batch.
+MAX_BATCH = 4096
+# EDM's S_noise: 1.0 to 1.007 in Karras et al. (2022), Table 5.  Above 1 the churn adds more noise than the
+# denoiser is told of (sqrt((1 + S_noise^2) / 2) times as much at the largest gamma).  The shipped digits model at
+# the largest churn (S_churn 40, 18 Heun steps, 40 seeds) still draws digits at S_noise 2 (classifier accuracy 0.32,
+# 0.82 at 1, chance 0.10) and none from 3 on (0.12 at 3 and 10; 1e30 writes saturated noise): the bound is 2.
+MAX_S_NOISE = 2.0
 
 
 class Denoiser(Protocol):
@@ -105,19 +112,23 @@ def draw_latents(
 
 
 def check_churn(S_churn: float, S_min: float, S_max: float, S_noise: float) -> None:
-    """Refuse churn settings that would turn every image into NaN (NaN, negative or infinite amounts).
+    """Refuse churn settings that make no images: NaN, negative or infinite amounts, and an ``S_noise`` above
+    :data:`MAX_S_NOISE` (the same bounds as the sample CLI's options).
 
     A large finite ``S_churn`` is accepted: EDM caps the per-step gamma at
     sqrt(2) - 1, so every ``S_churn >= 0.42 * steps`` samples alike.
     """
     if not (math.isfinite(S_churn) and S_churn >= 0):
-        raise LegoError(f"S_churn {S_churn} must be a finite number >= 0 (--S-churn; 0 = deterministic)")
+        raise UsageError(f"S_churn {S_churn} must be a finite number >= 0 (--S-churn; 0 = deterministic)")
     if math.isnan(S_min) or math.isnan(S_max) or S_min < 0 or S_max < S_min:
-        raise LegoError(
+        raise UsageError(
             f"churn range S_min {S_min} .. S_max {S_max} must satisfy 0 <= S_min <= S_max (--S-min/--S-max)"
         )
-    if not math.isfinite(S_noise):
-        raise LegoError(f"S_noise {S_noise} must be a finite number (--S-noise; EDM uses 1.0 to 1.007)")
+    if not 0 <= S_noise <= MAX_S_NOISE:  # NaN fails both comparisons
+        raise UsageError(
+            f"S_noise {S_noise} is outside 0..{MAX_S_NOISE:g} (--S-noise; EDM uses 1.0 to 1.007; more noise than "
+            "the denoiser is told of makes no images)"
+        )
 
 
 def edm_schedule(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:

@@ -16,13 +16,14 @@ spaces allowed around each part (``0, 1@0:0.5``).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from lego_model.configs import MAX_BRICKS, LegoConfig
-from lego_model.errors import SkipPlanError, TextError
+from lego_model.errors import SkipPlanError, TextError, checked_arguments
 from lego_model.flops import denoiser_flops
 from lego_model.parsing import BLANKS, parse_fraction, parse_int, quoted
 from lego_model.sampler import Solver, evaluations_per_step
@@ -30,11 +31,30 @@ from lego_model.sampler import Solver, evaluations_per_step
 PRESETS = {"global": 0.6, "local": 0.4}  # preset -> default break point
 
 
+@checked_arguments
 @dataclass(frozen=True)
 class SkipRule:
+    """Skip ``bricks`` on every step i of N with ``start <= i/N < stop`` (both in [0, 1], start below stop)."""
+
     bricks: tuple[int, ...]
     start: float
     stop: float
+
+    def __post_init__(self) -> None:
+        # The constructor is public API too: the same rules as the text form (_parse_rule), as SkipPlanErrors.
+        bricks = self.bricks
+        if not (isinstance(bricks, tuple) and bricks and all(_is_index(k) for k in bricks)):
+            raise SkipPlanError(f"SkipRule bricks: expected a non-empty tuple of brick indices, got {bricks!r}")
+        object.__setattr__(self, "bricks", tuple(sorted({int(k) for k in bricks})))
+        for name in ("start", "stop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+                raise SkipPlanError(
+                    f"SkipRule {name}: expected a fraction of sampling progress in [0, 1], got {value!r}"
+                )
+            object.__setattr__(self, name, float(value))
+        if self.start >= self.stop:
+            raise SkipPlanError(f"SkipRule: start {self.start:g} must be below stop {self.stop:g}")
 
     def covers(self, step: int, num_steps: int) -> bool:
         return self.start <= step / num_steps < self.stop
@@ -43,6 +63,7 @@ class SkipRule:
         return f"{','.join(map(str, self.bricks))}@{_fraction_text(self.start)}:{_fraction_text(self.stop)}"
 
 
+@checked_arguments
 @dataclass(frozen=True)
 class SkipPlan:
     """Maps each step i of N to its active (non-skipped) brick set."""
@@ -50,7 +71,25 @@ class SkipPlan:
     num_bricks: int
     rules: tuple[SkipRule, ...] = ()
 
+    def __post_init__(self) -> None:
+        n = self.num_bricks
+        if not _is_index(n) or not 1 <= n <= MAX_BRICKS:
+            raise SkipPlanError(
+                f"SkipPlan num_bricks: expected an int in 1..{MAX_BRICKS} (config.num_bricks), got {n!r}"
+            )
+        rules = self.rules
+        if not (isinstance(rules, tuple) and all(isinstance(r, SkipRule) for r in rules)):
+            raise SkipPlanError(
+                f"SkipPlan rules: expected a tuple of SkipRule (or use SkipPlan.of(text, config)), got {rules!r}"
+            )
+        for rule in rules:
+            if max(rule.bricks) >= n:
+                raise SkipPlanError(
+                    f"skip rule {rule}: brick {max(rule.bricks)} does not exist; the plan has bricks 0..{n - 1}"
+                )
+
     @classmethod
+    @checked_arguments
     def parse(cls, rules: str | Sequence[str], config: LegoConfig) -> SkipPlan:
         """Plan for ``config`` from ``--skip`` texts such as ``2@0.6:1`` or ``top,0@0:0.25`` (one text or several)."""
         if not isinstance(config, LegoConfig):
@@ -62,6 +101,7 @@ class SkipPlan:
         return cls(n, tuple(_parse_rule(text, n) for text in rules))
 
     @classmethod
+    @checked_arguments
     def of(cls, plan: SkipPlan | str | Sequence[str] | None, config: LegoConfig) -> SkipPlan:
         """The plan an API argument names, for ``config``: None (the full stack), a SkipPlan, or text.
 
@@ -89,6 +129,7 @@ class SkipPlan:
         return result
 
     @classmethod
+    @checked_arguments
     def from_text(
         cls, config: LegoConfig, skip: str | Sequence[str] = (), presets: str | Sequence[str] = ()
     ) -> SkipPlan:
@@ -99,6 +140,7 @@ class SkipPlan:
         return plan
 
     @classmethod
+    @checked_arguments
     def preset(cls, spec: str, config: LegoConfig) -> SkipPlan:
         """``global``, ``local``, ``global@0.7`` or ``local@0.3`` for this config's bricks (F in [0, 1])."""
         if not isinstance(spec, str):
@@ -116,7 +158,9 @@ class SkipPlan:
         return cls(config.num_bricks, (rule,))
 
     def __add__(self, other: SkipPlan) -> SkipPlan:
-        assert self.num_bricks == other.num_bricks
+        if not isinstance(other, SkipPlan) or other.num_bricks != self.num_bricks:
+            got = f"a plan for {other.num_bricks} bricks" if isinstance(other, SkipPlan) else type(other).__name__
+            raise SkipPlanError(f"a SkipPlan for {self.num_bricks} bricks adds only another for as many, got {got}")
         return SkipPlan(self.num_bricks, self.rules + other.rules)
 
     def active(self, step: int, num_steps: int) -> tuple[int, ...]:
@@ -157,6 +201,11 @@ class SkipPlan:
 
     def __str__(self) -> str:
         return " ".join(map(str, self.rules)) if self.rules else "full stack"
+
+
+def _is_index(value: object) -> bool:
+    """A non-negative integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
 def _texts(value: str | Sequence[str], expected: str) -> tuple[str, ...]:

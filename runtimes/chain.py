@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 
 from lego_model.configs import refuse_unconditional
-from lego_model.eager import nonfinite_cause
+from lego_model.eager import nonfinite_cause, nonfinite_message
 from lego_model.precond import CallInputs, check_active, combine_output, engine_labels, prepare_inputs
 from lego_model.sampler import Denoiser, LoopSpec, NonFiniteWatch, SamplingLoop, Solver, step_of_call
 from runtimes.backends.base import Backend, EngineCall
@@ -165,8 +165,15 @@ class BrickChain:
         max_buffer_sets: int = 8,
         loop_graphs: bool = True,
     ) -> None:
-        if max_buffer_sets < 1:
-            raise UsageError(f"max_buffer_sets must be at least 1, got {max_buffer_sets}")
+        if not isinstance(backend, Backend):
+            raise UsageError(
+                f"backend: expected a runtimes Backend (open_backend(...)[0]), got {type(backend).__name__}"
+            )
+        if isinstance(max_buffer_sets, bool) or not isinstance(max_buffer_sets, int) or max_buffer_sets < 1:
+            raise UsageError(f"max_buffer_sets must be an int of at least 1, got {max_buffer_sets!r}")
+        for name, flag in (("cuda_graphs", cuda_graphs), ("check_finite", check_finite), ("loop_graphs", loop_graphs)):
+            if not isinstance(flag, bool):
+                raise UsageError(f"{name}: expected True or False, got {flag!r}")
         self.backend = backend
         self.config = backend.config
         self.device = backend.device
@@ -475,7 +482,8 @@ class BrickChain:
         raise NonFiniteError(self._nonfinite_message(j, where))
 
     def _nonfinite_message(self, j: int, where: str) -> str:
-        """What is known about a NaN/Inf from engine slot ``j``: engine, step, its precision, and the likely cause."""
+        """What is known about a NaN/Inf from engine slot ``j``: engine, step, the precision that computed, and the
+        cause its weights tell (lego_model.eager's one wording, the eager model's too)."""
         backend = self.backend
         engine, label = ("the embedder", "embedder") if j == 0 else (f"brick {j - 1}", f"brick{j - 1}")
         entries = getattr(backend, "entries", None) or {}
@@ -484,22 +492,11 @@ class BrickChain:
         precision = backend.precision
         if "/" in precision and label in entries:
             precision = entries[label].precision
-        head = f"{engine} ({backend.name}, {precision}) produced NaN/Inf at {where}"
-        model = getattr(backend, "model", None)  # the torch backend's weights can tell more
-        if model is not None:
-            return f"{head}: {nonfinite_cause(model, cfg_scale=self._cfg_scale, churn=self._churn)}"
-        if precision == "fp16":
-            fix = "re-export with --precision fp32 (or bf16)" + ("" if j == 0 else ", or skip that brick")
-            return f"{head}: fp16 overflow is likely; {fix}"
-        if j == 0:  # reads only the noise level and the class label, both finite here
-            return (
-                f"{head}: the embedder reads only the noise level and the class, so its weights likely hold "
-                "NaN/Inf (it cannot be skipped); re-export from a sound checkpoint"
-            )
-        return (
-            f"{head}: {precision} does not overflow on sound weights, so its weights likely hold NaN/Inf "
-            "(re-export from a sound checkpoint), or a huge --cfg-scale or --S-noise drove its input out of range"
-        )
+        cause = nonfinite_cause(
+            backend.engine_weights(label), cfg_scale=self._cfg_scale, churn=self._churn, precision=precision,
+            reads_image=j != 0,
+        )  # fmt: skip
+        return nonfinite_message(engine, backend.name, precision, where, cause)
 
 
 def _buffer_key(key: Hashable) -> tuple[int, int, int, bool]:

@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 
 from export.records import VAE_UPSCALE
-from lego_model.flops import check_memory
+from lego_model.errors import checked_arguments
 from lego_model.images import to_uint8_nhwc
 from lego_model.model import LegoModel
-from lego_model.request import Output, Request, sample_batches
+from lego_model.request import Output, Request, check_on_step, sample_batches
 from lego_model.vae import DECODE_BUDGET_BYTES, NO_VAE_HINT, decode_chunk
 from runtimes.backends import Backend, open_backend
 from runtimes.backends.base import VAE_CALL
@@ -79,18 +79,19 @@ class Generator:
         check_finite: bool = True,
         why: str = "given",
     ) -> None:
+        self.chain = BrickChain(  # first: it refuses what is not a backend, and flags or bounds of other types
+            backend, cuda_graphs=cuda_graphs, check_finite=check_finite, max_buffer_sets=max_buffer_sets
+        )
         self.backend = backend
         self.config = backend.config
         self.why = why
-        self.chain = BrickChain(
-            backend, cuda_graphs=cuda_graphs, check_finite=check_finite, max_buffer_sets=max_buffer_sets
-        )
         self._lock = threading.RLock()
         self._decoding: dict[tuple[int, int, int], tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
         self._state = "new"  # new -> loaded (or borrowed: the caller loaded the backend) -> closed
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    @checked_arguments
     def from_engine_dir(
         cls,
         engine_dir: str | Path,
@@ -117,6 +118,7 @@ class Generator:
         return cls(be, cuda_graphs=cuda_graphs, max_buffer_sets=max_buffer_sets, why=why)
 
     @classmethod
+    @checked_arguments
     def from_checkpoint(
         cls,
         checkpoint: str | Path | LegoModel | None = None,
@@ -185,10 +187,12 @@ class Generator:
             raise UsageError("this Generator is closed; build a new one")
 
     # ------------------------------------------------------------------ requests
+    @checked_arguments
     def request(self, seeds: int | Iterable[int], **kwargs: Any) -> Request:
         """A :class:`Request` for this generator's model: ``Request.make(self.config, seeds, **kwargs)``."""
         return Request.make(self.config, seeds, **kwargs)
 
+    @checked_arguments
     def check(self, request: Request) -> None:
         """Raise what :meth:`generate` would refuse for ``request`` on this backend, without loading anything.
 
@@ -209,9 +213,10 @@ class Generator:
             self.backend.check_shape(2 * n if request.guided else n, request.height, request.width)
         if self.config.is_latent and request.output != "latents":
             self._check_decoder(request.height, request.width)
-        if sizes and self.device.type == "cpu":  # host memory: the torch backend has no profile to bound a batch
-            check_memory(self.config, request.height, request.width, max(sizes) * (2 if request.guided else 1))
+        if self.device.type == "cpu":  # host memory: the torch backend has no profile to bound a batch
+            request.check_memory(self.max_batch(request.guided))
 
+    @checked_arguments
     def generate(
         self,
         seeds: Request | int | Iterable[int],
@@ -239,6 +244,7 @@ class Generator:
         else:
             request = self.request(seeds, **kwargs)
         self.check(request)
+        check_on_step(on_step)
         with self._lock:
             self.load()
             images = torch.cat([x for _, x in self._sample(request, on_step)])
@@ -246,6 +252,7 @@ class Generator:
                 images = self.decode(images)
         return convert(images, request.output)
 
+    @checked_arguments
     def batches(
         self, request: Request, on_step: Callable[[int], None] | None = None
     ) -> Iterator[tuple[tuple[int, ...], Tensor]]:
@@ -253,14 +260,20 @@ class Generator:
 
         The sample CLI's path: it writes and times each batch.  A latent
         model's results are its latents (:meth:`decode` makes images of them).
-        The generator's lock is held while the iterator runs.
+        The request and ``on_step`` are checked here, at the call; the
+        generator's lock is held while the iterator runs.
         """
         self.check(request)
+        check_on_step(on_step)
+        return self._batches(request, on_step)
+
+    def _batches(self, request: Request, on_step) -> Iterator[tuple[tuple[int, ...], Tensor]]:
         with self._lock:
             self.load()
             yield from self._sample(request, on_step)
 
     # ------------------------------------------------------------------ latents to images
+    @checked_arguments
     def decode(self, latents: Tensor) -> Tensor:
         """A latent model's latents [N, C, h, w] -> float32 images [N, 3, 8h, 8w] in [-1, 1], on the device.
 
@@ -271,6 +284,8 @@ class Generator:
         images are dropped.  Outside the sampling loop and its CUDA graphs.
         """
         cfg = self.config
+        if not cfg.is_latent:
+            raise UsageError(f"decode is for latent models; {cfg.name} samples pixels, which need no decoding")
         if not isinstance(latents, Tensor) or latents.dim() != 4 or latents.shape[1] != cfg.img_channels:
             got = list(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
             raise UsageError(f"latents: expected a tensor [N, {cfg.img_channels}, h, w], got {got}")

@@ -4,10 +4,12 @@ Every file is written under a temporary name and renamed into place, so that
 a file that exists is always complete.  ``run.json`` beside the PNGs records
 the settings that decide their pixels (:func:`run_settings`); a later run into
 the same ``--out``, resumed or not, must have the same settings, so one
-directory (and its npz) never mixes two runs.  Which seeds a run samples, the
-batch size and the backend do not change a seed's image beyond rounding
-(backends of one precision agree to one uint8 level): a resume may add seeds
-or continue on another backend of the same precision.  Nothing is created
+directory (and its npz) never mixes two runs.  Which seeds a run samples and the
+batch size do not change a seed's image beyond rounding, nor does the backend
+at fp32 (fp32 backends agree to one uint8 level): a resume may add seeds, and
+at fp32 continue on another backend.  bf16 and int8 results are each backend's
+own (OpenVINO and torch bf16 differ by up to 29/255), so there run.json
+records the backend and a resume must keep it.  Nothing is created
 before the first PNG is written, so a refused or failed run leaves no empty
 directory behind.
 """
@@ -124,16 +126,22 @@ def assemble(out: Path, seeds: list[int], npz: Path | None, grid_rows: int | Non
     return written
 
 
-def run_settings(request: Request, *, weights: str, precision: str, output: str = "images") -> dict[str, Any]:
+def run_settings(
+    request: Request, *, weights: str, precision: str, output: str = "images", backend: str | None = None
+) -> dict[str, Any]:
     """What decides a seed's pixels, in the order a difference is reported (JSON values, as read back).
 
     The request's settings (model, size, steps, solver, class, guidance, churn,
     bricks per step) with what the run adds: the weights' identity and the
-    precision that computed, and ``output`` ("images", or "latents" for a
-    latent model without a decoder).
+    precision that computed, ``output`` ("images", or "latents" for a
+    latent model without a decoder), and ``backend`` where its results are its
+    own (``Backend.shares_results`` False: bf16, fp16, int8), so that a resume
+    on another backend is refused there and allowed where results agree to fp32 rounding.
     """
     own = request.settings()
     settings = {"model": own.pop("model"), "config": own.pop("config"), "weights": weights, "precision": precision}
+    if backend is not None:
+        settings["backend"] = backend
     settings.update(own)
     settings["output"] = output
     return json.loads(json.dumps(settings))  # tuples become lists, as when read back

@@ -36,14 +36,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.records import PROFILE_LIMITS
+from export.loaders import OPTIMIZATIONS
 from lego_model.cli import OneLineCommand, one_line_errors
 from lego_model.configs import MAX_CFG_SCALE, MAX_PARAMETERS, MAX_SIDE
 from lego_model.flops import sampling_flops, usable_cores
 from lego_model.images import class_row_seeds, parse_seeds, to_uint8_nhwc
 from lego_model.parsing import BoundedFloat, BoundedInt
 from lego_model.request import Churn, Request
-from lego_model.sampler import MAX_STEPS, SOLVERS, evaluations_per_step
+from lego_model.sampler import MAX_BATCH, MAX_S_NOISE, MAX_STEPS, SOLVERS, evaluations_per_step
 from lego_model.skip import SkipPlan
 from lego_model.vae import NO_VAE_HINT
 from runtimes import distributed
@@ -151,7 +151,11 @@ def prepare_run(o: dict[str, Any], info: distributed.RankInfo) -> SamplingRun:
         raise OutputError(f"--npz holds uint8 images, and this latent model has no decoder: {NO_VAE_HINT}")
     request, grid_rows = request_from_options(o, gen, "latents" if writes_latents else "tensor")
     settings = run_settings(
-        request, weights=backend.weights, precision=backend.precision, output="latents" if writes_latents else "images"
+        request,
+        weights=backend.weights,
+        precision=backend.precision,
+        output="latents" if writes_latents else "images",
+        backend=None if backend.shares_results else backend.name,  # bf16, int8: the pixels are this backend's own
     )
     outputs = RunOutputs(
         Path(o["out"]), Path(o["npz"]) if o["npz"] else None, settings, backend.name, latents=writes_latents
@@ -358,7 +362,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 )
 @click.option(
     "--batch",
-    type=BoundedInt(1, PROFILE_LIMITS["batch"]),
+    type=BoundedInt(1, MAX_BATCH),
     default=None,
     help="Images per batch [default: up to 16, as the engine profile allows].",
 )
@@ -374,7 +378,14 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 )
 @click.option("--S-min", "S_min", type=BoundedFloat(0, math.inf), default=0.0, show_default=True)
 @click.option("--S-max", "S_max", type=BoundedFloat(0, math.inf), default=math.inf, show_default=True)
-@click.option("--S-noise", "S_noise", type=BoundedFloat(0, math.inf), default=1.0, show_default=True)
+@click.option(
+    "--S-noise",
+    "S_noise",
+    type=BoundedFloat(0, MAX_S_NOISE),
+    default=1.0,
+    show_default=True,
+    help="Churn noise scale (EDM S_noise; the paper uses 1.0 to 1.007); from 3 on the shipped model draws no digits.",
+)
 @click.option(
     "--class",
     "class_idx",
@@ -429,7 +440,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 )
 @click.option(
     "--ort-optimization",
-    type=click.Choice(["all", "fusions", "extended", "basic", "disable"]),
+    type=click.Choice(OPTIMIZATIONS),
     default="all",
     show_default=True,
     help="ONNX Runtime graph optimizations; fusions adds the transformers optimizer (slower load, faster calls).",

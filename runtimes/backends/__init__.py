@@ -13,13 +13,15 @@ directory, and is the backend of a run without one.
 from __future__ import annotations
 
 import logging
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from lego_model.errors import checked_arguments
 from runtimes.backends import openvino, ort, torch_backend, trt
 from runtimes.backends.base import OPTION_FLAGS, Backend, BackendKind, BackendOptions
 from runtimes.backends.decoding import attach_decoder
-from runtimes.errors import BackendError
+from runtimes.errors import BackendError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ def choose_backend(requested: str, problems: dict[str, str | None]) -> tuple[str
     )
 
 
+@checked_arguments
 def open_backend(
     requested: str = "auto", *, engine_dir: str | Path | None = None, **options: Any
 ) -> tuple[Backend, str]:
@@ -74,10 +77,9 @@ def open_backend(
     precision the backend cannot run, an option it would ignore) refuses
     here, before any compute.
     """
-    try:
-        opts = BackendOptions(**options)
-    except TypeError as err:
-        raise BackendError(f"open_backend: {err}; the options are {', '.join(OPTION_FLAGS)}") from None
+    opts = BackendOptions(**options)  # an unknown option, a wrong type or range: a UsageError naming it
+    if engine_dir is not None and not isinstance(engine_dir, (str, PathLike)):
+        raise UsageError(f"engine_dir: expected a directory path, got {type(engine_dir).__name__}")
     if requested not in BACKENDS:
         raise BackendError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if engine_dir is None:

@@ -25,25 +25,29 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, fields
+from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from export.loaders import OPTIMIZATIONS, onnx_weights
 from export.records import TORCH_DTYPES
 from lego_model.configs import LegoConfig
+from lego_model.errors import checked_arguments
 from lego_model.flops import usable_cores
-from runtimes.backends.precision import files_precision
+from lego_model.model import LegoModel
+from lego_model.vae import Vae
+from runtimes.backends.precision import PRECISIONS, files_precision
 from runtimes.cuda import TORCH_CUDA, Cuda
 from runtimes.distributed import rank_info
 from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
     from export.records import EngineEntry, Manifest, Profile
-    from lego_model.vae import Vae
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ def check_engine_set(entries: Mapping[str, EngineEntry], config: LegoConfig, fmt
         )
 
 
+@checked_arguments
 @dataclass(frozen=True)
 class BackendOptions:
     """What a user chooses about a backend: the sample CLI's options and the Python API's keywords, in one place.
@@ -182,6 +187,31 @@ class BackendOptions:
     random_init: bool = False  # torch backend without engines: random weights (seed 0) of ``config``
     vae: Any = None  # latent models: decode with diffusers' eager VAE from this path (or a lego_model.vae.Vae)
     vae_backend: str = "engine"  # latent models: "engine" (the directory's vae_decoder) or "torch" (diffusers eager)
+
+    def __post_init__(self) -> None:
+        # The types and ranges of the sample CLI's options, checked here for the Python API (open_backend, the
+        # Generator) with the same bounds: --threads 1..usable_cores, the --precision and --ort-optimization choices.
+        if self.threads is not None:
+            check_threads(self.threads)
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.ort_optimization not in OPTIMIZATIONS:
+            raise UsageError(
+                f"ort_optimization: expected one of {', '.join(OPTIMIZATIONS)}, got {self.ort_optimization!r}"
+            )
+        for name in ("ort_arena", "random_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        if isinstance(self.local_rank, bool) or not isinstance(self.local_rank, int) or self.local_rank < 0:
+            raise UsageError(f"local_rank: expected an int >= 0 (torchrun's LOCAL_RANK), got {self.local_rank!r}")
+        if self.device is not None and not isinstance(self.device, (str, torch.device)):
+            raise UsageError(f"device: expected 'cpu', 'cuda', 'cuda:N' or a torch.device, got {self.device!r}")
+        if self.config is not None and not isinstance(self.config, str):
+            raise UsageError(f"config: expected a registry config name (str), got {self.config!r}")
+        if self.checkpoint is not None and not isinstance(self.checkpoint, (str, PathLike, LegoModel)):
+            raise UsageError(f"checkpoint: expected a file path or a LegoModel, got {type(self.checkpoint).__name__}")
+        if self.vae is not None and not isinstance(self.vae, (str, PathLike, Vae)):
+            raise UsageError(f"vae: expected a path or a lego_model.vae.Vae, got {type(self.vae).__name__}")
 
     def changed(self) -> list[str]:
         """The fields a user set to something other than the default (not local_rank: torchrun sets it)."""
@@ -265,6 +295,13 @@ class Backend:
         self.loaded = False
         self.close()
 
+    @property
+    def shares_results(self) -> bool:
+        """Whether this backend's images equal every other backend's at its precision to rounding: at fp32 the
+        backends agree to one uint8 level (the parity tests); bf16, fp16 and int8 results are each backend's own
+        (OpenVINO and torch bf16 differed by up to 29/255 on 44% of the pixels), so a run records the backend."""
+        return self.precision == "fp32"
+
     def require_loaded(self) -> None:
         """Refuse engine calls before ``with backend:`` loaded it (or after it closed)."""
         if not self.loaded:
@@ -321,6 +358,11 @@ class Backend:
         with torch.no_grad():
             outputs["images"].copy_(self._vae_module(inputs["latents"].float()))
 
+    def engine_weights(self, engine: str) -> torch.nn.Module | Iterable[tuple[str, Any]] | None:
+        """The weights engine ``engine`` ("embedder", "brick1") computes with, read for a NaN/Inf report only;
+        None where this backend cannot read them (:func:`lego_model.eager.nonfinite_cause` then says so)."""
+        return None
+
     def infer(self, call: EngineCall, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         """Run engine ``call.engine`` reading ``inputs`` and writing into ``outputs`` (no allocation of I/O).
 
@@ -358,6 +400,16 @@ class EngineBackend(Backend):
     def max_rows(self) -> int | None:
         return min(e.profile.batch[2] for e in self.entries.values())
 
+    def engine_weights(self, engine: str) -> Iterable[tuple[str, Any]] | None:
+        """The initializers of the engine's ONNX file (a TensorRT plan's weights cannot be read back)."""
+        entry = self.entries.get(engine)
+        if entry is None or entry.format != "onnx":
+            return None
+        try:
+            return onnx_weights(entry.path(self.engine_dir))
+        except OSError:  # removed since it was verified: the report says the weights could not be read
+            return None
+
     def engines_to_load(self) -> dict[str, EngineEntry]:
         """The embedder and bricks, and the vae_decoder when this backend runs its own."""
         extra = {self.decoder_entry.name: self.decoder_entry} if self.decoder_entry is not None and not self.vae else {}
@@ -377,9 +429,12 @@ def default_threads(local_world_size: int | None = None) -> int:
 
 
 def check_threads(threads: object) -> None:
-    """Refuse more CPU threads than this process has cores: they only contend (and 100000 exhaust the OS)."""
+    """Refuse what is not an int from 1 to the cores this process has (more only contend, and 100000 exhaust the
+    OS): the range of the sample CLI's ``--threads``, both read from :func:`lego_model.flops.usable_cores`."""
     cores = usable_cores()
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores:
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise UsageError(f"threads (--threads): expected an int in 1..{cores}, got {threads!r}")
+    if not 1 <= threads <= cores:
         raise BackendError(
             f"--threads {threads} is outside 1..{cores}, the cores this process may use; pass at most {cores}"
         )

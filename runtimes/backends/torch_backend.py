@@ -95,7 +95,10 @@ class TorchBackend(Backend):
     def __init__(
         self, model: LegoModel, *, device: torch.device | str = "cpu", precision: str = "fp32", cuda: Cuda | None = None
     ) -> None:
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):  # 'tpu', 'cpu:x', 5 (torch reads an int as an accelerator's index)
+            raise BackendError(f"the torch backend runs on 'cpu' or 'cuda[:N]', not {device!r}") from None
         if device.type == "cuda":
             device = require_cuda("the torch backend on a CUDA device", device.index or 0)
         elif device.type != "cpu":
@@ -142,6 +145,10 @@ class TorchBackend(Backend):
         if self.cuda.is_device(self.device):
             free, _ = self.cuda.mem_get_info(self.device)
             check_memory(self.config, height, width, rows, available=free, where=f" on {self.device}")
+
+    def engine_weights(self, engine: str) -> torch.nn.Module:
+        """The whole model: a broken weight anywhere upstream is named, whichever engine's output went bad first."""
+        return self.model
 
     def close(self) -> None:
         self._graphs.clear()

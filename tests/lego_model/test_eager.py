@@ -16,7 +16,7 @@ def test_nan_weights_are_named_with_the_step():
     model = LegoModel(get_config("tiny_PG_16")).randomize_(0).eval()
     with torch.no_grad():
         model.bricks[2].final_layer.linear.bias.fill_(float("nan"))
-    with pytest.raises(NonFiniteError, match=r"eager model \(tiny_PG_16, float32\) produced NaN/Inf at sampling step 0 "
+    with pytest.raises(NonFiniteError, match=r"eager model \(tiny_PG_16, fp32\) produced NaN/Inf at sampling step 0 "
                        r"of 2: its weight model.model.2.final_layer.linear.bias holds NaN/Inf"):  # fmt: skip
         sample_images(model, [0], steps=2)
 

@@ -379,7 +379,7 @@ GENERATE_MISUSE = [
     (dict(seeds=[0], output="png"), UsageError, "output must be one of tensor, uint8, pil"),
     (dict(seeds=[0], plan="2@0.6"), SkipPlanError, "cannot parse skip rule"),
     (dict(seeds=[0], plan=["0,1,2@0:1"]), SkipPlanError, "leaves step 0"),
-    (dict(seeds=[0], batch=0), UsageError, "batch must be a positive int"),
+    (dict(seeds=[0], batch=0), UsageError, "batch must be an int in 1.."),
     (dict(seeds=list(range(9)), batch=9), ProfileError, r"batch 9 not in \[1, 8\]"),
     (dict(seeds=[0], S_churn=-1.0), LegoError, "S_churn -1.0 must be a finite number >= 0"),
     (dict(seeds=[0], S_churn=float("inf")), LegoError, "S_churn inf must be a finite number >= 0"),
