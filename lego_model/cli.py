@@ -24,7 +24,8 @@ def one_line_errors(on_interrupt: Callable[[], str] | None = None) -> Iterator[N
     """Run a command's body; turn its errors into one line and an exit status.
 
     ``on_interrupt()`` says, after Ctrl-C, what the command kept and how to
-    continue (e.g. "12 images kept in samples/; run again with --resume").
+    continue (e.g. "12 images kept in samples/; run again with --resume"); an
+    empty text prints nothing (a torchrun rank whose rank 0 speaks for the launch).
     """
     try:
         yield
@@ -33,7 +34,8 @@ def one_line_errors(on_interrupt: Callable[[], str] | None = None) -> Iterator[N
         sys.exit(1)
     except KeyboardInterrupt:
         said = on_interrupt() if on_interrupt is not None else "nothing was kept"
-        click.echo(f"interrupted: {said}", err=True)
+        if said:
+            click.echo(f"interrupted: {said}", err=True)
         sys.exit(130)
 
 
