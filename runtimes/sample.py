@@ -31,7 +31,6 @@ import contextlib
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +42,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import runtimes
 from export.records import PROFILE_LIMITS
 from lego_model.cli import OneLineCommand, one_line_errors
 from lego_model.configs import MAX_CFG_SCALE, MAX_PARAMETERS, MAX_SIDE
@@ -532,8 +530,6 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(quiet: bool, **options: Any) -> None:
     """Sample images through the brick engines of an engine directory, or with the eager model (torch backend)."""
-    if signal.getsignal(signal.SIGINT) is runtimes._interrupted_while_starting:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is the message below
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     started: list[SamplingRun] = []
     info = distributed.RankInfo()

@@ -298,3 +298,34 @@ def test_quality_json_onto_a_full_disk_is_one_line_and_no_file(room, tmp_path, m
     monkeypatch.undo()
     refused(result, "q.json failed: No space left on device; nothing was written under that name")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ issue 21, class 6: Ctrl-C while a command starts
+
+STARTING = {
+    "lego-export": ["-m", "export", "--config", TINY, "--random-init", "-q", "--out", "{tmp}/e"],
+    "digits train": ["-m", "lego_model.digits.train", "--out", "{tmp}/m.safetensors", "--steps", "50"],
+    "digits quality": ["-m", "lego_model.digits.quality", "--per-class", "2", "--json", "{tmp}/q.json"],
+    "runtimes": ["-m", "runtimes", "--config", TINY, "--random-init", "--out", "{tmp}/o"],
+}
+
+
+@pytest.mark.parametrize("command", STARTING)
+def test_ctrl_c_while_a_command_imports_its_libraries_is_one_line(command, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [a.format(tmp=tmp_path) for a in STARTING[command]]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *args], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    time.sleep(0.3)  # Python has started; torch is loading (about a second or more)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted: "), err
+    assert list(tmp_path.iterdir()) == []
