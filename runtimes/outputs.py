@@ -160,14 +160,14 @@ def _as_json(value: Any) -> str:
 def first_difference(recorded: dict[str, Any], settings: dict[str, Any]) -> str | None:
     """'steps 18 (this run: 4)' for the first setting that differs, or None.
 
-    Values are compared as JSON, so ``"3"``, ``3.0``, ``true`` and ``3`` all
-    differ; where two differing values print alike the types are shown:
-    'steps "3", text (this run: 3, a whole number)'.
+    Values are compared and shown as JSON (text unquoted), so ``"3"``,
+    ``3.0``, ``true`` and ``3`` all differ; where two differing values print
+    alike the types are shown: 'steps "3", text (this run: 3, a whole number)'.
     """
     for key, value in settings.items():
         old = recorded.get(key)
         if key not in recorded or _as_json(old) != _as_json(value):
-            show = (lambda v: str(v)) if key != "config" else _as_json
+            show = lambda v: v if isinstance(v, str) else _as_json(v)  # noqa: E731  (true, null: as in run.json)
             old_s, new_s = show(old), show(value)
             if key not in recorded:
                 old_s = "missing"

@@ -66,8 +66,9 @@ def assert_whole(folder: Path) -> None:
         ("3", 3, 'steps "3", text (this run: 3, a whole number)'),
         (3, "3", 'steps 3, a whole number (this run: "3", text)'),
         (3.0, 3, "steps 3.0 (this run: 3)"),
-        (True, 1, "steps True (this run: 1)"),
-        ("None", None, 'steps "None", text (this run: null, null)'),
+        (True, 1, "steps true (this run: 1)"),
+        ("None", None, "steps None (this run: null)"),
+        ("null", None, 'steps "null", text (this run: null, null)'),
         ([3], "[3]", 'steps [3], a list (this run: "[3]", text)'),
         ("fp32 ", "fp32", "steps fp32  (this run: fp32)"),
     ],
@@ -77,7 +78,7 @@ def test_first_difference_compares_types_and_shows_them_when_values_print_alike(
 
 
 def test_first_difference_names_a_missing_setting_and_passes_equal_ones():
-    assert first_difference({"steps": 3}, {"steps": 3, "class": None}) == "class missing (this run: None)"
+    assert first_difference({"steps": 3}, {"steps": 3, "class": None}) == "class missing (this run: null)"
     assert first_difference(dict(SETTINGS), dict(SETTINGS)) is None
 
 
