@@ -174,8 +174,7 @@ def first_difference(recorded: dict[str, Any], settings: dict[str, Any]) -> str 
             elif old_s == new_s:  # "3" and 3, "None" and null
                 old_s = f"{_as_json(old)}, {_JSON_TYPES.get(type(old), type(old).__name__)}"
                 new_s = f"{_as_json(value)}, {_JSON_TYPES.get(type(value), type(value).__name__)}"
-            if len(old_s) > 60 or len(new_s) > 60:
-                old_s, new_s = old_s[:57] + "...", new_s[:57] + "..."
+            old_s, new_s = (t if len(t) <= 60 else t[:57] + "..." for t in (old_s, new_s))
             return f"{key} {old_s} (this run: {new_s})"
     return None
 
