@@ -45,6 +45,7 @@ __all__ = [
     "check_writable",
     "default_cache_dir",
     "hold",
+    "holder_of",
     "resolved",
     "shown_path",
     "temporary_of",
@@ -264,6 +265,23 @@ def _acquire(lock: Path) -> int | None:
         os.ftruncate(fd, 0)
         os.write(fd, (_this_run() + "\n").encode())
     return fd
+
+
+def holder_of(lock: Path) -> str | None:
+    """Who holds ``lock`` (as :func:`hold` wrote it) while another process holds it, else None; holds nothing."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no lock file: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(lock)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases the probe's own lock
+    return None
 
 
 @contextlib.contextmanager

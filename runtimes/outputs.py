@@ -32,7 +32,16 @@ import numpy as np
 
 from lego_model.checkpoints import file_sha256
 from lego_model.errors import TextError
-from lego_model.files import atomic_path, check_writable, hold, resolved, shown_path, temporary_of, write_atomic
+from lego_model.files import (
+    atomic_path,
+    check_writable,
+    hold,
+    holder_of,
+    resolved,
+    shown_path,
+    temporary_of,
+    write_atomic,
+)
 from lego_model.images import make_grid, save_image
 from lego_model.parsing import parse_json
 from lego_model.request import Request
@@ -261,7 +270,8 @@ def hold_outputs(out: Path, npz: Path | None) -> Iterator[None]:
     --npz ``.NAME.lock`` beside the npz's resolved path; both go when the run
     ends, with the folders made for them where they are still empty.  Once
     held, the temporaries a killed run left in --out (and of this npz) are
-    removed: no live run owns them.  Call it on one process of a torchrun
+    removed: no live run owns them.  An npz in the --out of another live run
+    is refused.  Call it on one process of a torchrun
     launch (rank 0), before the others write.
     """
     with contextlib.ExitStack() as stack:
@@ -270,6 +280,11 @@ def hold_outputs(out: Path, npz: Path | None) -> Iterator[None]:
         if npz is not None:
             stack.enter_context(hold(_npz_lock(npz), f"--npz {shown_path(npz)}", "--npz"))
             real = resolved(npz, "--npz")
+            other = real.parent != resolved(out) and holder_of(real.parent / LOCK_FILE)
+            if other:  # another live run's --out is that run's alone
+                raise OutputError(
+                    f"--npz {shown_path(npz)} lies in the --out of another run ({other}); choose another --npz"
+                )
             _remove_stale(real.parent, lambda name: name == real.name)
         yield
 

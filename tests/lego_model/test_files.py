@@ -22,6 +22,7 @@ from lego_model.files import (
     check_path,
     check_writable,
     hold,
+    holder_of,
     resolved,
     temporary_of,
     write_atomic,
@@ -169,6 +170,15 @@ def test_a_second_hold_is_refused_naming_the_first(tmp_path):
     assert not (tmp_path / "out").exists()  # the folder made for the lock goes with it
     with hold(lock, "--out out/", "--out"):  # free again
         pass
+
+
+def test_holder_of_probes_without_holding(tmp_path):
+    lock = tmp_path / ".lock"
+    assert holder_of(lock) is None and not lock.exists()
+    with hold(lock, "x", "--out"):
+        assert holder_of(lock) == lock.read_text().strip()
+        assert holder_of(lock) is not None  # the probe took nothing away
+    assert holder_of(lock) is None
 
 
 def test_a_hold_keeps_folders_that_were_written_into(tmp_path):
