@@ -26,6 +26,7 @@ from export.vae_spec import DEFAULT_VAE_BATCH
 from lego_model.cli import OneLineCommand, one_line_errors
 from lego_model.configs import LEGO_CONFIGS
 from lego_model.errors import LegoError
+from lego_model.files import CheckedPath
 from lego_model.parsing import BoundedInt
 from lego_model.sampler import TORCH_SEED_MAX
 
@@ -41,7 +42,7 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
 )
 @click.option(
     "--checkpoint",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=CheckedPath(dir_okay=False, path_type=Path),
     help="Model to export (.safetensors, authors' .pkl snapshot, or .pt state dict with --config). "
     "Default: the shipped demo model.",
 )
@@ -66,7 +67,7 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
 # A plain path: lego-export checks it (and says what is wrong in one line) before loading anything.
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=CheckedPath(path_type=Path),
     default=Path("engines"),
     show_default=True,
     help="Engine directory to write; checked (its parent writable, --force rules) before anything is loaded.",
@@ -96,7 +97,7 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
 @click.option("--width", metavar="MIN:OPT:MAX", help=f"Image width range {RANGE_HELP}; default as --height.")
 @click.option(
     "--vae",
-    type=click.Path(path_type=Path),
+    type=CheckedPath(path_type=Path),
     help="Latent models: also export a vae_decoder engine (latents -> 8x images, fp32) from this local diffusers "
     "AutoencoderKL directory or .safetensors file (e.g. sd-vae-ft-ema). Needs the latent extra.",
 )
@@ -123,7 +124,7 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
 )
 @click.option(
     "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=CheckedPath(file_okay=False, path_type=Path),
     help="TensorRT timing and engine caches (default: $LEGO_CACHE_DIR or ~/.cache/lego-deploy).",
 )
 @click.option(

@@ -55,7 +55,8 @@ def onnx_from_spec(
     """Export one engine's forward to ``path``; returns the exporter that produced it.
 
     ``exporter="dynamo"`` falls back to TorchScript (with a warning in the
-    log) when the dynamo exporter raises; ``"torchscript"`` forces it.
+    log) when the dynamo exporter raises, but for an OSError (a full disk),
+    which is the caller's one line; ``"torchscript"`` forces it.
     ``identity`` (:func:`export.identity.engine_identity`) is written as the
     file's metadata props; an engine directory's files need it (load_manifest
     refuses a file without), a file made for a structural test may go without.
@@ -72,6 +73,8 @@ def onnx_from_spec(
     if exporter == "dynamo":
         try:
             _export_dynamo(module, args, spec, path, opset)
+        except OSError:  # the file system's (a full disk): TorchScript would fail alike, and the error is one line
+            raise
         except Exception as err:  # the dynamo exporter raises many unrelated types; all mean "try the other one"
             log.warning(
                 "%s: dynamo exporter failed (%s: %s); falling back to TorchScript", spec.name, type(err).__name__, err

@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from export.records import Profile, Verification
 from export.specs import EngineSpec, profile_shapes
 from export.verify import EngineRunner
 from lego_model.checkpoints import file_sha256
+from lego_model.files import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +153,13 @@ class EngineCache:
         return CachedPlan(plan, builder)
 
     def store(self, key: str, parts: dict[str, Any], plan: Path, builder: TrtEnvironment) -> None:
-        """Copy ``plan`` into the cache (temporary names, then renames: a reader never sees half a file)."""
+        """Copy ``plan`` into the cache (each file whole, :func:`lego_model.files.atomic_path`: a reader never sees
+        half a file, and a full disk leaves no temporary)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp_plan, tmp_meta = self.root / f"{key}.plan.tmp", self.root / f"{key}.json.tmp"
-        shutil.copyfile(plan, tmp_plan)
+        with atomic_path(self.root / f"{key}.plan") as tmp_plan:
+            shutil.copyfile(plan, tmp_plan)
         record = {"parts": parts, "sha256": file_sha256(plan), "builder": dataclasses.asdict(builder)}
-        tmp_meta.write_text(json.dumps(record, sort_keys=True))
-        os.replace(tmp_plan, self.root / f"{key}.plan")
-        os.replace(tmp_meta, self.root / f"{key}.json")
+        write_atomic(self.root / f"{key}.json", json.dumps(record, sort_keys=True))
 
 
 @dataclass(frozen=True)
@@ -268,9 +267,7 @@ def engine_from_onnx(
         raise ExportError(f"{spec.name}: TensorRT failed to build an engine from {Path(onnx_path).name} (see its log)")
     Path(plan_path).write_bytes(bytes(serialized))
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = timing_cache.with_name(timing_cache.name + ".tmp")
-    tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    os.replace(tmp, timing_cache)
+    write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
 def plan_runner(spec: EngineSpec, plan_path: str | Path) -> EngineRunner:

@@ -35,7 +35,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lego_model.configs import LegoConfig, get_config
-from lego_model.errors import CheckpointError, ConfigError
+from lego_model.errors import CheckpointError, ConfigError, OutputError
+from lego_model.files import atomic_path, shown_path
 from lego_model.model import LegoModel
 
 FORMAT_TAG = "lego-diffusion/1"
@@ -61,11 +62,20 @@ def read_safetensors(
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    """Write tensors and metadata to a temporary name beside ``path``, then rename: no half-written file."""
+    """Write tensors and metadata whole (:func:`lego_model.files.atomic_path`): ``path`` is complete or as it was.
+
+    A failed write (a full disk) is an :class:`OutputError` line and leaves no temporary behind.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as err:  # safetensors reports the system's errors (ENOSPC) as its own type
+            if "os error" not in str(err):
+                raise
+            raise OutputError(
+                f"writing {shown_path(path)} failed: {err}; nothing was written under that name"
+            ) from None
     return path
 
 

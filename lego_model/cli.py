@@ -5,17 +5,20 @@ commands) runs its body inside :func:`one_line_errors`.  A project error
 (:class:`lego_model.errors.LegoError`) or an OSError (a full disk, a
 permission) prints ``error: <its first line>`` and exits 1; Ctrl-C prints one
 line saying what was kept and how to continue (the command says which) and
-exits 130, the shell's code for SIGINT.
+exits 130, the shell's code for SIGINT.  Before the body runs (while Python
+imports torch), Ctrl-C is the one line of ``lego_model._interrupted_while_starting``.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import click
 
+import lego_model
 from lego_model.errors import LegoError, first_line
 
 
@@ -24,8 +27,11 @@ def one_line_errors(on_interrupt: Callable[[], str] | None = None) -> Iterator[N
     """Run a command's body; turn its errors into one line and an exit status.
 
     ``on_interrupt()`` says, after Ctrl-C, what the command kept and how to
-    continue (e.g. "12 images kept in samples/; run again with --resume").
+    continue (e.g. "12 images kept in samples/; run again with --resume"); an
+    empty text prints nothing (a torchrun rank whose rank 0 speaks for the launch).
     """
+    if signal.getsignal(signal.SIGINT) is lego_model._interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is the line below
     try:
         yield
     except (LegoError, OSError) as err:
@@ -33,7 +39,8 @@ def one_line_errors(on_interrupt: Callable[[], str] | None = None) -> Iterator[N
         sys.exit(1)
     except KeyboardInterrupt:
         said = on_interrupt() if on_interrupt is not None else "nothing was kept"
-        click.echo(f"interrupted: {said}", err=True)
+        if said:
+            click.echo(f"interrupted: {said}", err=True)
         sys.exit(130)
 
 

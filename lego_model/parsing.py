@@ -18,10 +18,17 @@ converted, so a 5,000-digit text costs nothing), and a refusal is one
 :class:`~lego_model.errors.TextError` line naming the field, the text and the
 accepted range.  :class:`BoundedInt` and :class:`BoundedFloat` are the same
 parsers as click option types, for every command line of the project.
+
+:func:`parse_json` reads a JSON document a user may have edited (run.json):
+``json.loads`` fails it in a traceback when it is nested deeper than
+Python's recursion limit (RecursionError) or holds an integer beyond its
+4,300-digit conversion limit (ValueError), and quietly accepts ``NaN``,
+``Infinity`` and ``1e999``; here each is a :class:`TextError` line.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -38,6 +45,7 @@ __all__ = [
     "parse_float",
     "parse_fraction",
     "parse_int",
+    "parse_json",
     "quoted",
 ]
 
@@ -45,6 +53,7 @@ BLANKS = " \t"  # allowed around a number; only ASCII: str.strip() would also dr
 # ASCII only: str.isdigit(), \d and int() also take other scripts' digits and characters like '²'.
 _WHOLE = re.compile(r"[0-9]+")
 _DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+MAX_JSON_DIGITS = 100  # digits of a JSON number: none the project writes has more than 20
 _SHOWN = 24  # characters of a text shown in full in a message; longer ones are cut
 
 
@@ -117,6 +126,50 @@ def parse_float(text: str, what: str, low: float, high: float) -> float:
 def parse_fraction(text: str, what: str) -> float:
     """A decimal number in [0, 1] (fractions of sampling progress), as :func:`parse_float` reads it."""
     return parse_float(text, what, 0.0, 1.0)
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_DIGITS:
+        raise TextError(f"a number of {len(text.lstrip('-'))} digits (at most {MAX_JSON_DIGITS})")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    if len(text) > 4 * MAX_JSON_DIGITS:
+        raise TextError(f"a number of {len(text)} characters (at most {4 * MAX_JSON_DIGITS})")
+    value = float(text)
+    if not math.isfinite(value):
+        raise TextError(f"the number {_number(text)}, which is not finite")
+    return value
+
+
+def _json_constant(name: str, infinity: bool) -> Any:
+    if infinity and name == "Infinity":
+        return math.inf
+    raise TextError(f"{name}, which is not a JSON number")
+
+
+def parse_json(text: str | bytes, *, infinity: bool = False) -> Any:
+    """The JSON document ``text``; a :class:`TextError` line for anything that is not plain JSON data.
+
+    Refused: what ``json.loads`` refuses, nesting beyond Python's recursion
+    limit, numbers of more than :data:`MAX_JSON_DIGITS` digits, ``NaN``,
+    ``-Infinity``, ``Infinity`` (unless ``infinity``: what ``json.dumps``
+    writes for an unbounded value, e.g. EDM's S_max) and numbers that
+    overflow to it.  The message says what was wrong, for the caller to
+    prefix with the file's name.
+    """
+    try:
+        return json.loads(
+            text,
+            parse_int=_json_int,
+            parse_float=_json_float,
+            parse_constant=lambda name: _json_constant(name, infinity),
+        )
+    except RecursionError:
+        raise TextError("nested too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TextError(f"not JSON ({str(err).splitlines()[0]})") from None
 
 
 def _check_bounds(low: float, high: float) -> None:

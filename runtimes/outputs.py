@@ -1,26 +1,32 @@
 """The output side of a sampling run: per-seed PNGs, grid.png, the npz, run.json, and what ``--resume`` may reuse.
 
-Every file is written under a temporary name and renamed into place, so that
-a file that exists is always complete.  ``run.json`` beside the PNGs records
+Every file is written under a temporary name and renamed into place
+(:func:`lego_model.files.atomic_path`), so that a file that exists is always
+complete and a failed write (a full disk) leaves nothing behind.  A run holds
+its ``--out`` and its ``--npz`` for its lifetime (:func:`hold_outputs`, an
+flock on ``--out/.lock`` and on ``.NPZ.lock`` beside the npz): a second run
+into either is refused naming the first, and a run that holds them removes
+the temporaries killed runs left there.  ``run.json`` beside the PNGs records
 the settings that decide their pixels (:func:`run_settings`); a later run into
 the same ``--out``, resumed or not, must have the same settings, so one
-directory (and its npz) never mixes two runs.  Which seeds a run samples and the
-batch size do not change a seed's image beyond rounding, nor does the backend
-at fp32 (fp32 backends agree to one uint8 level): a resume may add seeds, and
-at fp32 continue on another backend.  bf16 and int8 results are each backend's
-own (OpenVINO and torch bf16 differ by up to 29/255), so there run.json
-records the backend and a resume must keep it.  Nothing is created
-before the first PNG is written, so a refused or failed run leaves no empty
-directory behind.
+directory (and its npz) never mixes two runs; it is read with bounds
+(:data:`MAX_RECORD_BYTES`, :func:`lego_model.parsing.parse_json`).  Which seeds
+a run samples and the batch size do not change a seed's image beyond rounding,
+nor does the backend at fp32 (fp32 backends agree to one uint8 level): a
+resume may add seeds, and at fp32 continue on another backend.  bf16 and int8
+results are each backend's own (OpenVINO and torch bf16 differ by up to
+29/255), so there run.json records the backend and a resume must keep it.  A
+refused or failed run leaves no empty directory behind: what the lock created
+goes with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+import logging
 import re
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +34,32 @@ from typing import Any
 import numpy as np
 
 from lego_model.checkpoints import file_sha256
-from lego_model.files import check_writable
+from lego_model.errors import TextError
+from lego_model.files import (
+    atomic_path,
+    check_writable,
+    hold,
+    holder_of,
+    resolved,
+    shown_path,
+    temporary_of,
+    write_atomic,
+)
 from lego_model.images import make_grid, save_image
+from lego_model.parsing import parse_json
 from lego_model.request import Request
 from runtimes.errors import OutputError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "GRID_MAX",
     "LATENTS_NPZ",
     "RUN_FILE",
     "RunOutputs",
+    "check_targets",
     "check_writable",
+    "hold_outputs",
     "read_png",
     "run_settings",
     "seed_latent",
@@ -49,9 +70,12 @@ GRID_MAX = 64  # images in grid.png
 RUN_FILE = "run.json"
 RUN_FORMAT = "lego-sample-run/1"
 LATENTS_NPZ = "latents.npz"  # a latent model's output without a decoder
+LOCK_FILE = ".lock"  # in --out, while a run holds it (hold_outputs)
+MAX_RECORD_BYTES = 1 << 24  # run.json: settings of up to MAX_STEPS steps are a few kB
 _OUR_FILE = re.compile(
     r"^(\d{6,}\.(png|npy)|grid\.png|latents\.npz)$"
 )  # the names a run writes into --out (besides run.json)
+_OLD_RECORD_TEMPORARY = re.compile(r"\.run-[A-Za-z0-9_]+\.json")  # run.json's temporaries before atomic_path
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # PNG mode of an image with that many channels
 
 
@@ -66,28 +90,29 @@ def seed_latent(out: Path, seed: int) -> Path:
 
 
 def write_latent(latent: np.ndarray, path: Path) -> None:
-    """One seed's float32 CHW latent, written via a temporary name and a rename as the PNGs are."""
-    tmp = path.with_name(f".{path.stem}.tmp.npy")
-    np.save(tmp, latent.astype(np.float32))
-    os.replace(tmp, path)
+    """One seed's float32 CHW latent, written whole (:func:`~lego_model.files.atomic_path`) as the PNGs are."""
+    with atomic_path(path) as tmp:
+        np.save(tmp, latent.astype(np.float32))
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """An uncompressed npz of ``arrays``, written whole (:func:`~lego_model.files.atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def assemble_latents(out: Path, seeds: list[int]) -> Path:
     """``latents.npz`` of all seeds (arr_0: float32 [N, C, h, w], seeds: int64), read back from the .npy files."""
     arr = np.stack([np.load(seed_latent(out, s)) for s in seeds])
     path = out / LATENTS_NPZ
-    tmp = out / f".{LATENTS_NPZ}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, arr_0=arr, seeds=np.asarray(seeds, dtype=np.int64))
-    os.replace(tmp, path)
+    write_npz(path, arr_0=arr, seeds=np.asarray(seeds, dtype=np.int64))
     return path
 
 
 def write_png(image: np.ndarray, path: Path) -> None:
-    """Write via a temporary name and a rename, so that an existing PNG always is a complete image."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    save_image(image, tmp)
-    os.replace(tmp, path)
+    """Write whole (:func:`~lego_model.files.atomic_path`), so that an existing PNG always is a complete image."""
+    with atomic_path(path) as tmp:
+        save_image(image, tmp)
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -112,16 +137,11 @@ def assemble(out: Path, seeds: list[int], npz: Path | None, grid_rows: int | Non
     """grid.png (see :func:`grid_seeds`) and the npz of all seeds, read back from the per-seed PNGs."""
     written = []
     grid_imgs = np.stack([read_png(seed_png(out, s)) for s in grid_seeds(seeds, grid_rows)])
-    tmp = out / ".grid.tmp.png"
-    save_image(make_grid(grid_imgs, rows=grid_rows), tmp)
-    os.replace(tmp, out / "grid.png")
+    write_png(make_grid(grid_imgs, rows=grid_rows), out / "grid.png")
     written.append(out / "grid.png")
     if npz is not None:
         arr = np.stack([read_png(seed_png(out, s)) for s in seeds])  # (N, H, W, C) uint8
-        tmp = npz.with_name(f".{npz.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=arr)
-        os.replace(tmp, npz)
+        write_npz(npz, arr_0=arr)
         written.append(npz)
     return written
 
@@ -147,15 +167,32 @@ def run_settings(
     return json.loads(json.dumps(settings))  # tuples become lists, as when read back
 
 
+_JSON_TYPES = {str: "text", bool: "true/false", int: "a whole number", float: "a number", list: "a list",
+               dict: "an object", type(None): "null"}  # fmt: skip
+
+
+def _as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
 def first_difference(recorded: dict[str, Any], settings: dict[str, Any]) -> str | None:
-    """'steps 18 (this run: 4)' for the first setting that differs, or None."""
+    """'steps 18 (this run: 4)' for the first setting that differs, or None.
+
+    Values are compared and shown as JSON (text unquoted), so ``"3"``,
+    ``3.0``, ``true`` and ``3`` all differ; where two differing values print
+    alike the types are shown: 'steps "3", text (this run: 3, a whole number)'.
+    """
     for key, value in settings.items():
         old = recorded.get(key)
-        if old != value:
-            show = (lambda v: str(v)) if key != "config" else (lambda v: json.dumps(v, sort_keys=True))
+        if key not in recorded or _as_json(old) != _as_json(value):
+            show = lambda v: v if isinstance(v, str) else _as_json(v)  # noqa: E731  (true, null: as in run.json)
             old_s, new_s = show(old), show(value)
-            if len(old_s) > 60 or len(new_s) > 60:
-                old_s, new_s = old_s[:57] + "...", new_s[:57] + "..."
+            if key not in recorded:
+                old_s = "missing"
+            elif old_s == new_s:  # "3" and 3, "None" and null
+                old_s = f"{_as_json(old)}, {_JSON_TYPES.get(type(old), type(old).__name__)}"
+                new_s = f"{_as_json(value)}, {_JSON_TYPES.get(type(value), type(value).__name__)}"
+            old_s, new_s = (t if len(t) <= 60 else t[:57] + "..." for t in (old_s, new_s))
             return f"{key} {old_s} (this run: {new_s})"
     return None
 
@@ -189,8 +226,76 @@ def check_latent(path: Path, height: int, width: int, channels: int) -> str | No
     return None
 
 
-def _inside(path: Path, directory: Path) -> bool:
-    return path.resolve().is_relative_to(directory.resolve())
+def _inside(path: Path, directory: Path, option: str) -> bool:
+    return resolved(path, option).is_relative_to(resolved(directory, "--engine-dir"))
+
+
+def check_targets(out: Path, npz: Path | None, engine_dir: str | Path | None) -> None:
+    """What can be refused about --out and --npz before anything is loaded, locked or created.
+
+    Refused: either one inside the engine directory (lego-export owns it;
+    through symlinks too), a symlink loop on the way, and one that cannot be
+    written (:func:`~lego_model.files.check_writable`).
+    """
+    if engine_dir is not None:
+        for path, option in ((out, "--out"), (npz, "--npz")):
+            if path is not None and _inside(path, Path(engine_dir), option):
+                raise OutputError(
+                    f"{option} {shown_path(path)} lies inside the engine directory {shown_path(engine_dir)}; "
+                    "write samples elsewhere (lego-export owns that directory)"
+                )
+    check_writable(out, "--out")
+    if npz is not None:
+        check_writable(resolved(npz, "--npz").parent, "--npz")
+
+
+def _npz_lock(npz: Path) -> Path:
+    real = resolved(npz, "--npz")  # one lock however the path is spelt
+    return real.with_name(f".{real.name}.lock")
+
+
+def _remove_stale(directory: Path, ours: Any) -> None:
+    """Delete the temporaries in ``directory`` whose final name ``ours(name)`` accepts (their run is dead: the
+    caller holds the lock a live run would hold)."""
+    try:
+        names = [p.name for p in directory.iterdir()]
+    except OSError:
+        return
+    for name in names:
+        final = temporary_of(name)
+        if (final is not None and ours(final)) or (ours(RUN_FILE) and _OLD_RECORD_TEMPORARY.fullmatch(name)):
+            path = directory / name
+            if path.is_file() and not path.is_symlink():
+                log.info("removing %s, left by a killed run", path)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+@contextlib.contextmanager
+def hold_outputs(out: Path, npz: Path | None) -> Iterator[None]:
+    """Hold ``out`` and ``npz`` for a run's lifetime (:func:`lego_model.files.hold`); a second run is refused.
+
+    The lock of --out is ``out/.lock`` (--out is the run's own), that of
+    --npz ``.NAME.lock`` beside the npz's resolved path; both go when the run
+    ends, with the folders made for them where they are still empty.  Once
+    held, the temporaries a killed run left in --out (and of this npz) are
+    removed: no live run owns them.  An npz in the --out of another live run
+    is refused.  Call it on one process of a torchrun
+    launch (rank 0), before the others write.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(hold(out / LOCK_FILE, f"--out {shown_path(out)}", "--out"))
+        _remove_stale(out, lambda name: name == RUN_FILE or _OUR_FILE.fullmatch(name) is not None)
+        if npz is not None:
+            stack.enter_context(hold(_npz_lock(npz), f"--npz {shown_path(npz)}", "--npz"))
+            real = resolved(npz, "--npz")
+            other = real.parent != resolved(out) and holder_of(real.parent / LOCK_FILE)
+            if other:  # another live run's --out is that run's alone
+                raise OutputError(
+                    f"--npz {shown_path(npz)} lies in the --out of another run ({other}); choose another --npz"
+                )
+            _remove_stale(real.parent, lambda name: name == real.name)
+        yield
 
 
 @dataclass
@@ -213,20 +318,13 @@ class RunOutputs:
     ) -> list[int]:
         """Refuse outputs that would destroy or mix anything; returns the seeds still to sample.
 
-        Refused: --out or --npz inside the engine directory; an --out that
-        holds PNGs without run.json, or a run.json of other settings (the first
+        Refused: what :func:`check_targets` refuses; an --out that holds PNGs
+        without run.json, or a run.json of other settings (the first
         difference is named); an existing --npz that is not this run's own; on
         --resume, an existing PNG of these seeds that does not decode to this
         run's size and mode (named; delete it and resume again to re-sample it).
         """
-        if engine_dir is not None:
-            for path, option in ((self.out, "--out"), (self.npz, "--npz")):
-                if path is not None and _inside(path, Path(engine_dir)):
-                    raise OutputError(
-                        f"{option} {path} lies inside the engine directory {engine_dir}; "
-                        "write samples elsewhere (lego-export owns that directory)"
-                    )
-        check_writable(self.out, "--out")
+        check_targets(self.out, self.npz, engine_dir)
         recorded = self._recorded()
         if recorded is None:
             ours = sorted(p.name for p in self._listing() if _OUR_FILE.match(p.name))
@@ -269,8 +367,14 @@ class RunOutputs:
         if not path.is_file():
             raise OutputError(f"{path} is not a file; choose another --out")
         try:
-            recorded = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            with open(path, "rb") as f:
+                data = f.read(MAX_RECORD_BYTES + 1)
+            if len(data) > MAX_RECORD_BYTES:
+                raise TextError(f"over {MAX_RECORD_BYTES} bytes, which no run writes")
+            recorded = parse_json(data, infinity=True)  # S_max is inf unless bounded
+        except OSError as err:
+            raise OutputError(f"{path} cannot be read ({err.strerror or err}); choose another --out") from None
+        except TextError as err:
             raise OutputError(f"{path} cannot be read ({err}); choose another --out") from None
         if not (isinstance(recorded, dict) and recorded.get("format") == RUN_FORMAT):
             raise OutputError(f"{path} is not a {RUN_FORMAT} record; choose another --out")
@@ -281,13 +385,18 @@ class RunOutputs:
     def _check_npz(self, recorded: dict[str, Any] | None) -> None:
         npz = self.npz
         assert npz is not None
-        if npz.resolve().parent == self.out.resolve() and (_OUR_FILE.match(npz.name) or npz.name == RUN_FILE):
-            raise OutputError(f"--npz {npz} would overwrite this run's own {npz.name}; choose another --npz")
-        check_writable(npz.parent, "--npz")
+        real = resolved(npz, "--npz")
+        if _OUR_FILE.match(npz.name) or npz.name == RUN_FILE:  # a name a run writes: in this --out or another's
+            if real.parent == resolved(self.out):
+                raise OutputError(f"--npz {npz} would overwrite this run's own {npz.name}; choose another --npz")
+            if (real.parent / RUN_FILE).is_file():
+                raise OutputError(
+                    f"--npz {npz} would overwrite the {npz.name} of the run in {real.parent}; choose another --npz"
+                )
         if not npz.exists():
             return
         mine = (recorded or {}).get("npz") or {}
-        if mine.get("path") == str(npz.resolve()) and mine.get("sha256") in (None, file_sha256(npz)):
+        if mine.get("path") == str(real) and mine.get("sha256") in (None, file_sha256(npz)):
             return  # this run's own npz (same settings, checked above): replaced when the run ends
         raise OutputError(
             f"--npz {npz} already exists and is not this run's npz; choose another --npz or remove the file"
@@ -295,14 +404,15 @@ class RunOutputs:
 
     # ---------------------------------------------------------------- writing
     def write_record(self, npz_sha256: str | None = None) -> None:
-        """Write run.json (before the first PNG of a process, again with the npz's sha256 when it is written)."""
+        """Write run.json (before the first PNG of a process, again with the npz's sha256 when it is written).
+
+        Its temporary name is unique (every torchrun rank may write the same record at once), its mode is the
+        PNGs' (whoever may read the images may resume the run).
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         npz = None if self.npz is None else {"path": str(self.npz.resolve()), "sha256": npz_sha256}
         record = {"format": RUN_FORMAT, "settings": self.settings, "backend": self.backend, "npz": npz}
-        # A unique temporary name: every torchrun rank may write the (same) record at once.
-        with tempfile.NamedTemporaryFile("w", dir=self.out, prefix=".run-", suffix=".json", delete=False) as f:
-            json.dump(record, f, indent=1)
-        os.replace(f.name, self.out / RUN_FILE)
+        write_atomic(self.out / RUN_FILE, json.dumps(record, indent=1))
 
     def write_batch(self, seeds: Sequence[int], images: np.ndarray, first: bool) -> None:
         """One PNG per seed, each written whole (a rename); the first batch of a process writes run.json first."""

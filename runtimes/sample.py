@@ -19,12 +19,18 @@ decoder with ``--vae-backend torch`` / ``--vae PATH``; see
 Under ``torchrun`` every rank samples its share of the seeds on device
 LOCAL_RANK; rank 0 writes the npz and the grid after all ranks are done.
 Everything that can be refused is refused before the first denoiser call.
+A run holds its --out and --npz until it ends (rank 0 for all ranks of a
+launch): a second run into either is refused naming the first.  Ctrl-C, at
+any point, is one line saying how many images were kept and to continue
+with --resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +45,7 @@ from tqdm import tqdm
 from export.loaders import OPTIMIZATIONS
 from lego_model.cli import OneLineCommand, one_line_errors
 from lego_model.configs import MAX_CFG_SCALE, MAX_PARAMETERS, MAX_SIDE
+from lego_model.files import CheckedPath, shown_path
 from lego_model.flops import sampling_flops, usable_cores
 from lego_model.images import class_row_seeds, parse_seeds, to_uint8_nhwc
 from lego_model.parsing import BoundedFloat, BoundedInt
@@ -53,7 +60,7 @@ from runtimes.backends.decoding import VAE_BACKENDS
 from runtimes.backends.precision import PRECISIONS
 from runtimes.errors import OutputError
 from runtimes.generator import Generator
-from runtimes.outputs import LATENTS_NPZ, RunOutputs, check_writable, run_settings
+from runtimes.outputs import LATENTS_NPZ, RunOutputs, check_targets, hold_outputs, run_settings
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +135,8 @@ def prepare_run(o: dict[str, Any], info: distributed.RankInfo) -> SamplingRun:
     """Every refusal, before any compute: backend, request (sizes, class, guidance, plan), profiles, outputs.
 
     ``o`` holds the command's options by parameter name (as click passes them).
+    The outputs were checked (:func:`runtimes.outputs.check_targets`) and are held (:func:`_held`) by the caller.
     """
-    check_writable(Path(o["out"]), "--out")  # first: before the backend reads its files
     backend, why = open_backend(
         o["backend"],
         engine_dir=o["engine_dir"],
@@ -279,19 +286,78 @@ def run_sampling(args: Sequence[str], info: distributed.RankInfo | None = None, 
     return _run(options, info or distributed.rank_info(), progress)
 
 
-def _run(options: dict[str, Any], info: distributed.RankInfo, progress: bool) -> SampleReport:
+def _run(
+    options: dict[str, Any], info: distributed.RankInfo, progress: bool, started: list[SamplingRun] | None = None
+) -> SampleReport:
     """Check everything, sample this rank's share of the seeds, write them; returns this rank's report.
 
-    Rank 0 then assembles grid.png (and the npz) from every rank's PNGs.
+    The outputs are checked before anything is loaded and held for the whole
+    run (:func:`_held`); rank 0 then assembles grid.png (and the npz) from
+    every rank's PNGs.  ``started`` receives the run once it is prepared (for
+    the message after Ctrl-C).
     """
-    run = prepare_run(options, info)
-    with run.generator:
-        for group, images in sample_batches(run, progress):
-            write_batch(run, group, images)
-    distributed.barrier(info)
-    if info.is_main:
-        run.report.files = run.outputs.assemble(run.seeds, grid_rows=run.grid_rows)
+    out, npz = Path(options["out"]), Path(options["npz"]) if options["npz"] else None
+    check_targets(out, npz, options["engine_dir"])  # first: before the backend reads its files or a lock is made
+    with _held(out, npz, info):
+        run = prepare_run(options, info)
+        if started is not None:
+            started.append(run)
+        with run.generator:
+            for group, images in sample_batches(run, progress):
+                write_batch(run, group, images)
+        distributed.barrier(info)
+        if info.is_main:
+            run.report.files = run.outputs.assemble(run.seeds, grid_rows=run.grid_rows)
     return run.report
+
+
+@contextlib.contextmanager
+def _held(out: Path, npz: Path | None, info: distributed.RankInfo) -> Iterator[None]:
+    """Hold --out and --npz for the block (:func:`runtimes.outputs.hold_outputs`): one holder per launch.
+
+    Rank 0 holds them for every rank of a torchrun launch; the others wait
+    for it (it removes what killed runs left before anyone writes) and share
+    its refusal, so that every rank stops with the same line.
+    """
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if info.is_main:
+            try:
+                stack.enter_context(hold_outputs(out, npz))
+            except OutputError as err:
+                refusal = str(err)
+        if info.distributed:
+            refusal = distributed.gather(info, refusal)[0]
+        if refusal is not None:
+            raise OutputError(refusal)
+        yield
+
+
+def kept_message(options: dict[str, Any], started: list[SamplingRun], info: distributed.RankInfo) -> str:
+    """What Ctrl-C leaves: how many of the run's images are in --out, and how to continue ("" on ranks but 0:
+    rank 0 speaks for the launch, whose ranks share --out)."""
+    if not info.is_main:
+        return ""
+    out = Path(options["out"])
+    if not started:
+        return f"nothing was written to {shown_path(out)}"
+    run = started[0]
+    try:
+        names = set(os.listdir(out))
+    except OSError:
+        names = set()
+    kept = sum(run.outputs.seed_file(s).name in names for s in run.seeds)
+    what = "latents" if run.outputs.latents else "images"
+    if kept == 0:
+        return f"no {what} were written to {shown_path(out)}; run the command again"
+    if kept < len(run.seeds):
+        return (
+            f"{kept} of {len(run.seeds)} {what} kept in {shown_path(out)}; run the same command with --resume "
+            f"to sample the other {len(run.seeds) - kept}"
+        )
+    rest = "grid.png" if not run.outputs.latents else LATENTS_NPZ
+    rest += " and the npz" if run.outputs.npz is not None else ""
+    return f"all {kept} {what} kept in {shown_path(out)}; run the same command with --resume to write {rest}"
 
 
 def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
@@ -328,7 +394,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 @click.command(cls=OneLineCommand)
 @click.option(
     "--engine-dir",
-    type=click.Path(file_okay=False),
+    type=CheckedPath(file_okay=False),
     default=None,
     help="Directory written by lego-export [default: none, the eager model samples (torch backend)].",
 )
@@ -342,7 +408,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 )
 @click.option(
     "--checkpoint",
-    type=click.Path(dir_okay=False),
+    type=CheckedPath(dir_okay=False),
     default=None,
     help="Weights for the torch backend (.safetensors, .pkl, .pt) [default: the manifest's checkpoint, "
     "or without --engine-dir the shipped model].",
@@ -410,16 +476,18 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 @click.option("--width", type=BoundedInt(1, MAX_SIDE), default=None, help="[default: training resolution]")
 @click.option(
     "--out",
-    type=click.Path(file_okay=False),
+    type=CheckedPath(file_okay=False),
     default="samples",
     show_default=True,
-    help="One PNG per seed, grid.png and run.json (the settings; a later run here must use the same).",
+    help="One PNG per seed, grid.png and run.json (the settings; a later run here must use the same). "
+    "One run at a time: another run into it is refused while this one runs.",
 )
 @click.option(
     "--npz",
-    type=click.Path(dir_okay=False),
+    type=CheckedPath(dir_okay=False),
     default=None,
-    help="Also write all images as uint8 NHWC arr_0 (ADM evaluation format); never replaces another file.",
+    help="Also write all images as uint8 NHWC arr_0 (ADM evaluation format); never replaces another file, "
+    "one run at a time.",
 )
 @click.option(
     "--resume",
@@ -447,7 +515,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 )
 @click.option(
     "--vae",
-    type=click.Path(),
+    type=CheckedPath(),
     default=None,
     help="Latent models: decode with diffusers' eager AutoencoderKL from this local directory or .safetensors "
     "file (instead of the engine directory's vae_decoder).",
@@ -474,11 +542,13 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 def main(quiet: bool, **options: Any) -> None:
     """Sample images through the brick engines of an engine directory, or with the eager model (torch backend)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    with one_line_errors():
+    started: list[SamplingRun] = []
+    info = distributed.RankInfo()
+    with one_line_errors(on_interrupt=lambda: kept_message(options, started, info)):
         info = distributed.rank_info()
         try:
             distributed.init(info)
-            report = _run(options, info, progress=not quiet)
+            report = _run(options, info, progress=not quiet, started=started)
             merged, ms_per_call = merge_reports(distributed.gather(info, report))
             if info.is_main:
                 click.echo(merged.summary(ms_per_call))

@@ -22,6 +22,7 @@ from lego_model.digits import train as train_cli
 from lego_model.flops import usable_cores
 from runtimes.sample import main as sample_main
 
+from .fakes.disk import full_disk
 from .lego_model.test_checkpoints import HOSTILE_SNAPSHOTS, _write_snapshot
 
 TINY = "tiny_PG_16"  # 3 bricks, 10 classes
@@ -194,3 +195,137 @@ def test_a_real_layout_snapshot_still_samples(tmp_path, snapshot_modules):
     result = invoke(sample_main, "--checkpoint", path, "--seeds", "0-1", "--steps", "2", "--out", tmp_path / "o")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "o" / "000001.png").is_file()
+
+
+# ------------------------------------------------------------------ issue 21, class 2: paths of every command
+
+# (command, the options that make a run, the path options to try); every command and every path option.
+_TRAIN = (train_cli.main, ["--steps", "1"], ["--out", "--state"])
+PATH_COMMANDS = {
+    "sample": (sample_main, ["--config", TINY, "--random-init", "--steps", "1", "--seeds", "0"], ["--out", "--npz"]),
+    "sample, eager inputs": (sample_main, ["--steps", "1", "--seeds", "0"], ["--checkpoint", "--engine-dir", "--vae"]),
+    "lego-export": (export_cli.main, ["--config", TINY, "--random-init", "-q"], ["--out", "--cache-dir"]),
+    "lego-export, inputs": (export_cli.main, ["-q"], ["--checkpoint", "--vae"]),
+    "digits train": _TRAIN,
+    "digits quality": (
+        quality_cli.main,
+        ["--per-class", "2", "--steps", "1"],
+        ["--json", "--checkpoint", "--classifier"],
+    ),
+    "digits classifier": (classifier_cli.main, ["--epochs", "1"], ["--out"]),
+}
+BAD_PATHS = {
+    "empty": (lambda d: "", "is empty"),
+    "blank": (lambda d: "  ", "is blank"),
+    "a name of 256 bytes": (lambda d: f"{d}/{'x' * 256}", "has a name of 256 bytes"),
+    "a name of 256 bytes in 128 characters": (lambda d: f"{d}/{'é' * 128}/f", "has a name of 256 bytes"),
+    "a path of 5,000 bytes": (lambda d: f"{d}/" + "/".join(["y" * 249] * 20), "bytes long as an absolute path"),
+    "a symlink loop": (lambda d: f"{d}/loop/f", "runs through a symlink loop"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_PATHS)
+@pytest.mark.parametrize("command", PATH_COMMANDS)
+def test_every_path_option_refuses_paths_that_cannot_name_a_file(command, bad, tmp_path, monkeypatch):
+    main, args, options = PATH_COMMANDS[command]
+    make, fragment = BAD_PATHS[bad]
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    cwd = tmp_path / "cwd"  # '' would be the current directory
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assets = {p: p.read_bytes() for p in shipped_assets()}
+    for option in options:
+        line = usage_refused(invoke(main, *args, option, make(tmp_path)), option, fragment)
+        assert len(line) < 300, line
+    assert list(cwd.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "loop"]
+    assert {p: p.read_bytes() for p in shipped_assets()} == assets  # classifier --out '' was the shipped file
+
+
+def shipped_assets() -> list[Path]:
+    from lego_model.shipped import ASSETS
+
+    return sorted(p for p in ASSETS.iterdir() if p.is_file())
+
+
+def test_sample_refuses_a_symlink_loop_inside_the_engine_directory(tmp_path):
+    from tests.runtimes.conftest import export_onnx_dir, tiny_model
+
+    engines = export_onnx_dir(tiny_model(TINY), tmp_path / "eng")
+    (engines / "loop").symlink_to(engines / "loop")
+    before = {p: p.read_bytes() for p in engines.iterdir() if p.is_file()}
+    base = ["--quiet", "--threads", "1", "--engine-dir", engines, "--seeds", "0", "--steps", "1"]
+    for args in (["--out", engines / "loop" / "s"], ["--out", tmp_path / "o", "--npz", engines / "loop" / "x.npz"]):
+        usage_refused(invoke(sample_main, *base, *args), args[-2], "runs through a symlink loop")
+    refused(invoke(sample_main, *base, "--out", engines / "s"), "lies inside the engine directory")
+    link = tmp_path / "link"
+    link.symlink_to(engines)
+    refused(invoke(sample_main, *base, "--out", tmp_path / "o", "--npz", link / "x.npz"), "inside the engine directory")
+    assert {p: p.read_bytes() for p in engines.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in engines.iterdir() if not p.is_file()) == ["loop"]
+    assert not (tmp_path / "o").exists()
+    # A loop elsewhere in the engine directory is no reason to refuse: it is not on a path the run uses.
+    result = invoke(sample_main, *base, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+
+
+# ------------------------------------------------------------------ issue 21, class 7: digits commands, full disks
+
+
+@pytest.mark.parametrize("room", [0, 5000, 200_000])
+def test_train_onto_a_full_disk_keeps_the_old_model_and_leaves_no_temporary(room, tmp_path, monkeypatch):
+    pytest.importorskip("sklearn", reason="the digits data need scikit-learn (the data extra)")
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"the old model")
+    full_disk(monkeypatch, tmp_path, room)
+    result = invoke(train_cli.main, "--out", out, "--steps", "1", "--batch-size", "2", "--warmup-steps", "1")
+    monkeypatch.undo()
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "%|" not in line]  # its progress bar
+    assert len(lines) == 1 and lines[0].startswith("error: writing "), result.stderr
+    assert "failed: Error while serializing: I/O error: No space left on device" in lines[0]
+    assert out.read_bytes() == b"the old model"
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left in (["m.safetensors"], ["m.safetensors", "m.state.safetensors"]), left  # the state, when whole
+    if len(left) == 2:
+        train_cli.load_state(tmp_path / "m.state.safetensors")
+
+
+@pytest.mark.parametrize("room", [0, 100])
+def test_quality_json_onto_a_full_disk_is_one_line_and_no_file(room, tmp_path, monkeypatch):
+    full_disk(monkeypatch, tmp_path, room)
+    result = invoke(quality_cli.main, "--per-class", "2", "--steps", "1", "--plan", "full stack", "--json",
+                    tmp_path / "q.json")  # fmt: skip
+    monkeypatch.undo()
+    refused(result, "q.json failed: No space left on device; nothing was written under that name")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ issue 21, class 6: Ctrl-C while a command starts
+
+STARTING = {
+    "lego-export": ["-m", "export", "--config", TINY, "--random-init", "-q", "--out", "{tmp}/e"],
+    "digits train": ["-m", "lego_model.digits.train", "--out", "{tmp}/m.safetensors", "--steps", "50"],
+    "digits quality": ["-m", "lego_model.digits.quality", "--per-class", "2", "--json", "{tmp}/q.json"],
+    "runtimes": ["-m", "runtimes", "--config", TINY, "--random-init", "--out", "{tmp}/o"],
+}
+
+
+@pytest.mark.parametrize("command", STARTING)
+def test_ctrl_c_while_a_command_imports_its_libraries_is_one_line(command, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [a.format(tmp=tmp_path) for a in STARTING[command]]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *args], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    time.sleep(0.3)  # Python has started; torch is loading (about a second or more)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted: "), err
+    assert list(tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from lego_model.checkpoints import read_safetensors, write_safetensors
 from lego_model.cli import OneLineCommand, one_line_errors
 from lego_model.errors import CheckpointError
+from lego_model.files import CheckedPath
 from lego_model.parsing import BoundedInt, parse_int
 from lego_model.sampler import TORCH_SEED_MAX
 
@@ -135,7 +136,7 @@ def shipped_classifier() -> Path:
 
 
 @click.command(cls=OneLineCommand)
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="[default: the shipped classifier's path]")
+@click.option("--out", type=CheckedPath(dir_okay=False), default=None, help="[default: the shipped classifier's path]")
 @click.option("--epochs", type=BoundedInt(1, MAX_EPOCHS), default=30, show_default=True)
 @click.option("--seed", type=BoundedInt(0, TORCH_SEED_MAX), default=0, show_default=True)
 def main(out, epochs, seed):

@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import click
 import torch
@@ -30,6 +29,7 @@ from lego_model.cli import OneLineCommand, one_line_errors
 from lego_model.configs import MAX_CFG_SCALE, LegoConfig, refuse_unconditional
 from lego_model.digits.classifier import DigitClassifier, load_classifier, predict, shipped_classifier
 from lego_model.errors import LegoError
+from lego_model.files import CheckedPath, write_atomic
 from lego_model.flops import usable_cores
 from lego_model.model import LegoModel
 from lego_model.parsing import BoundedFloat, BoundedInt
@@ -196,11 +196,11 @@ def real_reference(classifier: DigitClassifier, resolution: int, per_class: int)
 
 
 @click.command(cls=OneLineCommand)
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="[default: the shipped model]")
+@click.option("--checkpoint", type=CheckedPath(dir_okay=False), default=None, help="[default: the shipped model]")
 @click.option(
     "--classifier",
     "classifier_path",
-    type=click.Path(dir_okay=False),
+    type=CheckedPath(dir_okay=False),
     default=None,
     help="[default: the shipped classifier]",
 )
@@ -217,7 +217,7 @@ def real_reference(classifier: DigitClassifier, resolution: int, per_class: int)
     help=f"Classifier-free guidance scale, 0 to {MAX_CFG_SCALE:g} [default: none].",
 )
 @click.option("--plan", "plan_names", multiple=True, help="Only these rows (e.g. 'full stack', 'global@0.6').")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
+@click.option("--json", "json_out", type=CheckedPath(dir_okay=False), default=None, help="Also write the rows as JSON.")
 @click.option("--threads", type=BoundedInt(1, usable_cores()), default=None, help="torch CPU threads.")
 def main(checkpoint, classifier_path, per_class, steps, solver, cfg_scale, plan_names, json_out, threads):
     """Accuracy, Fréchet distance and relative FLOPs of the full stack, every early exit and the skip presets."""
@@ -273,7 +273,7 @@ def main(checkpoint, classifier_path, per_class, steps, solver, cfg_scale, plan_
                 "real_floor": floor,
                 "rows": [asdict(r) for r in rows],
             }
-            Path(json_out).write_text(json.dumps(payload, indent=2))
+            write_atomic(json_out, json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

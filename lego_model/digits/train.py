@@ -38,6 +38,7 @@ from lego_model.checkpoints import read_safetensors, save_checkpoint, write_safe
 from lego_model.cli import OneLineCommand, one_line_errors
 from lego_model.configs import LegoConfig, get_config
 from lego_model.errors import CheckpointError, LegoError
+from lego_model.files import CheckedPath
 from lego_model.flops import usable_cores
 from lego_model.model import LegoModel
 from lego_model.parsing import BoundedFloat, BoundedInt, parse_float, parse_int
@@ -293,7 +294,8 @@ def train(
     target = opts.steps if stop_after is None else min(opts.steps, state.step + stop_after)
     bar = tqdm(total=opts.steps, initial=state.step, disable=not progress, dynamic_ncols=True, mininterval=2.0)
     ema_loss = None
-    with _stop_flag() as flag:
+    # The bar closes on errors too: a failed save's one line then starts a line of its own.
+    with bar, _stop_flag() as flag:
         last_save = state.step
         t_last = time.perf_counter()
         while state.step < target:
@@ -321,7 +323,6 @@ def train(
             if flag["stop"]:
                 log.warning("interrupted after step %d; resume with --resume", state.step)
                 break
-    bar.close()
     return state
 
 
@@ -331,11 +332,11 @@ def _default_state_path(out: Path) -> Path:
 
 @click.command(cls=OneLineCommand)
 @click.option("--config", "config_name", default="digits_pg_16", show_default=True, help="Registry config to train.")
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Model file (EMA weights, .safetensors).")
+@click.option("--out", type=CheckedPath(dir_okay=False), required=True, help="Model file (EMA weights, .safetensors).")
 @click.option(
     "--state",
     "state_path",
-    type=click.Path(dir_okay=False),
+    type=CheckedPath(dir_okay=False),
     default=None,
     help="Resume file [default: OUT with .state.safetensors].",
 )

@@ -543,6 +543,23 @@ def test_failed_run_leaves_no_empty_directories(tmp_path: Path, monkeypatch: pyt
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("room", [0, 60_000])
+def test_a_full_disk_is_one_line_not_an_exporter_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, room: int
+) -> None:
+    """Issue 21, class 7: ENOSPC inside the dynamo exporter's save is the disk's, not the exporter's (no warning
+    and no TorchScript retry); nothing stays behind."""
+    from tests.fakes.disk import full_disk
+
+    full_disk(monkeypatch, tmp_path, room)
+    args = ("--batch", "1:1:2", "--height", "16", "--width", "16", "-q")
+    result = export_cli("--config", TINY, "--random-init", "--out", tmp_path / "e", *args)
+    monkeypatch.undo()
+    refused(result, "No space left on device", "nothing was replaced")
+    assert "falling back" not in caplog.text
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------ item 4: --force and user files
 
 

@@ -238,3 +238,46 @@ def test_seeds_read_numbers_through_the_parser(text, error, fragment):
 def test_seeds_accept_blanks_and_leading_zeros():
     assert parse_seeds(" 007 , 9-10") == [7, 9, 10]
     assert parse_seeds("00000000000001") == [1]  # 14 digits, but the number is 1
+
+
+# ------------------------------------------------------------------ parse_json (issue 21, class 5)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"a":' * 100_000 + "1" + "}" * 100_000, "nested too deeply"),
+        ("1" * 5000, "a number of 5000 digits"),
+        ("-" + "9" * 4301, "a number of 4301 digits"),
+        ("1" * 101, "a number of 101 digits"),
+        ("1e999", "not finite"),
+        ("-1e999", "not finite"),
+        ("0." + "1" * 500, "a number of 502 characters"),
+        ('{"steps": NaN}', "NaN, which is not a JSON number"),
+        ("-Infinity", "-Infinity, which is not a JSON number"),
+        ("Infinity", "Infinity, which is not a JSON number"),
+        (b"\xff\xfe", "not JSON"),
+        ('{"a": 1,}', "not JSON"),
+        ("", "not JSON"),
+    ],
+)
+def test_parse_json_refuses_what_is_not_plain_json_data(text, fragment):
+    from lego_model.parsing import parse_json
+
+    with pytest.raises(TextError, match=fragment) as info:
+        parse_json(text)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 200
+
+
+def test_parse_json_reads_plain_data_and_infinity_only_where_asked():
+    from lego_model.parsing import parse_json
+
+    assert parse_json('{"a": [1, 2.5, -3, "x", null, true], "b": {"c": 1e-5}}') == {
+        "a": [1, 2.5, -3, "x", None, True],
+        "b": {"c": 1e-5},
+    }
+    assert parse_json("9" * 100) == int("9" * 100)
+    assert parse_json('{"S_max": Infinity}', infinity=True) == {"S_max": math.inf}
+    with pytest.raises(TextError, match="NaN"):
+        parse_json("NaN", infinity=True)
