@@ -332,7 +332,12 @@ def _default_state_path(out: Path) -> Path:
 
 @click.command(cls=OneLineCommand)
 @click.option("--config", "config_name", default="digits_pg_16", show_default=True, help="Registry config to train.")
-@click.option("--out", type=CheckedPath(dir_okay=False), required=True, help="Model file (EMA weights, .safetensors).")
+@click.option(
+    "--out",
+    type=CheckedPath(dir_okay=False),
+    required=True,
+    help="Model file (EMA weights, .safetensors); a new training refuses one that exists, --resume rewrites its own.",
+)
 @click.option(
     "--state",
     "state_path",
@@ -404,6 +409,8 @@ def main(
         else:
             if state_file.exists():
                 raise LegoError(f"{state_file} exists: pass --resume to continue it, or delete it to start over")
+            if out_path.exists() or out_path.is_symlink():  # a model (or any file) of the user's: never replaced
+                raise LegoError(f"--out {out_path} exists: choose another --out, or delete it to train a new model")
             state = new_state(get_config(config_name), TrainOptions(**given))
         cfg = state.config
         images, labels = load_digits_dataset(cfg.resolution)

@@ -224,6 +224,21 @@ def test_cli_trains_and_resumes_digits(tmp_path):
     assert load_checkpoint(out).config == get_config("digits_pg_16")
 
 
+@pytest.mark.parametrize("kind", ["text", "model", "symlink"])
+def test_cli_never_replaces_an_existing_out_when_starting(tmp_path, kind):
+    out = tmp_path / "m.safetensors"
+    if kind == "symlink":
+        (tmp_path / "elsewhere.txt").write_text("mine")
+        out.symlink_to(tmp_path / "elsewhere.txt")
+    else:
+        out.write_bytes(b"not a model" if kind == "text" else b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    before = out.read_bytes()
+    result = CliRunner().invoke(main, ["--out", str(out), "--steps", "1"])
+    assert result.exit_code == 1 and "exists: choose another --out" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert out.read_bytes() == before and not (tmp_path / "m.state.safetensors").exists()
+
+
 def test_cli_resume_without_state_fails_cleanly(tmp_path):
     result = CliRunner().invoke(main, ["--out", str(tmp_path / "m.safetensors"), "--resume"])
     assert result.exit_code == 1
