@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
+from lego_model.files import make_parents, remove_if_empty
 
 __all__ = ["exchange", "remove_stale_temporaries", "replace_directory", "staged_replacement"]
 
@@ -114,19 +115,6 @@ def _lock(path: Path) -> int | None:
     return fd
 
 
-def _make_parents(folder: Path) -> list[Path]:
-    """mkdir -p ``folder``; returns the folders it created, outermost first (to remove again on failure)."""
-    missing = []
-    while not folder.exists() and not folder.is_symlink():
-        missing.append(folder)
-        folder = folder.parent
-    created = []
-    for path in reversed(missing):
-        path.mkdir()
-        created.append(path)
-    return created
-
-
 @contextlib.contextmanager
 def staged_replacement(target: Path, shown: str | Path | None = None) -> Iterator[Path]:
     """Yield a fresh directory beside ``target``; on normal exit it replaces ``target``, on any exception it vanishes.
@@ -142,7 +130,7 @@ def staged_replacement(target: Path, shown: str | Path | None = None) -> Iterato
     staging: Path | None = None
     lock = None
     try:
-        created = _make_parents(target.parent)
+        created = make_parents(target.parent)
         remove_stale_temporaries(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
         lock = _lock(staging)
@@ -153,9 +141,7 @@ def staged_replacement(target: Path, shown: str | Path | None = None) -> Iterato
     except BaseException as err:  # KeyboardInterrupt included: nothing half-written stays behind
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        for folder in reversed(created):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_if_empty(created)
         if isinstance(err, OSError):
             where = f" ({err.filename})" if err.filename else ""
             what = target if shown is None else shown

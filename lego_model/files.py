@@ -46,6 +46,8 @@ __all__ = [
     "default_cache_dir",
     "hold",
     "holder_of",
+    "make_parents",
+    "remove_if_empty",
     "resolved",
     "shown_path",
     "temporary_of",
@@ -207,8 +209,8 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 # ------------------------------------------------------------------------------------------------ locks
 
 
-def _made_parents(folder: Path) -> list[Path]:
-    """mkdir -p ``folder``; the folders it created, innermost first (to remove again)."""
+def make_parents(folder: Path) -> list[Path]:
+    """mkdir -p ``folder``; the folders it created, innermost first (for :func:`remove_if_empty` to remove again)."""
     missing = []
     while not folder.exists() and not folder.is_symlink():
         missing.append(folder)
@@ -218,7 +220,8 @@ def _made_parents(folder: Path) -> list[Path]:
     return missing
 
 
-def _remove_if_empty(folders: list[Path]) -> None:
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (innermost first) that is empty; the others stay."""
     for folder in folders:
         with contextlib.suppress(OSError):
             folder.rmdir()
@@ -297,13 +300,13 @@ def hold(lock: Path, what: str, option: str) -> Iterator[None]:
     """
     created: list[Path] = []
     try:
-        created = _made_parents(lock.parent)
+        created = make_parents(lock.parent)
         fd = _acquire(lock)
     except OSError as err:
-        _remove_if_empty(created)
+        remove_if_empty(created)
         raise OutputError(f"cannot lock {what} ({err.strerror or err}); choose another {option}") from None
     if fd is None:
-        _remove_if_empty(created)
+        remove_if_empty(created)
         raise OutputError(
             f"{what} is being written by another run ({_holder(lock)}); wait for it to end, or choose another {option}"
         )
@@ -313,7 +316,7 @@ def hold(lock: Path, what: str, option: str) -> Iterator[None]:
         with contextlib.suppress(OSError):
             lock.unlink()
         os.close(fd)
-        _remove_if_empty(created)
+        remove_if_empty(created)
 
 
 def default_cache_dir() -> Path:
