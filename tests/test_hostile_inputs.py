@@ -275,15 +275,17 @@ def test_sample_refuses_a_symlink_loop_inside_the_engine_directory(tmp_path):
 def test_train_onto_a_full_disk_keeps_the_old_model_and_leaves_no_temporary(room, tmp_path, monkeypatch):
     pytest.importorskip("sklearn", reason="the digits data need scikit-learn (the data extra)")
     out = tmp_path / "m.safetensors"
-    out.write_bytes(b"the old model")
+    args = ("--out", out, "--steps", "2", "--batch-size", "2", "--warmup-steps", "1")
+    assert invoke(train_cli.main, *args, "--stop-after", "1").exit_code == 0  # a model and its state, to resume
+    old = out.read_bytes()
     full_disk(monkeypatch, tmp_path, room)
-    result = invoke(train_cli.main, "--out", out, "--steps", "1", "--batch-size", "2", "--warmup-steps", "1")
+    result = invoke(train_cli.main, "--out", out, "--resume")  # rewrites its model: onto the full disk
     monkeypatch.undo()
     assert result.exit_code == 1 and "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if line.strip() and "%|" not in line]  # its progress bar
     assert len(lines) == 1 and lines[0].startswith("error: writing "), result.stderr
     assert "failed: Error while serializing: I/O error: No space left on device" in lines[0]
-    assert out.read_bytes() == b"the old model"
+    assert out.read_bytes() == old
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left in (["m.safetensors"], ["m.safetensors", "m.state.safetensors"]), left  # the state, when whole
     if len(left) == 2:
