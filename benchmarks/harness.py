@@ -234,6 +234,11 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+_DECIDING_FLAGS = frozenset(
+    {"avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile", "fma"}
+)
+
+
 def machine_info() -> dict[str, Any]:
     """Machine and library versions, recorded with every result file."""
     info: dict[str, Any] = {
@@ -243,6 +248,9 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        # The flags that decide which backend and precision is fastest (bf16, int8 matrix units), as lscpu names them.
+        "cpu_flags": " ".join(sorted(f for f in cpu_flags() if f in _DECIDING_FLAGS))
+        or "none of " + " ".join(sorted(_DECIDING_FLAGS)),
         "amx_bf16": "amx_bf16" in cpu_flags(),
         "avx512_bf16": "avx512_bf16" in cpu_flags(),
         "avx512f": "avx512f" in cpu_flags(),
