@@ -308,8 +308,11 @@ def test_after_kill_9_the_next_run_proceeds_and_the_images_equal_an_uninterrupte
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     full = tmp_path / "full"
     assert run_cli(*TINY, "--seeds", "0-39", "--steps", "4", "--out", full).exit_code == 0
+    # The killed run sampled at batch 1, the resumed one at batch 8: fp32 sums in another order may move a
+    # pixel by one uint8 level (README: the batch may change, fp32 agrees to one level), never more.
     for s in range(40):
-        np.testing.assert_array_equal(read_png(out / f"{s:06d}.png"), read_png(full / f"{s:06d}.png"))
+        diff = np.abs(read_png(out / f"{s:06d}.png").astype(int) - read_png(full / f"{s:06d}.png").astype(int))
+        assert diff.max() <= 1, f"seed {s}: the resumed run differs from an uninterrupted one by {diff.max()} levels"
 
 
 def test_two_runs_started_together_into_one_out_do_not_both_succeed(tmp_path):
