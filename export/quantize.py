@@ -7,11 +7,11 @@ feeds; measured side by side (each with its default preset, one thread) on the
 last brick of lego_S_PG_64 and of the shipped model (2-core AMD EPYC Zen 4,
 AVX512-VNNI), NNCF's files were more accurate (relative L2 error against fp32
 0.9 % vs 1.3 % on lego_S_PG_64, 4 % vs 7 % on the shipped model, the same
-linears quantized) and faster: with the attention products quantized too,
-OpenVINO (bf16 for the rest) ran NNCF's lego_S_PG_64 brick 1.35x faster than
-the fp32 file in bf16 and ONNX Runtime's at 0.40x (OpenVINO could not fuse the
-attention of ONNX Runtime's QDQ placement), and ONNX Runtime ran NNCF's 1.77x
-faster than the fp32 file, its own 1.26x.  NNCF's transformer mode
+linears quantized) and faster: with the attention products quantized too (as
+first exported), OpenVINO (bf16 for the rest) ran NNCF's lego_S_PG_64 brick
+1.35x faster than the fp32 file in bf16 and ONNX Runtime's at 0.40x (OpenVINO
+could not fuse the attention of ONNX Runtime's QDQ placement), and ONNX Runtime
+ran NNCF's 1.77x faster than the fp32 file, its own 1.26x.  NNCF's transformer mode
 (``ModelType.TRANSFORMER``) places the quantizers where OpenVINO's and ONNX
 Runtime's int8 kernels pick them up, smooths activation outliers into the
 weights (SmoothQuant, Xiao et al. 2023) and corrects the biases for the
@@ -21,11 +21,25 @@ requires of Q/DQ pairs; on the shipped model it samples as well as NNCF's
 default (asymmetric activations): accuracy 89.0 % vs 88.5 %, Fréchet distance
 13.0 vs 13.0, fp32 90.0 % and 12.4, 200 samples of 18 Heun steps.
 
-What is quantized, per brick: every MatMul of the transformer blocks and the
-head -- the qkv, projection and MLP linears (weights per output channel, 8-bit
-symmetric; activations per tensor) and the attention logits q k^T (NNCF's
-transformer patterns leave softmax(...) v in float).  What stays fp32 (and why, measured on the shipped model's
+What is quantized, per brick: the linears of the transformer blocks and the
+head -- qkv, projection and MLP (weights per output channel, 8-bit symmetric;
+activations per tensor).  What stays in float (and why, measured on the shipped model's
 last brick against its fp32 file):
+
+* the attention products (q k^T and softmax(...) v, MatMuls of two computed
+  tensors; :func:`activation_products`): NNCF quantizes q k^T, and OpenVINO then
+  converts q and k to fp32 blocked layouts for their FakeQuantize, reorders that
+  cost more than the int8 product saves (2-core AMD EPYC Zen 4, OpenVINO 2026.4,
+  bf16 for the rest, 2 threads, interleaved medians, with the blocks' earlier
+  (B, L, T, D) layout): the shipped model's bricks at batch 16 ran 1.10-1.24x
+  OpenVINO bf16 with attention in float, 0.87-1.11x with q k^T quantized;
+  lego_S_PG_64's last brick at batch 1 1.24x vs 1.15x; the error against fp32
+  was the same (relative L2 1.4 % either way on the shipped model's last brick).
+  With the blocks' (B, N, D) layout as well (lego_model.model.Brick: OpenVINO
+  fuses bias and GELU into 3-D int8 products only), a whole denoiser call ran
+  1.21x (2 threads) and 1.31x (1 thread) OpenVINO bf16 on the shipped model at
+  batch 16, 0.99x and 1.11x before both changes, and 1.38x on lego_S_PG_64 at
+  batch 1 (2 threads);
 
 * the adaLN-modulation linears (``Gemm`` on cond): their outputs scale, shift
   and gate every token of a block, so their rounding multiplies into
@@ -131,6 +145,18 @@ def int8_summary(model: onnx.ModelProto) -> Int8Summary:
     return Int8Summary(quantized=dict(quantized), fp32=dict(fp32))
 
 
+def activation_products(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul nodes of ``model`` that multiply two computed tensors (attention's q k^T and
+    softmax(...) v), as opposed to a tensor by weights (an initializer or a Constant, possibly through a
+    DequantizeLinear or Transpose of one)."""
+    constant = {i.name for i in model.graph.initializer}
+    constant |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    for node in model.graph.node:  # weights reach a MatMul through these ops, in graph order
+        if node.op_type in ("Transpose", "DequantizeLinear", "Cast", "Identity") and node.input[0] in constant:
+            constant.update(node.output)
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in constant for i in n.input)]
+
+
 def _no_cast_to_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with every no-op Cast that writes a graph output turned into an Identity.
 
@@ -170,7 +196,7 @@ def int8_from_onnx(src: str | Path, dst: str | Path, feeds: Sequence[Feed], iden
             model_type=nncf.ModelType.TRANSFORMER,
             preset=nncf.QuantizationPreset.PERFORMANCE,  # symmetric activations (see the module docstring)
             subset_size=len(feeds),
-            ignored_scope=nncf.IgnoredScope(types=list(FP32_OPS)),
+            ignored_scope=nncf.IgnoredScope(types=list(FP32_OPS), names=activation_products(model)),
         )
     if stdout.getvalue().strip():
         log.debug("nncf: %s", stdout.getvalue().strip())

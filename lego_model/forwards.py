@@ -88,17 +88,18 @@ class Fp32SoftmaxAttention(nn.Module):
     def __init__(self, attn: Attention) -> None:
         super().__init__()
         self.num_heads = attn.num_heads
+        self.tile_tokens = attn.tile_tokens
         self.qkv = attn.qkv
         self.proj = attn.proj
 
     def forward(self, x: Tensor) -> Tensor:
-        B, L, T, D = x.shape
-        heads = self.num_heads
+        B, N, D = x.shape
+        T, heads = self.tile_tokens, self.num_heads
         qkv = self.qkv(x).reshape(-1, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)  # (3, B*L, h, T, d)
         q, k, v = qkv.unbind(0)  # (B*L, h, T, d) each
         logits = (q * (D // heads) ** -0.5) @ k.transpose(-1, -2)  # (B*L, h, T, T), half
         weights = logits.float().softmax(dim=-1).to(x.dtype)  # softmax in fp32
-        o = (weights @ v).transpose(1, 2).reshape(B, L, T, D)  # (B, L, T, D)
+        o = (weights @ v).transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.proj(o)
 
 

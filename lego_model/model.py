@@ -59,8 +59,8 @@ def timestep_features(c_noise: Tensor, num_channels: int = 256) -> Tensor:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN modulation; x is (B, L, T, D), shift and scale are (B, D)."""
-    return x * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
+    """adaLN modulation; x is (B, N, D), shift and scale are (B, D)."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
 class TimestepEmbedder(nn.Module):
@@ -95,19 +95,22 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int) -> None:
+    """Multi-head self-attention inside each tile of ``tile_tokens`` consecutive tokens."""
+
+    def __init__(self, hidden_size: int, num_heads: int, tile_tokens: int) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.tile_tokens = tile_tokens
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, L, T, D = x.shape
-        heads = self.num_heads
+        B, N, D = x.shape
+        T, heads = self.tile_tokens, self.num_heads
         qkv = self.qkv(x).reshape(-1, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)  # (3, B*L, h, T, d)
         q, k, v = qkv.unbind(0)  # (B*L, h, T, d) each
         o = F.scaled_dot_product_attention(q, k, v)  # (B*L, h, T, d): attention stays inside a tile
-        o = o.transpose(1, 2).reshape(B, L, T, D)  # (B, L, T, D)
+        o = o.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.proj(o)
 
 
@@ -126,18 +129,18 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (DiT, Peebles & Xie 2023, Fig. 3)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, tile_tokens: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, tile_tokens)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(cond).chunk(6, dim=1)
-        x = x + gate_msa[:, None, None, :] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, L, T, D)
-        x = x + gate_mlp[:, None, None, :] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, L, T, D)
+        x = x + gate_msa[:, None, :] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, N, D)
+        x = x + gate_mlp[:, None, :] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
         return x
 
 
@@ -150,7 +153,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(cond).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, L, T, p*p*C)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
 
 
 class Brick(nn.Module):
@@ -173,7 +176,7 @@ class Brick(nn.Module):
         # A fixed table, but a persistent buffer: the authors' state dicts carry it.
         self.register_buffer("pos_embed", sincos_pos_table(hidden, grid))
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden, config.num_heads, config.mlp_ratio) for _ in range(config.depths[index])]
+            [DiTBlock(hidden, config.num_heads, config.mlp_ratio, grid * grid) for _ in range(config.depths[index])]
         )
         self.final_layer = FinalLayer(hidden, self.patch, self.out_channels)
 
@@ -187,9 +190,13 @@ class Brick(nn.Module):
         D = t.shape[1]
         t = t.reshape(B, D, nh, g, nw, g).permute(0, 2, 4, 3, 5, 1)  # (B, nh, nw, g, g, D)
         t = t.reshape(B, nh * nw, g * g, D) + self.pos_embed  # (B, L, T, D), tiles row-major
+        # The blocks see (B, N = L*T, D), one tile after another: 3-D products, whose bias, GELU and (in int8
+        # files) dequantization OpenVINO fuses into the matmul (with 4-D inputs its int8 kernels left them as
+        # separate passes); attention regroups the tiles itself.  Same arithmetic as (B, L, T, D).
+        t = t.reshape(B, nh * nw * g * g, D)
         for block in self.blocks:
-            t = block(t, cond)  # (B, L, T, D)
-        t = self.final_layer(t, cond)  # (B, L, T, p*p*C)
+            t = block(t, cond)  # (B, N, D)
+        t = self.final_layer(t, cond)  # (B, N, p*p*C)
         t = t.reshape(B, nh, nw, g, g, p, p, C).permute(0, 7, 1, 3, 5, 2, 4, 6)  # (B, C, nh, g, p, nw, g, p)
         return t.reshape(B, C, H, W)  # (B, C, H, W)
 

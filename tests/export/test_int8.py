@@ -16,6 +16,7 @@ import torch
 from export.calibration import CalibrationSettings, record_calibration
 from export.errors import MissingDependencyError
 from export.pipeline import ExportOptions, ExportResult, export_engine_dir
+from export.quantize import activation_products
 from export.verify import TOLERANCES
 from lego_model.sampler import edm_schedule
 from tests.export.conftest import RANDOM_INIT, onnx_file
@@ -63,7 +64,7 @@ def test_calibration_records_every_noise_level_guided_and_unguided(tiny_model):
     assert not np.array_equal(cal.feeds["brick0"][0]["x_in"], other.feeds["brick0"][0]["x_in"])
 
 
-def test_int8_export_quantizes_the_bricks_and_keeps_the_embedder_fp32(int8_dirs):
+def test_int8_export_quantizes_the_bricks_and_keeps_the_embedder_fp32(int8_dirs, tiny_model):
     result, _ = int8_dirs
     entries = result.manifest.engines_for("onnx")
     assert {name: e.precision for name, e in entries.items()} == {
@@ -82,10 +83,18 @@ def test_int8_export_quantizes_the_bricks_and_keeps_the_embedder_fp32(int8_dirs)
             quantized = {n.input[0] for n in model.graph.node if n.op_type in ("Gemm", "Conv")}
             dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
             assert not quantized & dequantized, f"{name}: adaLN Gemm / patch Conv must stay fp32"
+            # Every linear reads int8; the attention products (q k^T and softmax(...) v of each block) stay float.
+            products = set(activation_products(model))
+            assert len(products) == 2 * tiny_model.config.depths[entry.brick], name
+            for node in model.graph.node:
+                if node.op_type == "MatMul":
+                    assert (node.input[0] in dequantized) == (node.name not in products), f"{name}: {node.name}"
         else:
             assert "QuantizeLinear" not in ops
     notes = {r.name: r.note for r in result.reports}
-    assert "int8: 6 MatMul" in notes["brick0"] and "fp32: 1 Conv, 2 Gemm" in notes["brick0"]
+    depth = tiny_model.config.depths[0]
+    # Per block: qkv, proj, fc1, fc2 in int8, the two attention products in float; the head's linear in int8.
+    assert notes["brick0"].endswith(f"int8: {4 * depth + 1} MatMul; fp32: 1 Conv, {depth + 1} Gemm, {2 * depth} MatMul")
 
 
 def test_int8_verification_reports_the_errors_against_fp32_under_the_int8_bound(int8_dirs):
