@@ -107,13 +107,40 @@ def test_second_load_comes_from_the_model_cache(engines_pg, tmp_path):
     from runtimes.backends.openvino import OpenVinoBackend
 
     manifest = load_manifest(engines_pg)
+    x, sigma, labels = inputs(1, 16, 16, 10)
     loads = []
     for _ in range(2):
         with OpenVinoBackend(manifest, engines_pg, precision="fp32", threads=1, cache_dir=cache) as backend:
+            assert backend.loaded_from_cache == {}  # nothing compiled before a call names its shape
+            chain_outputs(backend, labels, x, sigma, 16, 16, None, [(0, 1, 2)])
             loads.append(dict(backend.loaded_from_cache))
     assert set(loads[0]) == {"embedder", "brick0", "brick1", "brick2"}
     assert not any(loads[0].values()) and all(loads[1].values()), loads
-    assert len(list((cache / "fp32").iterdir())) == 4  # one blob per engine, kept per precision
+    assert len(list((cache / "fp32").iterdir())) == 4  # one blob per engine and shape, kept per precision
+
+
+@needs_openvino
+def test_each_input_shape_is_compiled_once_and_at_most_shapes_per_engine_are_kept(engines_pg):
+    from runtimes.backends.openvino import SHAPES_PER_ENGINE
+
+    backend, _ = open_backend("openvino", engine_dir=engines_pg, threads=1, precision="fp32")
+    sizes = [(1, 16, 16), (2, 16, 16), (1, 32, 16), (1, 16, 32), (1, 32, 32)]
+    assert len(sizes) > SHAPES_PER_ENGINE
+    with backend, torch.no_grad():
+        chain = BrickChain(backend)
+        first = None
+        for batch, h, w in [*sizes, sizes[0]]:  # the first shape again, after it was dropped
+            x, sigma, labels = inputs(batch, h, w, 10)
+            with chain.batch(labels, batch=batch, height=h, width=w) as denoise:
+                out = denoise(x, sigma, (0, 1, 2)).clone()
+                request = backend.requests["brick2"]
+                denoise(x, sigma, (0, 1, 2))
+                assert backend.requests["brick2"] is request  # the same shape reuses its compiled request
+            first = out if first is None else first
+            assert len(backend._shaped["brick2"]) <= SHAPES_PER_ENGINE
+        shapes = [dict(k)["x_in"][2:] for k in backend._shaped["brick2"]]
+        assert shapes == [(32, 16), (16, 32), (32, 32), (16, 16)], shapes  # least recently used first out
+        torch.testing.assert_close(out, first, rtol=0, atol=0)  # recompiled, the same numbers
 
 
 @needs_openvino
