@@ -45,8 +45,10 @@ last brick against its fp32 file):
   and gate every token of a block, so their rounding multiplies into
   everything (relative L2 error 4 % -> 18 % with them quantized); they are
   [rows, D] x [D, 6D] products, a negligible share of the FLOPs;
-* the patch-embedding convolution (``Conv``): quantized, OpenVINO's output was
-  wrong (relative L2 error 75 %, ONNX Runtime's 5 %); one small product per brick;
+* the patch embedding (:func:`patch_products`; a MatMul on patches since the
+  fp32 files write it so, :class:`lego_model.forwards.PatchLinear`): as a
+  quantized Conv, OpenVINO's output was wrong (relative L2 error 75 %, ONNX
+  Runtime's 5 %); one small product per brick;
 * the embedder (a separate engine, exported fp32): a few [B, 256] x [256, D]
   products whose output conditions every block of every brick.
 
@@ -77,7 +79,7 @@ from export.errors import MissingDependencyError
 log = logging.getLogger(__name__)
 
 # Op types left in fp32 inside a brick (see the module docstring).
-FP32_OPS = ("Gemm", "Conv")
+FP32_OPS = ("Gemm",)
 # Op types an int8 file's summary counts as quantized: those with a DequantizeLinear on an input.
 _COUNTED = ("MatMul", "Gemm", "Conv")
 
@@ -157,6 +159,20 @@ def activation_products(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in constant for i in n.input)]
 
 
+def patch_products(model: onnx.ModelProto) -> list[str]:
+    """Names of the products that read the brick's image inputs (``x_in``, ``f_prev``) before any other product:
+    the patch embedding (a MatMul on patches, :class:`lego_model.forwards.PatchLinear`; a Conv in older files)."""
+    reached = {i.name for i in model.graph.input if i.name in ("x_in", "f_prev")}
+    found = []
+    for node in model.graph.node:  # graph order is topological
+        if any(i in reached for i in node.input):
+            if node.op_type in _COUNTED:
+                found.append(node.name)  # the products' outputs are not followed: later products read tokens
+            elif node.op_type not in ("Shape", "Size"):  # a shape is not the image (reshapes of tokens read it)
+                reached.update(node.output)
+    return found
+
+
 def _no_cast_to_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with every no-op Cast that writes a graph output turned into an Identity.
 
@@ -196,7 +212,9 @@ def int8_from_onnx(src: str | Path, dst: str | Path, feeds: Sequence[Feed], iden
             model_type=nncf.ModelType.TRANSFORMER,
             preset=nncf.QuantizationPreset.PERFORMANCE,  # symmetric activations (see the module docstring)
             subset_size=len(feeds),
-            ignored_scope=nncf.IgnoredScope(types=list(FP32_OPS), names=activation_products(model)),
+            ignored_scope=nncf.IgnoredScope(
+                types=list(FP32_OPS), names=[*activation_products(model), *patch_products(model)]
+            ),
         )
     if stdout.getvalue().strip():
         log.debug("nncf: %s", stdout.getvalue().strip())

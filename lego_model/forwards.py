@@ -22,6 +22,9 @@ separately, which hid the pattern from OpenVINO's attention fusion once the
 products are int8 (quantize/dequantize pairs around them) and left ONNX
 Runtime's MatMul-with-transposed-input fusion one Transpose short.  The eager
 model keeps SDPA (torch's fused CPU/GPU kernels); the two agree to fp32 rounding.
+Likewise the fp32 (and int8) files write the patch embedding as a MatMul on
+patches (:class:`PatchLinear`), not a Conv, for a convolution OpenVINO
+miscomputed in bf16 on AMX.
 """
 
 from __future__ import annotations
@@ -118,8 +121,40 @@ class Fp32Conv2d(nn.Module):
         return self.conv(x.float()).to(x.dtype)
 
 
+class PatchLinear(nn.Module):
+    """A patch embedding (``Conv2d`` with kernel == stride, no padding) as patches @ weight: its exported form.
+
+    The same computation as the convolution (to fp32 summation order), output
+    (B, D, H/p, W/p) as the convolution's.  Exported this way because OpenVINO
+    2026.4's AMX bf16 convolution (brgconv) returned wrong numbers for the
+    bricks' 8x8 stride-8 patch convolution on 8 input channels (relative L2
+    error 1.1 against fp32 on the Intel AMX machine; 2x2 kernels and 5 input
+    channels were right), which made lego_S_PG_64's brick1 wrong in OpenVINO's
+    bf16 and int8 runs there; a MatMul is a product every runtime runs well.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        p = conv.kernel_size[0]
+        if conv.kernel_size != (p, p) or conv.stride != (p, p) or conv.padding != (0, 0) or conv.groups != 1:
+            raise ValueError(f"PatchLinear needs a square kernel equal to its stride, no padding: got {conv}")
+        self.patch = p
+        # (D, C*p*p): a view of the convolution's weight (no copy), exported as one initializer, as the
+        # quantizer wants a product's weight (a Reshape in the graph would hide it).
+        self.register_buffer("weight", conv.weight.detach().reshape(conv.out_channels, -1), persistent=False)
+        self.bias = conv.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        p = self.patch
+        patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, H // p, W // p, C * p * p)
+        out = F.linear(patches, self.weight, self.bias)  # (B, H/p, W/p, D)
+        return out.permute(0, 3, 1, 2)
+
+
 def fp32_export_copy(module: nn.Module) -> nn.Module:
-    """``module`` with its attention in the exported form (:class:`Fp32SoftmaxAttention`), sharing its weights.
+    """``module`` with its attention and patch embeddings in the exported forms (:class:`Fp32SoftmaxAttention`,
+    :class:`PatchLinear`), sharing its weights.
 
     The module tree is copied (the caller's model is not changed), its
     parameters and buffers are not: an fp32 export costs no second copy of the weights.
@@ -130,6 +165,8 @@ def fp32_export_copy(module: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, Attention):
                 setattr(parent, name, Fp32SoftmaxAttention(child))
+            elif isinstance(child, nn.Conv2d):
+                setattr(parent, name, PatchLinear(child))
     return out
 
 

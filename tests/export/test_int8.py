@@ -16,7 +16,7 @@ import torch
 from export.calibration import CalibrationSettings, record_calibration
 from export.errors import MissingDependencyError
 from export.pipeline import ExportOptions, ExportResult, export_engine_dir
-from export.quantize import activation_products
+from export.quantize import activation_products, patch_products
 from export.verify import TOLERANCES
 from lego_model.sampler import edm_schedule
 from tests.export.conftest import RANDOM_INIT, onnx_file
@@ -82,19 +82,24 @@ def test_int8_export_quantizes_the_bricks_and_keeps_the_embedder_fp32(int8_dirs,
             assert {"QuantizeLinear", "DequantizeLinear"} <= ops
             quantized = {n.input[0] for n in model.graph.node if n.op_type in ("Gemm", "Conv")}
             dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-            assert not quantized & dequantized, f"{name}: adaLN Gemm / patch Conv must stay fp32"
-            # Every linear reads int8; the attention products (q k^T and softmax(...) v of each block) stay float.
+            assert "Conv" not in ops and not quantized & dequantized, f"{name}: adaLN Gemm must stay fp32"
+            # Every linear reads int8; the attention products (q k^T and softmax(...) v of each block) and the
+            # patch embedding stay float.
             products = set(activation_products(model))
             assert len(products) == 2 * tiny_model.config.depths[entry.brick], name
+            patch = patch_products(model)
+            assert len(patch) == 1 and patch[0] not in products, name
             for node in model.graph.node:
                 if node.op_type == "MatMul":
-                    assert (node.input[0] in dequantized) == (node.name not in products), f"{name}: {node.name}"
+                    floats = node.name in products or node.name in patch
+                    assert (node.input[0] in dequantized) == (not floats), f"{name}: {node.name}"
         else:
             assert "QuantizeLinear" not in ops
     notes = {r.name: r.note for r in result.reports}
     depth = tiny_model.config.depths[0]
-    # Per block: qkv, proj, fc1, fc2 in int8, the two attention products in float; the head's linear in int8.
-    assert notes["brick0"].endswith(f"int8: {4 * depth + 1} MatMul; fp32: 1 Conv, {depth + 1} Gemm, {2 * depth} MatMul")
+    # Per block: qkv, proj, fc1, fc2 in int8, the two attention products in float; the head's linear in int8;
+    # the patch embedding in float.
+    assert notes["brick0"].endswith(f"int8: {4 * depth + 1} MatMul; fp32: {depth + 1} Gemm, {2 * depth + 1} MatMul")
 
 
 def test_int8_verification_reports_the_errors_against_fp32_under_the_int8_bound(int8_dirs):

@@ -38,6 +38,22 @@ def test_checker_and_contract(fp32_export: ExportResult, name: str) -> None:
     else:
         assert dims["x_in"] == ["B", 5, "H", "W"] and dims["cond"] == ["B", 64]
         assert ("f_prev" in dims) == (name != "brick0")
+        # The patch embedding is a MatMul on patches (lego_model.forwards.PatchLinear), never a Conv.
+        assert "Conv" not in {n.op_type for n in graph.node}
+
+
+@pytest.mark.parametrize("channels,patch,shape", [(8, 8, (2, 64, 32)), (5, 2, (3, 8, 16)), (1, 4, (1, 4, 12))])
+def test_patch_linear_computes_the_patch_convolution(channels: int, patch: int, shape: tuple[int, int, int]) -> None:
+    from lego_model.forwards import PatchLinear
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, 24, kernel_size=patch, stride=patch)
+    batch, h, w = shape
+    x = torch.randn(batch, channels, h, w)
+    with torch.no_grad():
+        want, got = conv(x), PatchLinear(conv)(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # one fp32 sum over C*p*p terms, another order
 
 
 def test_manifest_of_export(fp32_export: ExportResult) -> None:

@@ -15,7 +15,7 @@ from runtimes.backends.torch_backend import TorchBackend
 from runtimes.chain import BrickChain
 from runtimes.errors import BackendError
 from runtimes.sample import main
-from tests.runtimes.conftest import tiny_model
+from tests.runtimes.conftest import export_onnx_dir, tiny_model
 
 CPU = torch.device("cpu")
 needs_openvino = pytest.mark.skipif(not openvino_available(), reason="openvino is not installed (the cpu extra)")
@@ -98,6 +98,26 @@ def test_openvino_bf16_is_within_bf16_tolerance_of_fp32(engines_pg):
     for act in all_patterns(3):
         err = rel_l2(runs["bf16"][act], runs["fp32"][act])
         assert 0 < err <= BF16_REL, f"active {act}: bf16 vs fp32 relative L2 {err:.2e}"
+
+
+@needs_openvino
+@needs_bf16
+def test_openvino_bf16_is_right_on_a_brick_with_an_8x8_patch_of_8_channels(tmp_path):
+    # lego_S_PG_64's brick1 geometry (patch 8, x_in 5 + f_prev 3 channels, D 384): OpenVINO 2026.4's AMX bf16
+    # convolution returned wrong numbers here (relative L2 1.1); the exported MatMul form is right.
+    from lego_model import LegoConfig, LegoModel
+
+    config = LegoConfig("patch8", (4, 16), (2, 8), (1, 1), 384, 6, label_dim=10)
+    model = LegoModel(config).randomize_(0).eval()
+    engines = export_onnx_dir(model, tmp_path / "engines")
+    x, sigma, labels = inputs(2, 32, 32, 10)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        backend, _ = open_backend("openvino", engine_dir=engines, threads=1, precision=precision)
+        runs[precision] = chain_outputs(backend, labels, x, sigma, 32, 32, None, [(1,), (0, 1)])
+    for act, out in runs["bf16"].items():
+        err = rel_l2(out, runs["fp32"][act])
+        assert err <= BF16_REL, f"active {act}: bf16 vs fp32 relative L2 {err:.2e}"
 
 
 @needs_openvino
