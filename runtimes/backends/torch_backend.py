@@ -6,9 +6,10 @@ The weights come from the checkpoint the manifest records (its sha256 is
 verified, or its random-init seed replayed) or from ``--checkpoint``.
 
 ``precision="bf16"`` runs the model in bfloat16, so that eager and engine
-paths can be compared at equal precision: on the CPU under autocast (the
-weights stay fp32; torch casts them for each matmul, which its bf16 kernels
-need anyway), on a GPU through the exported bf16 forwards
+paths can be compared at equal precision: on the CPU the exported fp32
+forms (:func:`lego_model.forwards.engine_forward`, weights shared) under
+autocast (the weights stay fp32; torch casts them for each matmul, which its
+bf16 kernels need anyway), on a GPU through the exported bf16 forwards
 (:func:`lego_model.forwards.engine_forward`: weights cast once, LayerNorm, the attention softmax
 and the timestep sinusoid kept in fp32, float32 I/O), which CUDA graphs capture.
 """
@@ -125,14 +126,18 @@ class TorchBackend(Backend):
             self.model = src
         else:  # nn.Module.to and .eval() work in place: move a copy, leave the caller's model alone
             self.model = copy.deepcopy(src).to(self.device).eval()
-        if self.precision == "bf16" and self.device.type == "cuda":
-            # The exported bf16 forwards (weights cast once; LayerNorm, softmax, sinusoid in fp32); copies.
+        if self.precision == "bf16":
+            # GPU: the exported bf16 forwards (weights cast once; LayerNorm, softmax, sinusoid in fp32); copies.
+            # CPU: the exported fp32 forms (weights shared) under autocast: their patch embedding is a matmul,
+            # where oneDNN's AMX bf16 convolution miscomputed lego_S_PG_64's 8x8 stride-8 patches on 8
+            # channels (relative L2 0.96; lego_model.forwards.PatchLinear).
+            forward_precision = "bf16" if self.device.type == "cuda" else "fp32"
             engines = [("embedder", "embedder", None)]
             engines += [(f"brick{k}", "brick", k) for k in range(self.config.num_bricks)]
             for name, kind, brick in engines:
                 inputs, outputs = contract_io(self.config, kind, brick)
-                graph = engine_forward(self.model, kind, brick, "bf16").to(self.device).requires_grad_(False)
-                self._graphs[name] = (graph, [t.name for t in inputs], outputs[0].name)
+                graph = engine_forward(self.model, kind, brick, forward_precision).to(self.device)
+                self._graphs[name] = (graph.requires_grad_(False), [t.name for t in inputs], outputs[0].name)
         self._load_vae()
 
     def check_shape(self, rows: int, height: int, width: int) -> None:
@@ -158,12 +163,12 @@ class TorchBackend(Backend):
         self.require_loaded()
         if self.decodes_eagerly(call):
             return self._eager_decode(inputs, outputs)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
         if self._graphs:
             graph, names, out = self._graphs[call.engine]
-            with torch.no_grad():
+            with torch.no_grad(), autocast:  # autocast is a CPU one: no effect on a GPU's bf16 forwards
                 outputs[out].copy_(graph(*(inputs[n] for n in names)))
             return
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
         with torch.no_grad(), autocast:
             if call.brick is None:
                 outputs["cond"].copy_(self.model.embed(inputs["c_noise"], inputs.get("class_labels")))
