@@ -115,6 +115,11 @@ class BindingCache:
                 self._items.popitem(last=False)
             return found
 
+    def keys(self) -> list[Hashable]:
+        """The cached keys, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()

@@ -28,7 +28,7 @@ cache (``CACHE_DIR``, one directory per precision under
 model (its shapes included) and the device, so a later load skips
 compilation.
 
-Not thread-safe: an infer request bound to shared buffers serves one caller at a time.
+Calls are serialised by one lock: an infer request bound to shared buffers serves one caller at a time.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +50,7 @@ from runtimes.backends.base import (
     DECODER_OPTIONS,
     BackendKind,
     BackendOptions,
+    BindingCache,
     EngineBackend,
     EngineCall,
     buffers_key,
@@ -140,8 +140,8 @@ class OpenVinoBackend(EngineBackend):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_model_cache()
         self._core: Any = None
         self._models: dict[str, tuple[Any, str]] = {}  # engine -> (ov.Model with dynamic axes, float precision)
-        # Per engine, per input shapes: its compiled request, LRU order, at most SHAPES_PER_ENGINE.
-        self._shaped: dict[str, OrderedDict[Hashable, _ShapedRequest]] = {}
+        # Per engine, per input shapes: its compiled request, at most SHAPES_PER_ENGINE (least recently used out).
+        self._shaped: dict[str, BindingCache] = {}
         # Per engine: the request of its latest call, and whether that shape's compile came from the model cache.
         self.requests: dict[str, Any] = {}
         self.loaded_from_cache: dict[str, bool] = {}
@@ -163,7 +163,7 @@ class OpenVinoBackend(EngineBackend):
                 raise BackendError(
                     f"OpenVINO cannot read {path}: {first_line(err)}; re-export with lego-export --force"
                 ) from None
-            self._shaped[name] = OrderedDict()
+            self._shaped[name] = BindingCache(SHAPES_PER_ENGINE)
         self._load_vae()
         log.info(
             "openvino %s: %d engines, %s, %d threads, compiled per input shape (model cache %s)",
@@ -177,20 +177,16 @@ class OpenVinoBackend(EngineBackend):
     def _request_for(self, engine: str, inputs: Mapping[str, Tensor]) -> _ShapedRequest:
         """``engine``'s request for these input shapes, compiled on the first call at them (under the lock)."""
         shapes = tuple((name, tuple(t.shape)) for name, t in inputs.items())
-        kept = self._shaped[engine]
-        found = kept.get(shapes)
-        if found is not None:
-            kept.move_to_end(shapes)
-            return found
-        dynamic, precision = self._models[engine]
-        model = dynamic.clone()
-        model.reshape(dict(shapes))
-        compiled = self._compile(model, self.engines_to_load()[engine].path(self.engine_dir), precision)
-        found = kept[shapes] = _ShapedRequest(compiled.create_infer_request())
-        self.loaded_from_cache[engine] = bool(compiled.get_property("LOADED_FROM_CACHE"))
-        while len(kept) > SHAPES_PER_ENGINE:
-            kept.popitem(last=False)
-        return found
+
+        def compile_shape() -> _ShapedRequest:
+            dynamic, precision = self._models[engine]
+            model = dynamic.clone()
+            model.reshape(dict(shapes))
+            compiled = self._compile(model, self.engines_to_load()[engine].path(self.engine_dir), precision)
+            self.loaded_from_cache[engine] = bool(compiled.get_property("LOADED_FROM_CACHE"))
+            return _ShapedRequest(compiled.create_infer_request())
+
+        return self._shaped[engine].get(shapes, compile_shape)
 
     def _compile(self, model: Any, path: Path, precision: str) -> Any:
         """``model`` (read from ``path``) compiled for the CPU with its float ops at ``precision``, through the
@@ -220,14 +216,14 @@ class OpenVinoBackend(EngineBackend):
         self.require_loaded()
         if self.decodes_eagerly(call):
             return self._eager_decode(inputs, outputs)
-        tensors = [*inputs.items(), *outputs.items()]
-        for name, t in tensors:  # before a compile: a wrong tensor is the caller's error, not a shape to build
-            if not t.is_contiguous() or t.device.type != "cpu":
-                raise UsageError(f"{call.engine}.{name}: pass a contiguous CPU tensor, got one on {t.device}")
         key = buffers_key(call.engine, inputs, outputs)
         with self._lock:
             shaped = self._request_for(call.engine, inputs)
-            if shaped.bound != key:
+            if shaped.bound != key:  # checked only when the buffers change, not on every call
+                tensors = [*inputs.items(), *outputs.items()]
+                for name, t in tensors:
+                    if not t.is_contiguous() or t.device.type != "cpu":
+                        raise UsageError(f"{call.engine}.{name}: pass a contiguous CPU tensor, got one on {t.device}")
                 shaped.rebind(tensors, key)
             self.requests[call.engine] = shaped.request
             shaped.request.infer()

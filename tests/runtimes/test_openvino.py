@@ -164,7 +164,7 @@ def test_each_input_shape_is_compiled_once_and_at_most_shapes_per_engine_are_kep
                 assert backend.requests["brick2"] is request  # the same shape reuses its compiled request
             first = out if first is None else first
             assert len(backend._shaped["brick2"]) <= SHAPES_PER_ENGINE
-        shapes = [dict(k)["x_in"][2:] for k in backend._shaped["brick2"]]
+        shapes = [dict(k)["x_in"][2:] for k in backend._shaped["brick2"].keys()]
         assert shapes == [(32, 16), (16, 32), (32, 32), (16, 16)], shapes  # least recently used first out
         torch.testing.assert_close(out, first, rtol=0, atol=0)  # recompiled, the same numbers
 
@@ -283,3 +283,17 @@ def test_cli_samples_through_openvino_and_says_which_precision_and_why(engines_p
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "auto")])  # auto on this CPU
     assert result.exit_code == 0, result.output
     assert "backend: openvino" in result.output and "auto: the CPU" in result.output
+
+
+@needs_openvino
+def test_a_non_contiguous_buffer_is_refused_in_one_line(engines_pg):
+    from runtimes.backends.base import EngineCall
+    from runtimes.errors import UsageError
+
+    backend, _ = open_backend("openvino", engine_dir=engines_pg, threads=1, precision="fp32")
+    with backend:
+        labels = torch.eye(10)[:2]
+        c_noise = torch.zeros(2, 2)[:, 0]  # a strided view
+        with pytest.raises(UsageError, match="embedder.c_noise: pass a contiguous CPU tensor"):
+            backend.infer(EngineCall("embedder", None, None, "cond"), {"c_noise": c_noise, "class_labels": labels},
+                          {"cond": torch.empty(2, 64)})  # fmt: skip
