@@ -13,9 +13,10 @@
 One denoiser call is the embedder and every brick on the inputs of one call
 at a batch and size (:meth:`export.specs.EngineSpec.sample_inputs`, what the
 chain feeds them), each engine compiled as the runtime backends compile it
-(:func:`export.loaders.session_from_onnx` with the backend's settings,
-:func:`runtimes.backends.openvino.compile_config`), run twice to warm up and
-profiled on the third run.
+(:func:`export.loaders.session_from_onnx` with the backend's settings; for
+OpenVINO :func:`runtimes.backends.openvino.compile_config` with the backend's
+snippets choice, reshaped to the call's static input shapes as the backend
+compiles them), run twice to warm up and profiled on the third run.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 from export.manifest import Manifest
 from export.specs import engine_specs
 from lego_model.model import LegoModel
+from runtimes.backends.openvino import snippets_for
 
 Feeds = dict[str, dict[str, np.ndarray]]  # engine name -> its named inputs
 
@@ -60,7 +62,8 @@ def profile_call(
         if runtime == "onnxruntime":
             total.update(_ort_node_ms(path, feed, threads))
         elif runtime == "openvino":
-            total.update(_openvino_node_ms(path, feed, precision, threads))
+            snippets = snippets_for(manifest.config, entries[name].brick)
+            total.update(_openvino_node_ms(path, feed, precision, threads, snippets))
         else:
             raise ValueError(f"no profiler for runtime {runtime!r}")
     return dict(total)
@@ -92,13 +95,18 @@ def _ort_node_ms(path: Path, feed: dict[str, np.ndarray], threads: int) -> colle
     return out
 
 
-def _openvino_node_ms(path: Path, feed: dict[str, np.ndarray], precision: str, threads: int) -> collections.Counter:
+def _openvino_node_ms(
+    path: Path, feed: dict[str, np.ndarray], precision: str, threads: int, snippets: bool
+) -> collections.Counter:
     import openvino as ov
 
     from runtimes.backends.openvino import compile_config
 
-    config = {**compile_config(precision, threads), "PERF_COUNT": "YES"}  # the OpenVINO backend's settings
-    request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+    core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape({name: list(array.shape) for name, array in feed.items()})  # static, as the backend compiles
+    config = {**compile_config(precision, threads, snippets), "PERF_COUNT": "YES"}  # the OpenVINO backend's settings
+    request = core.compile_model(model, "CPU", config).create_infer_request()
     for _ in range(3):
         request.infer(feed)  # the counters hold the last run
     out: collections.Counter[str] = collections.Counter()

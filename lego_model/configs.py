@@ -134,10 +134,10 @@ class LegoConfig:
         total = (256 * D + D) + (D * D + D)  # timestep embedder MLP
         total += self.label_dim * D + D if self.label_dim else 0
         total += self.augment_dim * D + D if self.augment_dim else 0
-        for k, (r, p, depth) in enumerate(zip(self.brick_sizes, self.patch_sizes, self.depths)):
+        for k, (p, depth) in enumerate(zip(self.patch_sizes, self.depths)):
             in_channels = C + 2 + (C if k else 0)
             total += in_channels * p * p * D + D  # patch embedding
-            total += (r // p) ** 2 * D  # position table (a persistent buffer)
+            total += self.tile_tokens(k) * D  # position table (a persistent buffer)
             total += depth * block
             total += D * p * p * C + p * p * C + 2 * D * D + 2 * D  # final layer
         return total
@@ -145,6 +145,10 @@ class LegoConfig:
     @property
     def num_bricks(self) -> int:
         return len(self.brick_sizes)
+
+    def tile_tokens(self, brick: int) -> int:
+        """Tokens in one tile of brick ``brick``, (r_k / p_k)^2: the length of the sequences its attention sees."""
+        return (self.brick_sizes[brick] // self.patch_sizes[brick]) ** 2
 
     @property
     def is_latent(self) -> bool:

@@ -176,7 +176,10 @@ class Brick(nn.Module):
         # A fixed table, but a persistent buffer: the authors' state dicts carry it.
         self.register_buffer("pos_embed", sincos_pos_table(hidden, grid))
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden, config.num_heads, config.mlp_ratio, grid * grid) for _ in range(config.depths[index])]
+            [
+                DiTBlock(hidden, config.num_heads, config.mlp_ratio, config.tile_tokens(index))
+                for _ in range(config.depths[index])
+            ]
         )
         self.final_layer = FinalLayer(hidden, self.patch, self.out_channels)
 

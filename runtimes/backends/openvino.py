@@ -12,12 +12,13 @@ leave in float at bf16 where the CPU has bf16 units, else fp32.
 Each engine's ONNX file is read once at load and compiled per input shape
 (rows, H, W): the model reshaped to that static shape, compiled on the first
 call at it, one infer request each, at most :data:`SHAPES_PER_ENGINE` shapes
-per engine kept (least recently used first out), without OpenVINO's snippets
-(:func:`compile_config`).  Measured per denoiser call on the 2-core Intel AMX
-machine, interleaved, dynamic axes with snippets against this: lego_S_PG_64
-batch 1 64x64 bf16 50.5 -> 45.1 ms, int8 44.8 -> 40.3, fp32 145 -> 142; the
-shipped model at batch 16 bf16 7.7 -> 5.6, int8 7.6 -> 6.0.  (On AMD Zen 4
-static shapes alone had measured alike.)  The price is a compile per new
+per engine kept (least recently used first out), with OpenVINO's snippets
+only on bricks of long tiles (:func:`snippets_for`, :func:`compile_config`).
+Measured per denoiser call on the 2-core Intel AMX machine, interleaved,
+dynamic axes with snippets everywhere against static shapes without them:
+lego_S_PG_64 batch 1 64x64 bf16 50.5 -> 45.1 ms, int8 44.8 -> 40.3, fp32
+145 -> 142; the shipped model at batch 16 bf16 7.7 -> 5.6, int8 7.6 -> 6.0.
+(On AMD Zen 4 static shapes alone had measured alike.)  The price is a compile per new
 shape (0.1-0.6 s per engine of lego_S_PG_64, less from the model cache) and
 the memory of each compiled shape.  Inputs and outputs are ``ov.Tensor`` views of
 the chain's torch buffers (zero copy, shared memory); a request is rebound
@@ -62,6 +63,7 @@ from runtimes.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
     from export.records import Manifest
+    from lego_model.configs import LegoConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ log = logging.getLogger(__name__)
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 # Compiled input shapes kept per engine: a batch size with and without guidance at two image sizes.
 SHAPES_PER_ENGINE = 4
+# A brick whose tiles hold at least this many tokens is compiled with OpenVINO's snippets (see snippets_for).
+SNIPPETS_MIN_TILE_TOKENS = 256
 
 
 MISSING = "openvino is not installed: pip install 'lego-deploy[cpu]' (or pip install openvino)"
@@ -93,19 +97,38 @@ def default_model_cache() -> Path:
     return default_cache_dir() / "openvino"
 
 
-def compile_config(precision: str, threads: int) -> dict[str, str]:
+def snippets_for(config: LegoConfig, brick: int | None) -> bool:
+    """Whether an engine is compiled with OpenVINO's snippets (its fused attention and eltwise kernels).
+
+    Only bricks whose tiles hold at least :data:`SNIPPETS_MIN_TILE_TOKENS`
+    tokens, and never where a tile holds as many tokens as the model has
+    heads.  Measured on the 2-core Intel AMX machine, interleaved, static
+    shapes: the fused attention saved 7-9% of a 1024-token tile attention in
+    bf16 (lego_S_PG_64's brick2: 1.09-1.11x in bf16, 1.07x in int8) and 3-8%
+    at 256 tokens, but cost 5% at 64 tokens and 20-25% on the bricks of
+    4-token tiles (lego_S_PG_64's brick0, every brick of the shipped model).
+    OpenVINO 2026.4's fused attention miscomputes in fp32 (relative L2
+    0.5-0.85) when the tile's token count equals the head count (2, 4, 8, 16
+    tested; the tiny test models' brick0 has 4 and 4); it was right on every
+    other shape tried (96 with 64-256 tokens, batches 1-16, 4-16 heads).
+    """
+    if brick is None:  # the embedder (two small matmuls) and the VAE decoder: nothing for snippets to fuse
+        return False
+    tokens = config.tile_tokens(brick)
+    return tokens >= SNIPPETS_MIN_TILE_TOKENS and tokens != config.num_heads
+
+
+def compile_config(precision: str, threads: int, snippets: bool = False) -> dict[str, str]:
     """The CPU plugin's settings for one engine: the inference precision of its float ops (fp32 or bf16; an int8
-    file's quantized products run in int8 whatever it is), one stream with ``threads`` threads, latency first."""
+    file's quantized products run in int8 whatever it is), one stream with ``threads`` threads, latency first,
+    with OpenVINO's snippets where ``snippets`` (:func:`snippets_for`)."""
     return {
         "INFERENCE_PRECISION_HINT": _HINTS[precision],
         # One request at a time, as fast as possible: one stream with all the threads.
         "PERFORMANCE_HINT": "LATENCY",
         "NUM_STREAMS": "1",
         "INFERENCE_NUM_THREADS": str(threads),
-        # No snippets (OpenVINO's own fused eltwise/attention kernels): with the static shapes this backend
-        # compiles (module docstring) they miscomputed the tiny test models' bricks (OpenVINO 2026.4: 47% error
-        # in fp32), and without them the calls measured as fast or faster on the Intel AMX machine.
-        "SNIPPETS_MODE": "DISABLE",
+        "SNIPPETS_MODE": "ENABLE" if snippets else "DISABLE",
     }
 
 
@@ -139,7 +162,8 @@ class OpenVinoBackend(EngineBackend):
         self.threads = threads or default_threads()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_model_cache()
         self._core: Any = None
-        self._models: dict[str, tuple[Any, str]] = {}  # engine -> (ov.Model with dynamic axes, float precision)
+        # engine -> (ov.Model with dynamic axes, float precision, whether snippets are on)
+        self._models: dict[str, tuple[Any, str, bool]] = {}
         # Per engine, per input shapes: its compiled request, at most SHAPES_PER_ENGINE (least recently used out).
         self._shaped: dict[str, BindingCache] = {}
         # Per engine: the request of its latest call, and whether that shape's compile came from the model cache.
@@ -158,11 +182,12 @@ class OpenVinoBackend(EngineBackend):
             precision = "fp32" if name == VAE_ENGINE else self.float_precision
             path = entry.path(self.engine_dir)
             try:
-                self._models[name] = (self._core.read_model(str(path)), precision)
+                model = self._core.read_model(str(path))
             except RuntimeError as err:
                 raise BackendError(
                     f"OpenVINO cannot read {path}: {first_line(err)}; re-export with lego-export --force"
                 ) from None
+            self._models[name] = (model, precision, snippets_for(self.config, entry.brick))
             self._shaped[name] = BindingCache(SHAPES_PER_ENGINE)
         self._load_vae()
         log.info(
@@ -179,22 +204,24 @@ class OpenVinoBackend(EngineBackend):
         shapes = tuple((name, tuple(t.shape)) for name, t in inputs.items())
 
         def compile_shape() -> _ShapedRequest:
-            dynamic, precision = self._models[engine]
+            dynamic, precision, snippets = self._models[engine]
             model = dynamic.clone()
             model.reshape(dict(shapes))
-            compiled = self._compile(model, self.engines_to_load()[engine].path(self.engine_dir), precision)
+            path = self.engines_to_load()[engine].path(self.engine_dir)
+            compiled = self._compile(model, path, precision, snippets)
             self.loaded_from_cache[engine] = bool(compiled.get_property("LOADED_FROM_CACHE"))
             return _ShapedRequest(compiled.create_infer_request())
 
         return self._shaped[engine].get(shapes, compile_shape)
 
-    def _compile(self, model: Any, path: Path, precision: str) -> Any:
-        """``model`` (read from ``path``) compiled for the CPU with its float ops at ``precision``, through the
-        model cache of that precision."""
-        config = compile_config(precision, self.threads)
+    def _compile(self, model: Any, path: Path, precision: str, snippets: bool) -> Any:
+        """``model`` (read from ``path``) compiled for the CPU with its float ops at ``precision`` (and snippets
+        or not), through the model cache of those settings."""
+        config = compile_config(precision, self.threads, snippets)
         # One cache directory per precision hint: OpenVINO's cache key leaves INFERENCE_PRECISION_HINT out (2026.4),
         # and an fp32 blob loaded with the bf16 hint returned NaN.  (An int8 file is another model: the key has it.)
-        cache = self.cache_dir / precision
+        # Likewise per snippets setting, which the key may leave out too.
+        cache = self.cache_dir / (f"{precision}-snippets" if snippets else precision)
         try:
             cache.mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(cache)
