@@ -199,7 +199,9 @@ class BrickChain:
         self._cfg_scale: float | None = None  # of the batch in progress, for a NaN/Inf report
         self._churn = False
         # Device-side NaN/Inf bookkeeping: per engine (embedder, brick0, ...) the first bad denoiser call.
-        self._watch = NonFiniteWatch(1 + self.config.num_bricks, self.device)
+        self._watch = NonFiniteWatch(
+            1 + self.config.num_bricks, self.device, host_reads=not cuda.is_device(self.device)
+        )
 
     # ---------------------------------------------------------------- checks before any compute
     def check(self, batch: int, height: int, width: int, cfg_scale: float | None = None) -> None:

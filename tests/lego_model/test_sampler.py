@@ -12,7 +12,7 @@ import torch
 
 from lego_model import LegoError, LegoModel, ShapeError, draw_latents, edm_sample, edm_schedule, get_config
 from lego_model.eager import sample_images
-from lego_model.sampler import evaluations_per_step
+from lego_model.sampler import NonFiniteWatch, evaluations_per_step
 
 
 def test_schedule_ends_at_zero_and_decreases():
@@ -118,3 +118,20 @@ def test_eager_samples_are_plain_tensors_in_grad_mode():
     w = torch.ones(1, requires_grad=True)
     (images * w).sum().backward()
     assert w.grad is not None
+
+
+@pytest.mark.parametrize("host_reads", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_watch_keeps_the_first_bad_call_per_slot_on_either_path(host_reads, dtype):
+    watch = NonFiniteWatch(3, "cpu", host_reads=host_reads)
+    good = torch.randn(2, 3, 8, 8, dtype=dtype)
+    for call, bad_slot, value in [(1, None, None), (2, 1, float("nan")), (3, 2, float("-inf")), (4, 1, float("inf"))]:
+        watch.next_call()
+        assert int(watch.calls) == call
+        for slot in range(3):
+            out = good.clone()
+            if slot == bad_slot:
+                out[1, 2, 5, 7] = value  # one element, away from any vector boundary
+            watch.record(slot, out)
+    assert watch.first_bad.tolist() == [-1, 2, 3]  # slot 1's later Inf does not move its first bad call
+    assert watch.first() == (2, 1)
