@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from lego_model.files import write_atomic
+
 # LEGO_BENCH_RESULTS redirects the results (a timestamped directory per run, mirrored to latest/);
 # LEGO_BENCH_OUT writes them flat into one directory instead, rewritten as each test ends (benchmarks/gpu.sh).
 RESULTS_DIR = Path(os.environ.get("LEGO_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
@@ -342,8 +344,8 @@ class Report:
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
             payload = {"machine": self.machine, "started": self.started.isoformat(), "tables": self.tables}
-            _write(d / "results.json", json.dumps(payload, indent=1, default=_json_default))
-            _write(d / "summary.md", self.markdown())
+            write_atomic(d / "results.json", json.dumps(payload, indent=1, default=_json_default))
+            write_atomic(d / "summary.md", self.markdown())
             if plots:
                 _plots(self.tables, d)
         return dirs[0]
@@ -354,13 +356,6 @@ def artifact_dir() -> Path:
     out = FLAT_OUT if FLAT_OUT is not None else RESULTS_DIR / "latest"
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def _write(path: Path, text: str) -> None:
-    """Replace ``path`` whole (temporary name, then rename): a run killed mid-write keeps the previous version."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _json_default(obj: Any) -> Any:

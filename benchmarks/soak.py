@@ -34,6 +34,7 @@ import torch
 from benchmarks.harness import current_rss_mib
 from lego_model.configs import LegoConfig
 from lego_model.eager import sample_images
+from lego_model.files import write_atomic
 from lego_model.model import LegoModel
 
 CHECKPOINTS = (10, 50, 100, 200)  # RSS is reported after these many requests
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         speed = f"{r['requests_per_s']:.2f} | {r['images_per_s']:.1f}"
         print(f"| {r['backend']} | {r['max_rel_err']:.1e} | {rss} | {speed} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=2))
+        write_atomic(args.json, json.dumps({"cpu": cpu, "rows": rows}, indent=2))
 
 
 def _cpu_name() -> str:
