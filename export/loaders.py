@@ -167,6 +167,10 @@ def fused_onnx(path: str | Path, config: LegoConfig) -> bytes:
     # Its BiasGelu fusion turns Add + any "Gelu" node into the erf GELU, reading ONNX's opset-20
     # Gelu(approximate="tanh") as com.microsoft's erf Gelu (onnxruntime 1.32): a different function.
     options.enable_bias_gelu = False
+    # Its SkipLayerNorm fusion indexes a LayerNormalization's bias input, which the bricks' affine-free norms
+    # (exported by torch's dynamo exporter with the scale only) do not have: IndexError (onnxruntime 1.32).
+    options.enable_skip_layer_norm = False
+    options.enable_bias_skip_layer_norm = False
     fused = optimize_model(str(path), model_type="bert", num_heads=config.num_heads, hidden_size=config.hidden_size,
                            opt_level=0, optimization_options=options)  # fmt: skip
     log.info("%s: transformers optimizer fusions %s", Path(path).name,

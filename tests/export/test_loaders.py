@@ -63,6 +63,24 @@ def test_session_from_a_path_and_from_bytes(tmp_path: Path) -> None:
     assert session.get_providers() == ["CPUExecutionProvider"]
 
 
+def test_fusions_load_a_brick_as_lego_export_writes_it(tmp_path: Path) -> None:
+    # The dynamo exporter writes the blocks' affine-free LayerNorms as LayerNormalization with a scale and no bias,
+    # which onnxruntime 1.32's SkipLayerNorm fusion indexed past (IndexError, so --ort-optimization fusions refused
+    # every file lego-export wrote); the fusions run on the file and leave its outputs as they were.
+    from export.onnx_export import onnx_from_spec
+    from export.specs import engine_specs
+    from lego_model.model import LegoModel
+
+    model = LegoModel(get_config("tiny_PG_16")).randomize_(0).eval()
+    spec = engine_specs(model.config)[2]  # brick1: x_in, f_prev, cond
+    path = tmp_path / "brick1.onnx"
+    assert onnx_from_spec(spec, model, path, exporter="dynamo") == "dynamo"
+    feed = {k: v.numpy() for k, v in spec.sample_inputs(model, 2, 16, 16, seed=0).items()}
+    plain = session_from_onnx(path, SessionSettings(threads=1)).run(None, feed)[0]
+    fused = session_from_onnx(path, SessionSettings(threads=1, optimization="fusions"), config=model.config)
+    np.testing.assert_allclose(fused.run(None, feed)[0], plain, rtol=1e-5, atol=1e-6)
+
+
 def test_session_options_follow_the_settings() -> None:
     opts = session_options(ort, SessionSettings(threads=3, optimization="basic", arena=False, spin=True))
     assert opts.intra_op_num_threads == 3 and opts.inter_op_num_threads == 1
