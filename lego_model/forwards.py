@@ -30,6 +30,7 @@ miscomputed in bf16 on AMX.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,7 @@ __all__ = [
     "engine_forward",
     "fp32_export_copy",
     "half_precision_copy",
+    "patch_matmul_copy",
 ]
 
 # Engine precision (lego-export's --precision) -> the dtype its weights and computation use.
@@ -159,14 +161,37 @@ def fp32_export_copy(module: nn.Module) -> nn.Module:
     The module tree is copied (the caller's model is not changed), its
     parameters and buffers are not: an fp32 export costs no second copy of the weights.
     """
+
+    def exported(child: nn.Module) -> nn.Module | None:
+        if isinstance(child, Attention):
+            return Fp32SoftmaxAttention(child)
+        return PatchLinear(child) if isinstance(child, nn.Conv2d) else None
+
+    return _shared_copy(module, exported)
+
+
+def patch_matmul_copy(module: nn.Module) -> nn.Module:
+    """``module`` with its patch embeddings as :class:`PatchLinear` and nothing else changed, sharing its weights.
+
+    What the torch backend runs under CPU autocast for bf16: oneDNN's AMX bf16
+    convolution miscomputes the 8x8 patches (:class:`PatchLinear`), while the
+    model's own attention (``F.scaled_dot_product_attention``, torch's fused
+    kernel) ran lego_S_PG_64's last brick in 47 ms against 158 ms for the
+    exported written-out form under autocast (2-core Intel AMX machine).
+    """
+    return _shared_copy(module, lambda child: PatchLinear(child) if isinstance(child, nn.Conv2d) else None)
+
+
+def _shared_copy(module: nn.Module, replace: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """A copy of ``module``'s tree sharing its parameters and buffers, each child that ``replace`` maps to a
+    module swapped for it."""
     shared = {id(t): t for t in [*module.parameters(), *module.buffers()]}
     out = copy.deepcopy(module, memo=shared)
     for parent in list(out.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, Attention):
-                setattr(parent, name, Fp32SoftmaxAttention(child))
-            elif isinstance(child, nn.Conv2d):
-                setattr(parent, name, PatchLinear(child))
+            new = replace(child)
+            if new is not None:
+                setattr(parent, name, new)
     return out
 
 

@@ -6,10 +6,10 @@ The weights come from the checkpoint the manifest records (its sha256 is
 verified, or its random-init seed replayed) or from ``--checkpoint``.
 
 ``precision="bf16"`` runs the model in bfloat16, so that eager and engine
-paths can be compared at equal precision: on the CPU the exported fp32
-forms (:func:`lego_model.forwards.engine_forward`, weights shared) under
-autocast (the weights stay fp32; torch casts them for each matmul, which its
-bf16 kernels need anyway), on a GPU through the exported bf16 forwards
+paths can be compared at equal precision: on the CPU the model itself with
+its patch embedding as a matmul (:func:`lego_model.forwards.patch_matmul_copy`,
+weights shared) under autocast (the weights stay fp32; torch casts them for
+each matmul, which its bf16 kernels need anyway), on a GPU through the exported bf16 forwards
 (:func:`lego_model.forwards.engine_forward`: weights cast once, LayerNorm, the attention softmax
 and the timestep sinusoid kept in fp32, float32 I/O), which CUDA graphs capture.
 """
@@ -30,7 +30,7 @@ from lego_model.checkpoints import file_sha256, load_checkpoint
 from lego_model.configs import get_config
 from lego_model.errors import CheckpointError
 from lego_model.flops import check_memory
-from lego_model.forwards import engine_forward
+from lego_model.forwards import engine_forward, patch_matmul_copy
 from lego_model.model import LegoModel
 from lego_model.shipped import shipped_checkpoint
 from runtimes.backends.base import (
@@ -126,17 +126,18 @@ class TorchBackend(Backend):
             self.model = src
         else:  # nn.Module.to and .eval() work in place: move a copy, leave the caller's model alone
             self.model = copy.deepcopy(src).to(self.device).eval()
-        if self.precision == "bf16":
+        if self.precision == "bf16" and self.device.type != "cuda":
+            # CPU: the model itself under autocast, its patch embedding as a matmul (weights shared), where oneDNN's
+            # AMX bf16 convolution miscomputed lego_S_PG_64's 8x8 stride-8 patches on 8 channels (relative L2
+            # 0.96); its attention stays torch's fused SDPA (lego_model.forwards.patch_matmul_copy).
+            self.model = patch_matmul_copy(self.model)
+        elif self.precision == "bf16":
             # GPU: the exported bf16 forwards (weights cast once; LayerNorm, softmax, sinusoid in fp32); copies.
-            # CPU: the exported fp32 forms (weights shared) under autocast: their patch embedding is a matmul,
-            # where oneDNN's AMX bf16 convolution miscomputed lego_S_PG_64's 8x8 stride-8 patches on 8
-            # channels (relative L2 0.96; lego_model.forwards.PatchLinear).
-            forward_precision = "bf16" if self.device.type == "cuda" else "fp32"
             engines = [("embedder", "embedder", None)]
             engines += [(f"brick{k}", "brick", k) for k in range(self.config.num_bricks)]
             for name, kind, brick in engines:
                 inputs, outputs = contract_io(self.config, kind, brick)
-                graph = engine_forward(self.model, kind, brick, forward_precision).to(self.device)
+                graph = engine_forward(self.model, kind, brick, "bf16").to(self.device)
                 self._graphs[name] = (graph.requires_grad_(False), [t.name for t in inputs], outputs[0].name)
         self._load_vae()
 
