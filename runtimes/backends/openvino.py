@@ -24,7 +24,7 @@ the memory of each compiled shape.  Inputs and outputs are ``ov.Tensor`` views o
 the chain's torch buffers (zero copy, shared memory); a request is rebound
 when the buffers handed in change (their data pointers or shapes), since the
 chain's ping-pong buffers swap roles between skip patterns.  OpenVINO's model
-cache (``CACHE_DIR``, one directory per precision under
+cache (``CACHE_DIR``, one directory per precision and snippets setting under
 :func:`default_model_cache`) keeps compiled blobs keyed by OpenVINO on the
 model (its shapes included) and the device, so a later load skips
 compilation.
