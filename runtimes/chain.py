@@ -198,7 +198,8 @@ class BrickChain:
         self._solver: Solver = "heun"
         self._cfg_scale: float | None = None  # of the batch in progress, for a NaN/Inf report
         self._churn = False
-        # Device-side NaN/Inf bookkeeping: per engine (embedder, brick0, ...) the first bad denoiser call.
+        # NaN/Inf bookkeeping, per engine (embedder, brick0, ...) the first bad denoiser call: device-side on a GPU
+        # (no host sync inside the step loop or a capture), read on the host on the CPU, where that costs nothing.
         self._watch = NonFiniteWatch(
             1 + self.config.num_bricks, self.device, host_reads=not cuda.is_device(self.device)
         )
