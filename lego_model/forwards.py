@@ -22,9 +22,12 @@ separately, which hid the pattern from OpenVINO's attention fusion once the
 products are int8 (quantize/dequantize pairs around them) and left ONNX
 Runtime's MatMul-with-transposed-input fusion one Transpose short.  The eager
 model keeps SDPA (torch's fused CPU/GPU kernels); the two agree to fp32 rounding.
-Likewise the fp32 (and int8) files write the patch embedding as a MatMul on
-patches (:class:`PatchLinear`), not a Conv, for a convolution OpenVINO
-miscomputed in bf16 on AMX.
+Attention over tiles of a few tokens is written over blocks of several
+consecutive tiles, masked (:func:`attention_group`): the same numbers in
+products and softmax rows wide enough for the CPU kernels.  Likewise the fp32
+(and int8) files write the patch embedding as a MatMul on patches already in
+tile order (:class:`PatchLinear`), not a Conv followed by a transpose of its
+D-wide output, for a convolution OpenVINO miscomputed in bf16 on AMX.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lego_model.model import Attention, Brick, LegoModel
+from lego_model.configs import LegoConfig
+from lego_model.model import Attention, Brick, LegoModel, PatchEmbed
 
 __all__ = [
+    "ATTENTION_BLOCK_TOKENS",
     "PRECISION_TORCH_DTYPES",
     "BrickGraph",
     "EmbedderGraph",
@@ -47,6 +52,7 @@ __all__ = [
     "Fp32LayerNorm",
     "Fp32SoftmaxAttention",
     "UnconditionalEmbedderGraph",
+    "attention_group",
     "engine_forward",
     "fp32_export_copy",
     "half_precision_copy",
@@ -88,24 +94,62 @@ class Fp32SoftmaxAttention(nn.Module):
     logits are upcast before the softmax: exp() of fp16 logits saturates and its
     row sums lose precision.  q is scaled before the product to keep the fp16
     logits small.  In fp32 the casts are no-ops.
+
+    ``group`` > 1 (:func:`attention_group`): that many consecutive tiles are one
+    block of products and softmax rows, the logits between different tiles
+    masked to -inf.  Their softmax weights are exactly 0 and add exact zeros to
+    the sums, so the result is the per-tile attention's; the runtimes get
+    products and softmax rows ``group`` times wider (see ATTENTION_BLOCK_TOKENS).
     """
 
-    def __init__(self, attn: Attention) -> None:
+    def __init__(self, attn: Attention, group: int = 1) -> None:
         super().__init__()
         self.num_heads = attn.num_heads
         self.tile_tokens = attn.tile_tokens
+        self.group = group
         self.qkv = attn.qkv
         self.proj = attn.proj
+        T = attn.tile_tokens
+        tile = torch.arange(group * T) // T
+        mask = torch.zeros(group * T, group * T).masked_fill(tile[:, None] != tile[None, :], float("-inf"))
+        # A constant of the exported graph (not a state-dict entry); None where tiles are not grouped.
+        self.register_buffer("mask", mask if group > 1 else None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         B, N, D = x.shape
-        T, heads = self.tile_tokens, self.num_heads
-        qkv = self.qkv(x).reshape(-1, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)  # (3, B*L, h, T, d)
-        q, k, v = qkv.unbind(0)  # (B*L, h, T, d) each
-        logits = (q * (D // heads) ** -0.5) @ k.transpose(-1, -2)  # (B*L, h, T, T), half
-        weights = logits.float().softmax(dim=-1).to(x.dtype)  # softmax in fp32
+        T, heads = self.tile_tokens * self.group, self.num_heads  # tokens per block of `group` tiles
+        qkv = self.qkv(x).reshape(-1, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)  # (3, blocks, h, T, d)
+        q, k, v = qkv.unbind(0)  # (blocks, h, T, d) each
+        logits = ((q * (D // heads) ** -0.5) @ k.transpose(-1, -2)).float()  # (blocks, h, T, T), fp32
+        if self.mask is not None:
+            logits = logits + self.mask  # -inf between tokens of different tiles
+        weights = logits.softmax(dim=-1).to(x.dtype)  # softmax in fp32
         o = (weights @ v).transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.proj(o)
+
+
+# Exported attention of small tiles runs in blocks of up to this many tokens (Fp32SoftmaxAttention's group):
+# OpenVINO's CPU Softmax costs about as much per 4-wide row as per 16-wide one, and 4x4 products barely use a
+# matrix unit.  2-core Intel AMX, OpenVINO bf16, interleaved: the attention products + softmax of lego_S_PG_64's
+# 4-token tiles 0.67 -> 0.22 ms per layer; its brick0 7.6 -> 6.7 ms, the shipped model's brick0 at batch 16
+# 1.44 -> 1.14 ms (fp32 1.08x, ONNX Runtime unchanged).  Blocks of 32 tokens gained no more in bf16 and lost in fp32.
+ATTENTION_BLOCK_TOKENS = 16
+
+
+def attention_group(config: LegoConfig, brick: int) -> int:
+    """How many consecutive tiles of ``brick`` the exported attention computes as one masked block.
+
+    The largest power of two G with G * tile tokens <= ATTENTION_BLOCK_TOKENS
+    that divides the tile count of every canvas the model takes: sides are
+    multiples of ``size_multiple`` R, so a canvas has a multiple of
+    (R / r_k)^2 tiles of size r_k, and the blocks never straddle a canvas.
+    """
+    T = config.tile_tokens(brick)
+    tiles = (config.size_multiple // config.brick_sizes[brick]) ** 2
+    group = 1
+    while 2 * group * T <= ATTENTION_BLOCK_TOKENS and tiles % (2 * group) == 0:
+        group *= 2
+    return group
 
 
 class Fp32Conv2d(nn.Module):
@@ -124,10 +168,15 @@ class Fp32Conv2d(nn.Module):
 
 
 class PatchLinear(nn.Module):
-    """A patch embedding (``Conv2d`` with kernel == stride, no padding) as patches @ weight: its exported form.
+    """A brick's patch embedding (:class:`lego_model.model.PatchEmbed`) as patches @ weight: its exported form.
 
-    The same computation as the convolution (to fp32 summation order), output
-    (B, D, H/p, W/p) as the convolution's.  Exported this way because OpenVINO
+    The same tokens (B, L, T, D) as the convolution followed by the tile
+    regrouping, to fp32 summation order, computed the other way round: the
+    image (C+2 or 2C+2 channels) is regrouped into tile-ordered patches first
+    and one product makes the tokens, so no D-wide tensor is transposed (on
+    lego_S_PG_64's last brick OpenVINO spent 0.6 ms per call in the two
+    transposes of the 384-channel output, of 35 ms; the 5-8-channel input costs
+    a few percent of that).  A MatMul rather than a Conv because OpenVINO
     2026.4's AMX bf16 convolution (brgconv) returned wrong numbers for the
     bricks' 8x8 stride-8 patch convolution on 8 input channels (relative L2
     error 1.1 against fp32 on the Intel AMX machine; 2x2 kernels and 5 input
@@ -135,9 +184,9 @@ class PatchLinear(nn.Module):
     bf16 and int8 runs there; a MatMul is a product every runtime runs well.
     """
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, embed: PatchEmbed) -> None:
         super().__init__()
-        p = conv.kernel_size[0]
+        conv, p = embed.proj, embed.patch
         if conv.kernel_size != (p, p) or conv.stride != (p, p) or conv.padding != (0, 0) or conv.groups != 1:
             raise ValueError(f"PatchLinear needs a square kernel equal to its stride, no padding: got {conv}")
         self.patch = p
@@ -146,17 +195,17 @@ class PatchLinear(nn.Module):
         self.register_buffer("weight", conv.weight.detach().reshape(conv.out_channels, -1), persistent=False)
         self.bias = conv.bias
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, tile: int) -> Tensor:
         B, C, H, W = x.shape
         p = self.patch
-        patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, H // p, W // p, C * p * p)
-        out = F.linear(patches, self.weight, self.bias)  # (B, H/p, W/p, D)
-        return out.permute(0, 3, 1, 2)
+        g, nh, nw = tile // p, H // tile, W // tile
+        patches = x.reshape(B, C, nh, g, p, nw, g, p).permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B, nh, nw, g, g, C, p, p)
+        return F.linear(patches.reshape(B, nh * nw, g * g, C * p * p), self.weight, self.bias)  # (B, L, T, D)
 
 
-def fp32_export_copy(module: nn.Module) -> nn.Module:
-    """``module`` with its attention and patch embeddings in the exported forms (:class:`Fp32SoftmaxAttention`,
-    :class:`PatchLinear`), sharing its weights.
+def fp32_export_copy(module: nn.Module, attention_group: int = 1) -> nn.Module:
+    """``module`` with its attention and patch embeddings in the exported forms (:class:`Fp32SoftmaxAttention`
+    over blocks of ``attention_group`` tiles, :class:`PatchLinear`), sharing its weights.
 
     The module tree is copied (the caller's model is not changed), its
     parameters and buffers are not: an fp32 export costs no second copy of the weights.
@@ -164,8 +213,8 @@ def fp32_export_copy(module: nn.Module) -> nn.Module:
 
     def exported(child: nn.Module) -> nn.Module | None:
         if isinstance(child, Attention):
-            return Fp32SoftmaxAttention(child)
-        return PatchLinear(child) if isinstance(child, nn.Conv2d) else None
+            return Fp32SoftmaxAttention(child, attention_group)
+        return PatchLinear(child) if isinstance(child, PatchEmbed) else None
 
     return _shared_copy(module, exported)
 
@@ -179,7 +228,7 @@ def patch_matmul_copy(module: nn.Module) -> nn.Module:
     kernel) ran lego_S_PG_64's last brick in 47 ms against 158 ms for the
     exported written-out form under autocast (2-core Intel AMX machine).
     """
-    return _shared_copy(module, lambda child: PatchLinear(child) if isinstance(child, nn.Conv2d) else None)
+    return _shared_copy(module, lambda child: PatchLinear(child) if isinstance(child, PatchEmbed) else None)
 
 
 def _shared_copy(module: nn.Module, replace: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
@@ -195,7 +244,7 @@ def _shared_copy(module: nn.Module, replace: Callable[[nn.Module], nn.Module | N
     return out
 
 
-def half_precision_copy(module: nn.Module, precision: str) -> nn.Module:
+def half_precision_copy(module: nn.Module, precision: str, attention_group: int = 1) -> nn.Module:
     """A copy of ``module`` in fp16/bf16 whose LayerNorms and attention softmaxes stay in fp32.
 
     The embedder's sinusoidal timestep features are computed in fp32 by the
@@ -209,7 +258,7 @@ def half_precision_copy(module: nn.Module, precision: str) -> nn.Module:
             if isinstance(child, nn.LayerNorm):
                 setattr(parent, name, Fp32LayerNorm(child))
             elif isinstance(child, Attention):
-                setattr(parent, name, Fp32SoftmaxAttention(child))
+                setattr(parent, name, Fp32SoftmaxAttention(child, attention_group))
             elif isinstance(child, nn.Conv2d) and dtype == torch.bfloat16:
                 setattr(parent, name, Fp32Conv2d(child))
     return out
@@ -246,9 +295,12 @@ class UnconditionalEmbedderGraph(EmbedderGraph):
 class BrickGraph(nn.Module):
     """Brick k > 0 as exported: x_in, f_prev, cond -> f, float32 I/O, computed in the engine precision."""
 
-    def __init__(self, brick: Brick, precision: str) -> None:
+    def __init__(self, brick: Brick, precision: str, attention_group: int = 1) -> None:
         super().__init__()
-        self.brick = fp32_export_copy(brick) if precision == "fp32" else half_precision_copy(brick, precision)
+        if precision == "fp32":
+            self.brick = fp32_export_copy(brick, attention_group)
+        else:
+            self.brick = half_precision_copy(brick, precision, attention_group)
         self.dtype = PRECISION_TORCH_DTYPES[precision]
 
     def forward(self, x_in: Tensor, f_prev: Tensor, cond: Tensor) -> Tensor:
@@ -273,5 +325,5 @@ def engine_forward(model: LegoModel, kind: str, brick: int | None, precision: st
         return graph(model, precision).eval()
     if kind == "brick":
         graph = FirstBrickGraph if brick == 0 else BrickGraph
-        return graph(model.bricks[brick], precision).eval()
+        return graph(model.bricks[brick], precision, attention_group(model.config, brick)).eval()
     raise NotImplementedError(f"no exported forward for engine kind {kind!r}")

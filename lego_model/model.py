@@ -86,12 +86,22 @@ class LabelEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """Patch embedding (the authors' convolution, kernel = stride = p) to tokens grouped by tile."""
+
     def __init__(self, in_channels: int, hidden_size: int, patch_size: int) -> None:
         super().__init__()
+        self.patch = patch_size
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x)  # (B, D, H/p, W/p)
+    def forward(self, x: Tensor, tile: int) -> Tensor:
+        """(B, C, H, W) -> (B, L, T, D): the tiles of ``tile`` x ``tile`` pixels row-major, each tile's patches
+        row-major (T = (tile / p)^2 tokens)."""
+        B, _, H, W = x.shape
+        g, nh, nw = tile // self.patch, H // tile, W // tile  # tokens per tile side, tiles per canvas side
+        t = self.proj(x)  # (B, D, H/p, W/p)
+        D = t.shape[1]
+        t = t.reshape(B, D, nh, g, nw, g).permute(0, 2, 4, 3, 5, 1)  # (B, nh, nw, g, g, D)
+        return t.reshape(B, nh * nw, g * g, D)
 
 
 class Attention(nn.Module):
@@ -189,10 +199,8 @@ class Brick(nn.Module):
         r, p, C = self.size, self.patch, self.out_channels
         g = r // p  # tokens per tile side
         nh, nw = H // r, W // r  # tiles per canvas side
-        t = self.x_embedder(x)  # (B, D, H/p, W/p)
-        D = t.shape[1]
-        t = t.reshape(B, D, nh, g, nw, g).permute(0, 2, 4, 3, 5, 1)  # (B, nh, nw, g, g, D)
-        t = t.reshape(B, nh * nw, g * g, D) + self.pos_embed  # (B, L, T, D), tiles row-major
+        t = self.x_embedder(x, r) + self.pos_embed  # (B, L, T, D), tiles row-major
+        D = t.shape[-1]
         # The blocks see (B, N = L*T, D), one tile after another: 3-D products, whose bias, GELU and (in int8
         # files) dequantization OpenVINO fuses into the matmul (with 4-D inputs its int8 kernels left them as
         # separate passes); attention regroups the tiles itself.  Same arithmetic as (B, L, T, D).

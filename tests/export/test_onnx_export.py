@@ -42,17 +42,23 @@ def test_checker_and_contract(fp32_export: ExportResult, name: str) -> None:
         assert "Conv" not in {n.op_type for n in graph.node}
 
 
-@pytest.mark.parametrize("channels,patch,shape", [(8, 8, (2, 64, 32)), (5, 2, (3, 8, 16)), (1, 4, (1, 4, 12))])
-def test_patch_linear_computes_the_patch_convolution(channels: int, patch: int, shape: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize(
+    "channels,patch,tile,shape",
+    [(8, 8, 16, (2, 64, 32)), (5, 2, 4, (3, 8, 16)), (1, 4, 4, (1, 4, 12)), (5, 2, 64, (1, 64, 128))],
+)
+def test_patch_linear_computes_the_patch_embedding(
+    channels: int, patch: int, tile: int, shape: tuple[int, int, int]
+) -> None:
     from lego_model.forwards import PatchLinear
+    from lego_model.model import PatchEmbed
 
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(channels, 24, kernel_size=patch, stride=patch)
+    embed = PatchEmbed(channels, 24, patch)
     batch, h, w = shape
     x = torch.randn(batch, channels, h, w)
     with torch.no_grad():
-        want, got = conv(x), PatchLinear(conv)(x)
-    assert got.shape == want.shape
+        want, got = embed(x, tile), PatchLinear(embed)(x, tile)  # tokens (B, L, T, D) in the same tile order
+    assert got.shape == want.shape == (batch, (h // tile) * (w // tile), (tile // patch) ** 2, 24)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # one fp32 sum over C*p*p terms, another order
 
 
