@@ -109,32 +109,43 @@ def counted_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_peak_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096), seconds: float = 1.0) -> float:
+def matmul_peak_gflops(
+    dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096), seconds: float = 1.0, threads: int | None = None
+) -> float:
     """This machine's measured matrix-multiply rate, in GFLOP/s: the best of square products of a few sizes.
 
     On the CPU the best of torch and the CPU libraries the backends use: ONNX
     Runtime's MLAS for fp32 (faster than torch's kernels on some CPUs) and
     OpenVINO for fp32 and bf16 (its oneDNN AMX kernels), so that an engine is
     compared with the fastest matmul of its own precision here.  ``torch.int8``
-    is the rate of the int8 engines' own kernels (:func:`int8_matmul_peak_gflops`).
+    is the rate of the int8 engines' own kernels (:func:`int8_matmul_peak_gflops`).  ``threads``: on the
+    CPU, that many threads in every library (None: each library's default, all cores).
     """
     if dtype == torch.int8:
-        return int8_matmul_peak_gflops(sizes, seconds)
+        return int8_matmul_peak_gflops(sizes, seconds, threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        stats = time_ms(lambda a=a, b=b: a @ b, warmup=2, repeats=3, min_seconds=seconds)
-        best = max(best, 2 * n**3 / (stats["min_ms"] * 1e-3) / 1e9)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        for n in sizes:
+            a = torch.randn(n, n, device=device).to(dtype)
+            b = torch.randn(n, n, device=device).to(dtype)
+            stats = time_ms(lambda a=a, b=b: a @ b, warmup=2, repeats=3, min_seconds=seconds)
+            best = max(best, 2 * n**3 / (stats["min_ms"] * 1e-3) / 1e9)
+    finally:
+        torch.set_num_threads(before)
     if device == "cpu" and dtype == torch.float32:
-        best = max(best, _ort_matmul_gflops(sizes, seconds))
+        best = max(best, _ort_matmul_gflops(sizes, seconds, threads=threads))
     if device == "cpu" and dtype in (torch.float32, torch.bfloat16):
-        best = max(best, _openvino_matmul_gflops(sizes, seconds, "f32" if dtype == torch.float32 else "bf16"))
+        hint = "f32" if dtype == torch.float32 else "bf16"
+        best = max(best, _openvino_matmul_gflops(sizes, seconds, hint, threads=threads))
     return best
 
 
-def int8_matmul_peak_gflops(sizes: tuple[int, ...] = (1024, 2048, 4096), seconds: float = 1.0) -> float:
+def int8_matmul_peak_gflops(
+    sizes: tuple[int, ...] = (1024, 2048, 4096), seconds: float = 1.0, threads: int | None = None
+) -> float:
     """int8 matmul rate (2 n^3 operations per product, as for FLOPs), the best of OpenVINO and ONNX Runtime.
 
     Measured on what the int8 engines run: a QDQ MatMul (activations
@@ -143,8 +154,8 @@ def int8_matmul_peak_gflops(sizes: tuple[int, ...] = (1024, 2048, 4096), seconds
     AMX-INT8 where present).  0 where neither runtime is installed.
     """
     return max(
-        _ort_matmul_gflops(sizes, seconds, int8=True),
-        _openvino_matmul_gflops(sizes, seconds, "f32", int8=True),
+        _ort_matmul_gflops(sizes, seconds, int8=True, threads=threads),
+        _openvino_matmul_gflops(sizes, seconds, "f32", int8=True, threads=threads),
     )
 
 
@@ -187,7 +198,7 @@ def _matmul_feeds(n: int, int8: bool) -> dict[str, Any]:
     return {name: np.random.randn(n, n).astype(np.float32) for name in names}
 
 
-def _ort_matmul_gflops(sizes: tuple[int, ...], seconds: float, int8: bool = False) -> float:
+def _ort_matmul_gflops(sizes: tuple[int, ...], seconds: float, int8: bool = False, threads: int | None = None) -> float:
     """MatMul rate of ONNX Runtime's own kernels (MLAS): fp32, which runs faster than torch's here, or int8 (QDQ)."""
     try:
         import onnxruntime as ort
@@ -198,22 +209,28 @@ def _ort_matmul_gflops(sizes: tuple[int, ...], seconds: float, int8: bool = Fals
         model = _matmul_onnx(n, int8)
         if model is None:
             return 0.0
-        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, all cores
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         feeds = _matmul_feeds(n, int8)
         stats = time_ms(lambda s=session, f=feeds: s.run(None, f), warmup=2, repeats=3, min_seconds=seconds)
         best = max(best, 2 * n**3 / (stats["min_ms"] * 1e-3) / 1e9)
     return best
 
 
-def _openvino_matmul_gflops(sizes: tuple[int, ...], seconds: float, hint: str, int8: bool = False) -> float:
+def _openvino_matmul_gflops(
+    sizes: tuple[int, ...], seconds: float, hint: str, int8: bool = False, threads: int | None = None
+) -> float:
     """MatMul rate of OpenVINO on the CPU at inference precision ``hint`` (f32 or bf16; int8 for a QDQ model),
-    all cores, one stream."""
+    one stream of ``threads`` threads (None: all cores)."""
     try:
         import openvino as ov
     except ImportError:
         return 0.0
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
     best = 0.0
     for n in sizes:
         model = _matmul_onnx(n, int8)
