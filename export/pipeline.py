@@ -35,11 +35,12 @@ from export.errors import ExportError, ManifestError
 from export.identity import engine_identity
 from export.manifest import MANIFEST_NAME, load_manifest, read_manifest_json, write_manifest
 from export.onnx_export import DEFAULT_OPSET, check_onnx, onnx_from_spec
-from export.records import BuiltWith, CheckpointRecord, EngineEntry, Manifest, Profile, Verification
+from export.records import BuiltWith, CheckpointRecord, EngineEntry, Manifest, Profile, VaeRecord, Verification
 from export.specs import check_profile, default_profile, engine_specs
 from export.vae_spec import DEFAULT_VAE_BATCH, vae_decoder_spec, vae_profile, vae_record
 from export.verify import onnx_runner, verification_shapes, verify_engine
 from lego_model.checkpoints import file_sha256
+from lego_model.configs import LegoConfig
 from lego_model.files import check_writable, default_cache_dir
 from lego_model.model import LegoModel
 from lego_model.vae import Vae
@@ -224,6 +225,32 @@ def onnx_built_with(exporter: str, opset: int) -> BuiltWith:
     )
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One engine of an export: its spec, what it is exported from (the model or the VAE), its weights' record,
+    precision, profile and verification shapes."""
+
+    spec: Any
+    source: Any
+    weights: CheckpointRecord
+    precision: str
+    profile: Profile
+    shapes: list[tuple[int, int, int]]
+
+
+@dataclass(frozen=True)
+class _Build:
+    """What every engine of one export shares."""
+
+    config: LegoConfig
+    options: ExportOptions
+    staging: Path
+    onnx_dir: Path  # the staging directory, or a scratch folder in it when only TensorRT plans are kept
+    calibration: Calibration | None
+    trt_env: Any
+    say: Callable[[str], None]
+
+
 def export_engine_dir(
     model: LegoModel,
     out: str | Path,
@@ -246,38 +273,21 @@ def export_engine_dir(
         raise ExportError(f"--engines must be one of {', '.join(ENGINE_CHOICES)}, got {options.engines!r}")
     profile = options.profile or default_profile(config)
     check_profile(profile, config)
-    want_onnx = options.engines in ("onnx", "all")
-    want_trt = options.engines in ("trt", "all")
     inputs = [checkpoint.path]
     if options.vae is not None:  # a --vae inside --out would go with the directory it replaces
         inputs.append(options.vae.source)
     trt_env = None
-    if want_trt:
+    if options.engines in ("trt", "all"):
         from export.tensorrt_build import require_tensorrt  # raises before anything is written
 
         trt_env = require_tensorrt(options.engines)
         inputs.append(options.cache_dir or default_cache_dir())
     check_target(out, options.force, inputs)  # before any work: the target must be ours to replace and writable
-    shapes = verification_shapes(config, profile)
-    # (spec, what it is exported from, its weights' record, precision, profile, verification shapes):
-    # the denoiser's engines, then the decoder's (fp32 always, its own batch range, the VAE's weights).
-    jobs: list[tuple[Any, Any, CheckpointRecord, str, Profile, list[tuple[int, int, int]]]] = [
-        (spec, model, checkpoint, engine_precision(spec.kind, options.precision), profile, shapes)
-        for spec in engine_specs(config)
-    ]
-    decoder = None
-    if options.vae is not None:
-        decoder = vae_record(options.vae)
-        decoder_profile = vae_profile(profile, options.vae_batch)
-        decoder_shapes = verification_shapes(config, decoder_profile)
-        spec = vae_decoder_spec(options.vae, config)
-        jobs.append((spec, options.vae, decoder.weights(), "fp32", decoder_profile, decoder_shapes))
+    jobs, decoder = _jobs(model, checkpoint, options, profile)
     started = time.perf_counter()
-    reports: list[EngineReport] = []
-    entries: list[EngineEntry] = []
     say(
         f"exporting {len(jobs)} engines of {config.name} ({options.precision}, {options.engines}) to {out}; "
-        f"profile {profile.describe()}; verifying at {', '.join(f'{b}x{h}x{w}' for b, h, w in shapes)}"
+        f"profile {profile.describe()}; verifying at {', '.join(f'{b}x{h}x{w}' for b, h, w in jobs[0].shapes)}"
     )
     calibration = None
     if options.precision == INT8:
@@ -288,52 +298,82 @@ def export_engine_dir(
         calibration = record_calibration(model, options.calibration or CalibrationSettings(seed=options.seed))
         say(f"int8 calibration: {calibration.describe()}, {time.perf_counter() - t0:.1f} s")
     with staged_directory(out, options.force, inputs) as staging:
-        onnx_dir = staging if want_onnx else staging / ".onnx-build"
+        onnx_dir = staging if options.engines != "trt" else staging / ".onnx-build"
         onnx_dir.mkdir(exist_ok=True)
-        for i, (spec, source, weights, precision, spec_profile, job_shapes) in enumerate(jobs, 1):
-            t0 = time.perf_counter()
-            onnx_path = onnx_dir / f"{spec.name}.onnx"
-            say(f"[{i}/{len(jobs)}] {spec.name}: ONNX export ({precision})")
-            identity = engine_identity(spec.name, spec.kind, spec.brick, precision, config, weights)
-            if precision == INT8:
-                exporter, quantized = _int8_onnx(spec, source, onnx_path, options, identity, calibration)
-                note = f"{exporter}; {quantized}"
-            else:
-                exporter = note = onnx_from_spec(
-                    spec, source, onnx_path, precision, options.opset, options.exporter, identity=identity
-                )
-            spec_shapes = _shapes_for(spec, job_shapes)
-            runner = onnx_runner(spec, onnx_path, precision)
-            verification = verify_engine(spec, source, runner, precision, spec_shapes, seed=options.seed)
-            seconds = time.perf_counter() - t0
-            say(
-                f"[{i}/{len(jobs)}] {spec.name}: {onnx_path.stat().st_size / 1e6:.2f} MB, {seconds:.1f} s, "
-                f"ONNX Runtime max rel err {verification.max_rel:.2e} (tolerance {verification.tolerance:g})"
-            )
-            built_with = onnx_built_with(exporter, options.opset)
-            onnx_entry = _entry(spec, onnx_path, staging, "onnx", precision, spec_profile, built_with, verification)
-            if want_onnx:
-                entries.append(onnx_entry)
-                reports.append(_report(onnx_entry, seconds, note))
-            if want_trt:
-                entry, seconds, note = _tensorrt_engine(
-                    spec, source, identity, onnx_entry, onnx_path, staging, options, spec_profile, spec_shapes, trt_env
-                )
-                say(f"[{i}/{len(jobs)}] {spec.name}: TensorRT plan {entry.bytes / 1e6:.2f} MB, {seconds:.1f} s {note}")
-                entries.append(entry)
-                reports.append(_report(entry, seconds, note))
-        if not want_onnx:
+        build = _Build(config, options, staging, onnx_dir, calibration, trt_env, say)
+        built = [row for i, job in enumerate(jobs, 1) for row in _export_job(build, job, f"[{i}/{len(jobs)}]")]
+        if onnx_dir != staging:
             shutil.rmtree(onnx_dir)
         manifest = Manifest(
             config=config,
             checkpoint=checkpoint,
-            engines=entries,
+            engines=[entry for entry, _ in built],
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             vae=decoder,
         )
         write_manifest(manifest, staging)
         load_manifest(staging)  # the directory must pass the runtimes' own checks before it replaces anything
+    reports = [report for _, report in built]
     return ExportResult(manifest=manifest, out=out, reports=reports, seconds=time.perf_counter() - started)
+
+
+def _jobs(
+    model: LegoModel, checkpoint: CheckpointRecord, options: ExportOptions, profile: Profile
+) -> tuple[list[_Job], VaeRecord | None]:
+    """The engines to export -- the denoiser's, then the decoder's (fp32 always, its own batch range, the VAE's
+    weights) -- and the VAE record for the manifest (None without ``options.vae``)."""
+    config = model.config
+    shapes = verification_shapes(config, profile)
+    jobs = [
+        _Job(spec, model, checkpoint, engine_precision(spec.kind, options.precision), profile, shapes)
+        for spec in engine_specs(config)
+    ]
+    if options.vae is None:
+        return jobs, None
+    decoder = vae_record(options.vae)
+    decoder_profile = vae_profile(profile, options.vae_batch)
+    spec = vae_decoder_spec(options.vae, config)
+    decoder_shapes = verification_shapes(config, decoder_profile)
+    jobs.append(_Job(spec, options.vae, decoder.weights(), "fp32", decoder_profile, decoder_shapes))
+    return jobs, decoder
+
+
+def _export_job(build: _Build, job: _Job, step: str) -> list[tuple[EngineEntry, EngineReport]]:
+    """One engine: its ONNX file exported (int8: quantized) and verified, and its TensorRT plan where asked;
+    the manifest entries and summary rows of what is kept."""
+    spec, source, precision, options, say = job.spec, job.source, job.precision, build.options, build.say
+    t0 = time.perf_counter()
+    onnx_path = build.onnx_dir / f"{spec.name}.onnx"
+    say(f"{step} {spec.name}: ONNX export ({precision})")
+    identity = engine_identity(spec.name, spec.kind, spec.brick, precision, build.config, job.weights)
+    if precision == INT8:
+        exporter, quantized = _int8_onnx(spec, source, onnx_path, options, identity, build.calibration)
+        note = f"{exporter}; {quantized}"
+    else:
+        exporter = note = onnx_from_spec(
+            spec, source, onnx_path, precision, options.opset, options.exporter, identity=identity
+        )
+    shapes = _shapes_for(spec, job.shapes)
+    runner = onnx_runner(spec, onnx_path, precision)
+    verification = verify_engine(spec, source, runner, precision, shapes, seed=options.seed)
+    seconds = time.perf_counter() - t0
+    say(
+        f"{step} {spec.name}: {onnx_path.stat().st_size / 1e6:.2f} MB, {seconds:.1f} s, "
+        f"ONNX Runtime max rel err {verification.max_rel:.2e} (tolerance {verification.tolerance:g})"
+    )
+    built_with = onnx_built_with(exporter, options.opset)
+    staging = build.staging
+    onnx_entry = _entry(spec, onnx_path, staging, "onnx", precision, job.profile, built_with, verification)
+    kept = []
+    if options.engines in ("onnx", "all"):
+        kept.append((onnx_entry, _report(onnx_entry, seconds, note)))
+    if options.engines in ("trt", "all"):
+        entry, seconds, note = _tensorrt_engine(
+            spec, source, identity, onnx_entry, onnx_path, staging, options, job.profile, shapes, build.trt_env
+        )
+        say(f"{step} {spec.name}: TensorRT plan {entry.bytes / 1e6:.2f} MB, {seconds:.1f} s {note}")
+        kept.append((entry, _report(entry, seconds, note)))
+    return kept
 
 
 def _int8_onnx(
