@@ -121,6 +121,32 @@ def test_nonfinite_output_names_brick_and_step(brick):
                 edm_sample(denoise, x, num_steps=4, active_per_step=steps)
 
 
+def test_cpu_reads_one_output_per_call_and_reruns_a_bad_call_to_name_the_engine(monkeypatch):
+    model = tiny_model("tiny_PG_16")
+    x, sigma, labels = inputs(1, 16, 16, 10)
+    with TorchBackend(model, device=CPU) as backend, torch.no_grad():
+        chain = BrickChain(backend)
+        recorded = []
+        record = chain._watch.record
+        monkeypatch.setattr(chain._watch, "record", lambda slot, out: (recorded.append(slot), record(slot, out)))
+        with chain.batch(labels, batch=1, height=16, width=16) as denoise:
+            denoise(x, sigma, (0, 1, 2))
+        assert recorded == [3]  # the last engine's output only: a NaN/Inf anywhere reaches it
+        recorded.clear()
+        with torch.no_grad():
+            model.bricks[0].final_layer.linear.bias.fill_(float("nan"))
+        with pytest.raises(NonFiniteError, match=r"brick 0 \(torch, fp32\) produced NaN/Inf at denoiser call 1"):
+            with chain.batch(labels, batch=1, height=16, width=16) as denoise:
+                denoise(x, sigma, (0, 1, 2))
+        assert recorded == [3, 0, 1, 2, 3]  # the bad call, then its rerun engine by engine
+        chain.check_each_call = False  # as on CUDA: every engine has its own record, read when the block ends
+        recorded.clear()
+        with pytest.raises(NonFiniteError, match=r"brick 0 \(torch, fp32\)"):
+            with chain.batch(labels, batch=1, height=16, width=16) as denoise:
+                denoise(x, sigma, (0, 1, 2))
+        assert recorded == [0, 1, 2, 3]
+
+
 def test_nonfinite_embedder_is_named():
     model = tiny_model("tiny_PG_16")
     x, sigma, labels = inputs(1, 16, 16, 10)
