@@ -15,7 +15,7 @@ at a batch and size (:meth:`export.specs.EngineSpec.sample_inputs`, what the
 chain feeds them), each engine compiled as the runtime backends compile it
 (:func:`export.loaders.session_from_onnx` with the backend's settings; for
 OpenVINO :func:`runtimes.backends.openvino.compile_config` with the backend's
-snippets choice, reshaped to the call's static input shapes as the backend
+snippets and thread choices, reshaped to the call's static input shapes as the backend
 compiles them), run twice to warm up and profiled on the third run.
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 from export.manifest import Manifest
 from export.specs import engine_specs
 from lego_model.model import LegoModel
-from runtimes.backends.openvino import snippets_for
+from runtimes.backends.openvino import snippets_for, threads_for
 
 Feeds = dict[str, dict[str, np.ndarray]]  # engine name -> its named inputs
 
@@ -63,7 +63,9 @@ def profile_call(
             total.update(_ort_node_ms(path, feed, threads))
         elif runtime == "openvino":
             snippets = snippets_for(manifest.config, entries[name].brick)
-            total.update(_openvino_node_ms(path, feed, precision, threads, snippets))
+            rows = next(iter(feed.values())).shape[0]
+            engine_threads = threads_for(manifest.config, entries[name].kind, rows, threads)  # as the backend compiles
+            total.update(_openvino_node_ms(path, feed, precision, engine_threads, snippets))
         else:
             raise ValueError(f"no profiler for runtime {runtime!r}")
     return dict(total)

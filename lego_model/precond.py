@@ -32,11 +32,19 @@ from lego_model.errors import ShapeError
 
 def edm_scalings(sigma: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(c_skip, c_out, c_in, c_noise) for sigma of shape [B]; the first three come back as [B, 1, 1, 1]."""
+    # The authors' float32 expressions (c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2),
+    # c_in = 1 / sqrt(sd^2 + s^2), c_noise = ln(s) / 4) with the shared s^2 + sd^2 and its root computed once, and
+    # torch's `scalar / tensor` (reciprocal, then times the scalar) called without its Python wrapper: the same
+    # operations on the same values, so the same bits (tests/lego_model/test_precond.py checks a sweep of sigmas),
+    # in 9 tensor operations instead of 17 -- this runs in every denoiser call, where the shipped model's whole
+    # call on the CPU takes about a millisecond at batch 1.
     s = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-    c_skip = sigma_data**2 / (s**2 + sigma_data**2)
-    c_out = s * sigma_data / (s**2 + sigma_data**2).sqrt()
-    c_in = 1 / (sigma_data**2 + s**2).sqrt()
-    c_noise = s.log().flatten() / 4
+    d = s * s + sigma_data**2  # torch computes s**2 as s * s
+    root = d.sqrt()
+    c_skip = torch.mul(d.reciprocal(), sigma_data**2)
+    c_out = torch.div(s * sigma_data, root)
+    c_in = root.reciprocal()  # 1 / root is root.reciprocal() * 1
+    c_noise = torch.div(s.log().flatten(), 4)
     return c_skip, c_out, c_in, c_noise
 
 

@@ -148,6 +148,25 @@ def test_brick_api_chain_equals_forward(pg):
         torch.testing.assert_close(first_skipped, c_skip * x + c_out * f1, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_edm_scalings_are_the_authors_expressions_to_the_bit(dtype):
+    """edm_scalings shares s^2 + sd^2 and its root among the four scalings; the bits must stay those of the
+    authors' expressions, written out here as they write them, over noise levels from 1e-4 to 1e4."""
+    gen = torch.Generator().manual_seed(0)
+    sigma = torch.cat([torch.logspace(-4, 4, 20001, dtype=dtype), torch.rand(20000, generator=gen, dtype=dtype) * 80])
+    sd = 0.5
+    s = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
+    authors = (
+        sd**2 / (s**2 + sd**2),
+        s * sd / (s**2 + sd**2).sqrt(),
+        1 / (sd**2 + s**2).sqrt(),
+        s.log().flatten() / 4,
+    )
+    for name, got, want in zip(("c_skip", "c_out", "c_in", "c_noise"), edm_scalings(sigma, sd), authors):
+        assert got.dtype == torch.float32 and got.shape == want.shape, name
+        assert torch.equal(got, want), f"{name}: {int((got != want).sum())} values differ"
+
+
 def test_guidance_is_on_f_with_zero_null_label(pg):
     x, sigma, labels = torch.randn(1, 3, 16, 16), torch.tensor([2.0]), torch.eye(10)[[3]]
     with torch.no_grad():

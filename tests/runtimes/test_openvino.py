@@ -207,6 +207,33 @@ def test_each_input_shape_is_compiled_once_and_at_most_shapes_per_engine_are_kep
         torch.testing.assert_close(out, first, rtol=0, atol=0)  # recompiled, the same numbers
 
 
+def test_the_embedder_runs_on_one_thread_below_its_flop_threshold_and_bricks_on_all_of_them():
+    from lego_model import get_config
+    from lego_model.flops import embedder_flops
+    from runtimes.backends.openvino import EMBEDDER_ONE_THREAD_FLOPS, threads_for
+
+    cfg = get_config("digits_pg_16")
+    small = max(r for r in range(1, 4096) if embedder_flops(cfg, r) < EMBEDDER_ONE_THREAD_FLOPS)
+    assert threads_for(cfg, "embedder", small, 2) == 1
+    assert threads_for(cfg, "embedder", small + 1, 2) == 2  # big enough to split
+    assert threads_for(cfg, "brick", 1, 2) == 2  # measured: the bricks gain from a second thread at every batch
+
+
+@needs_openvino
+def test_the_backend_compiles_the_embedder_with_its_thread_choice(engines_pg):
+    x, sigma, labels = inputs(2, 16, 16, 10)
+    backend, _ = open_backend("openvino", engine_dir=engines_pg, threads=2, precision="fp32")
+    with backend, torch.no_grad():
+        chain = BrickChain(backend)
+        with chain.batch(labels, batch=2, height=16, width=16) as denoise:
+            denoise(x, sigma, (0, 1, 2))
+
+        def threads(engine: str) -> int:
+            return int(backend.requests[engine].get_compiled_model().get_property("INFERENCE_NUM_THREADS"))
+
+        assert (threads("embedder"), threads("brick0")) == (1, 2)
+
+
 @needs_openvino
 def test_requests_are_bound_to_the_chain_buffers_and_rebound_when_they_change(engines_pg):
     x, sigma, labels = inputs(2, 16, 16, 10)
