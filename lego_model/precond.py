@@ -35,7 +35,7 @@ def edm_scalings(sigma: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor
     # The authors' float32 expressions (c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2),
     # c_in = 1 / sqrt(sd^2 + s^2), c_noise = ln(s) / 4) with the shared s^2 + sd^2 and its root computed once, and
     # torch's `scalar / tensor` (reciprocal, then times the scalar) called without its Python wrapper: the same
-    # operations on the same values, so the same bits (tests/lego_model/test_precond.py checks a sweep of sigmas),
+    # operations on the same values, so the same bits (tests/lego_model/test_model.py checks a sweep of sigmas),
     # in 9 tensor operations instead of 17 -- this runs in every denoiser call, where the shipped model's whole
     # call on the CPU takes about a millisecond at batch 1.
     s = sigma.to(torch.float32).reshape(-1, 1, 1, 1)

@@ -236,10 +236,10 @@ class OpenVinoBackend(EngineBackend):
 
         return self._shaped[engine].get(shapes, compile_shape)
 
-    def _compile(self, model: Any, path: Path, precision: str, snippets: bool, threads: int | None = None) -> Any:
+    def _compile(self, model: Any, path: Path, precision: str, snippets: bool, threads: int) -> Any:
         """``model`` (read from ``path``) compiled for the CPU with its float ops at ``precision`` (and snippets
-        or not) on ``threads`` threads (default: the backend's), through the model cache of those settings."""
-        config = compile_config(precision, threads or self.threads, snippets)
+        or not) on ``threads`` threads (:func:`threads_for`), through the model cache of those settings."""
+        config = compile_config(precision, threads, snippets)
         # One cache directory per precision hint: OpenVINO's cache key leaves INFERENCE_PRECISION_HINT out (2026.4),
         # and an fp32 blob loaded with the bf16 hint returned NaN.  (An int8 file is another model: the key has it.)
         # Likewise per snippets setting, which the key may leave out too.

@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from lego_model.flops import usable_cores
 from runtimes.backends import choose_backend, open_backend
 from runtimes.backends.openvino import openvino_available
 from runtimes.backends.torch_backend import TorchBackend
@@ -220,6 +221,7 @@ def test_the_embedder_runs_on_one_thread_below_its_flop_threshold_and_bricks_on_
 
 
 @needs_openvino
+@pytest.mark.skipif(usable_cores() < 2, reason="needs 2 usable cores to tell one thread from the backend's")
 def test_the_backend_compiles_the_embedder_with_its_thread_choice(engines_pg):
     x, sigma, labels = inputs(2, 16, 16, 10)
     backend, _ = open_backend("openvino", engine_dir=engines_pg, threads=2, precision="fp32")
