@@ -14,7 +14,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,50 @@ def time_ms(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 7, min_sec
         _sync()
         samples.append((time.perf_counter() - t0) * 1e3)
     return {"median_ms": statistics.median(samples), "min_ms": min(samples), "repeats": len(samples)}
+
+
+def interleaved_ms(
+    fns: Mapping[str, Callable[[], Any]], *, min_rounds: int, max_rounds: int, budget_s: float
+) -> dict[str, list[float]]:
+    """Wall times in ms of each of ``fns``, one call of each per round, rounds alternately forwards and backwards.
+
+    On a shared machine the load changes within seconds: calls timed next to
+    each other in one round see the same load, so ratios are best formed per
+    round (:func:`paired`), and the alternation puts each fn as often before
+    its neighbour as after it.  Rounds go on until ``budget_s`` has passed,
+    at least ``min_rounds`` and at most ``max_rounds``: cheap calls get many
+    rounds, expensive ones the minimum.  No warm-up: the caller's.
+    """
+    if min_rounds < 1 or max_rounds < min_rounds:
+        raise ValueError(f"need 1 <= min_rounds <= max_rounds, got {min_rounds} and {max_rounds}")
+    names = list(fns)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(max_rounds):
+        if r >= min_rounds and time.perf_counter() - start >= budget_s:
+            break
+        for n in names if r % 2 == 0 else reversed(names):
+            _sync()
+            t0 = time.perf_counter()
+            fns[n]()
+            _sync()
+            samples[n].append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def paired(reference: list[float], other: list[float]) -> list[float]:
+    """Per-round ratios ``reference[i] / other[i]`` of two :func:`interleaved_ms` series (the speedup of other)."""
+    if len(reference) != len(other) or not reference:
+        raise ValueError(f"paired series need equal, non-zero lengths, got {len(reference)} and {len(other)}")
+    return [a / b for a, b in zip(reference, other)]
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartile (both the value itself for a single value)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return q1, q3
 
 
 class PeakMemory:

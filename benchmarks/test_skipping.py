@@ -1,7 +1,14 @@
-"""Time saved by skip plans against the FLOP-predicted saving, per backend, over whole sampling runs.
+"""Time saved by skip plans against the FLOP-predicted saving, per backend, over whole runs and per call.
 
-Reported per plan: the median over repeated passes of the time saving and of
-its ratio to the FLOP saving, with the quartiles and range of that ratio.
+Each plan's whole sampling run is timed next to a run of the full stack, the
+two alternately first (:func:`benchmarks.harness.interleaved_ms`), and its
+saving is taken against that neighbour, so the shared machine's changing load
+hits both sides of every ratio alike.  Reported per plan: the median over
+rounds of the time saving and of its ratio to the FLOP saving, with the
+quartiles and range of that ratio.  ``skipping: per call`` times single
+denoiser calls of the full stack and of each one-brick skip, interleaved over
+many rounds: the part of a call that skipping cannot remove (the embedder, the
+preconditioning, each engine call's dispatch) shows there as a ratio below 1.
 """
 
 from __future__ import annotations
@@ -14,15 +21,21 @@ import torch
 
 from benchmarks.backends import DEVICE, available_backends, denoiser, precision_of
 from benchmarks.conftest import SHIPPED
-from benchmarks.harness import time_ms
+from benchmarks.harness import interleaved_ms, paired, quartiles
 from lego_model import SkipPlan, draw_latents, edm_sample
+from lego_model.flops import denoiser_flops
 
 pytestmark = pytest.mark.benchmark
 
 MODELS = [SHIPPED, "lego_S_PG_64", "lego_S_PR_64"]
-# Whole runs per plan and backend.  Single runs of plans that remove a few % of the FLOPs gave saving ratios from
-# -2.8 to 3.3 on a loaded 2-core machine: medians and quartiles over repeats say more.
-REPEATS = 5
+# Rounds (a plan's run and a full run each) per plan and backend: at least ROUNDS[0], more while the plan's
+# budget lasts.  Single runs of plans that remove a few % of the FLOPs gave saving ratios from -2.8 to 3.3 on a
+# loaded 2-core machine: medians and quartiles over paired rounds say more.
+ROUNDS = (3, 25)
+PLAN_BUDGET_S = 5.0
+# Per-call rounds (one call of every active set each): cheap, so many.
+CALL_ROUNDS = (15, 401)
+CALL_BUDGET_S = 8.0
 QUALITY_BATCH = 10  # images per sampling batch of the per-backend quality table
 
 
@@ -36,58 +49,98 @@ def plans(cfg) -> dict[str, SkipPlan]:
     return out
 
 
+def _setting(bm, name: str):
+    """(steps, batch, latents, labels, x, sigma) of the skipping benchmarks for model ``name``."""
+    cfg = bm.config
+    steps = 18 if name == SHIPPED else 6
+    batch = 8 if name == SHIPPED else 1
+    latents, labels, _ = draw_latents(list(range(batch)), cfg.img_channels, cfg.resolution, cfg.resolution,
+                                      cfg.label_dim)  # fmt: skip
+    latents = latents.to(DEVICE)
+    x, sigma = latents * 2.5, torch.full((batch,), 2.5, dtype=torch.float64, device=DEVICE)
+    return steps, batch, latents, labels, x, sigma
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_skip_savings(bench_models, report, name):
-    """Each plan's whole-run time (median of REPEATS) against the full stack's, per backend, next to its FLOP saving."""
+    """Each plan's whole-run time against a full run timed next to it, per backend, beside its FLOP saving."""
     if name not in bench_models:
         pytest.skip(f"{name} is not available on this machine")
     bm = bench_models[name]
     cfg = bm.config
-    steps = 18 if name == SHIPPED else 6
-    batch = 8 if name == SHIPPED else 1
     h = w = cfg.resolution
-    latents, labels, _ = draw_latents(list(range(batch)), cfg.img_channels, h, w, cfg.label_dim)
-    latents = latents.to(DEVICE)
-    x, sigma = latents * 2.5, torch.full((batch,), 2.5, dtype=torch.float64, device=DEVICE)
+    steps, batch, latents, labels, x, sigma = _setting(bm, name)
     for backend in [b for b in available_backends(bm) if b != "compile"]:
         kw = dict(batch=batch, height=h, width=w, labels=labels, num_steps=steps)
-        runs: dict[str, list[float]] = {p: [] for p in plans(cfg)}
         with denoiser(bm, backend, **kw) as fn:
-            # Warm-up: one call per active set any plan uses (bindings, graphs), then whole runs, plans
-            # interleaved within each repeat so that machine load hits every plan alike.
+            # Warm-up: one call per active set any plan uses (bindings, graphs).
             for active in {a for plan in plans(cfg).values() for a in plan.steps(steps)}:
                 fn(x, sigma, active)
-            for _ in range(REPEATS):
-                for plan_name, plan in plans(cfg).items():
-                    run = functools.partial(
-                        edm_sample,
-                        fn,
-                        latents,
-                        num_steps=steps,
-                        active_per_step=plan.steps(steps),
-                        randn_like=torch.zeros_like,
-                    )
-                    runs[plan_name].append(time_ms(run, warmup=0, repeats=1)["median_ms"])
+            runs = {
+                plan_name: functools.partial(
+                    edm_sample, fn, latents, num_steps=steps, active_per_step=plan.steps(steps),
+                    randn_like=torch.zeros_like,
+                )
+                for plan_name, plan in plans(cfg).items()
+            }  # fmt: skip
+            timed = {
+                plan_name: interleaved_ms(
+                    {"full": runs["full"], plan_name: runs[plan_name]},
+                    min_rounds=ROUNDS[0], max_rounds=ROUNDS[1], budget_s=PLAN_BUDGET_S,
+                )
+                for plan_name in plans(cfg) if plan_name != "full"
+            }  # fmt: skip
         for plan_name, plan in plans(cfg).items():
+            if plan_name == "full":
+                continue
             predicted = 1 - plan.relative_cost(cfg, steps, "heun", h, w)
-            # Saving of each pass against the full stack of the same pass (the plans run back to back).
-            savings = [1 - t / f for t, f in zip(runs[plan_name], runs["full"])]
+            t = timed[plan_name]
+            # Saving of each run against the full run beside it.
+            savings = [1 - r for r in paired(t[plan_name], t["full"])]
             ratios = [s / predicted for s in savings] if predicted > 0 else [float("nan")]
-            q1, q3 = _quartiles(ratios)
+            q1, q3 = quartiles(ratios)
             report.add(
                 "skipping", model=name, backend=backend, precision=precision_of(backend), plan=plan_name,
-                steps=steps, batch=batch, repeats=REPEATS, run_ms=statistics.median(runs[plan_name]),
-                flop_saving=predicted, time_saving=statistics.median(savings),
+                steps=steps, batch=batch, rounds=len(savings), run_ms=statistics.median(t[plan_name]),
+                full_ms=statistics.median(t["full"]), flop_saving=predicted, time_saving=statistics.median(savings),
                 saving_ratio=statistics.median(ratios), ratio_q1=q1, ratio_q3=q3,
                 ratio_min=min(ratios), ratio_max=max(ratios),
             )  # fmt: skip
 
 
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return q1, q3
+@pytest.mark.parametrize("name", MODELS)
+def test_skip_savings_per_call(bench_models, report, name):
+    """One denoiser call of each one-brick skip against the full stack's, interleaved, per backend."""
+    if name not in bench_models:
+        pytest.skip(f"{name} is not available on this machine")
+    bm = bench_models[name]
+    cfg = bm.config
+    h = w = cfg.resolution
+    steps, batch, _, labels, x, sigma = _setting(bm, name)
+    full = tuple(range(cfg.num_bricks))
+    sets = {"full": full} | {f"skip brick {k}": tuple(b for b in full if b != k) for k in full}
+    full_flops = denoiser_flops(cfg, h, w, full)
+    for backend in [b for b in available_backends(bm) if b != "compile"]:
+        kw = dict(batch=batch, height=h, width=w, labels=labels, num_steps=steps)
+        with denoiser(bm, backend, **kw) as fn:
+            for active in sets.values():
+                fn(x, sigma, active)
+            calls = {n: functools.partial(fn, x, sigma, active) for n, active in sets.items()}
+            t = interleaved_ms(calls, min_rounds=CALL_ROUNDS[0], max_rounds=CALL_ROUNDS[1], budget_s=CALL_BUDGET_S)
+        for set_name, active in sets.items():
+            if set_name == "full":
+                continue
+            predicted = 1 - denoiser_flops(cfg, h, w, active) / full_flops
+            savings = [1 - r for r in paired(t[set_name], t["full"])]
+            ratios = [s / predicted for s in savings]
+            q1, q3 = quartiles(ratios)
+            report.add(
+                "skipping: per call", model=name, backend=backend, precision=precision_of(backend),
+                active=",".join(map(str, active)), batch=batch, rounds=len(savings),
+                call_ms=statistics.median(t[set_name]), full_ms=statistics.median(t["full"]),
+                flop_saving=predicted, time_saving=statistics.median(savings),
+                saving_ratio=statistics.median(ratios), ratio_q1=q1, ratio_q3=q3,
+            )  # fmt: skip
 
 
 def test_quality_vs_cost(bench_models, report):

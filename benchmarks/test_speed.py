@@ -8,7 +8,9 @@ is against the peak of the backend's precision; an int8 engine's FLOPs are the
 model's, whatever part of them ran in int8), and the peak resident memory
 while that backend ran.  ``int8 target``: int8 against OpenVINO bf16 at the
 shapes of issue 20's target (lego_S_PG_64 batch 1, the shipped model batch 16),
-interleaved.
+interleaved.  The interleaved tables' ratios are medians of per-round ratios:
+each compares two calls timed next to each other, which a shared machine's
+changing load hits alike.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ import torch
 
 from benchmarks.backends import DEVICE, INT8_BACKENDS, available_backends, denoiser, precision_of
 from benchmarks.conftest import SHIPPED
-from benchmarks.harness import PeakMemory, counted_flops, current_rss_mib, matmul_peak_gflops, time_ms
+from benchmarks.harness import (
+    PeakMemory,
+    counted_flops,
+    current_rss_mib,
+    interleaved_ms,
+    matmul_peak_gflops,
+    paired,
+    quartiles,
+    time_ms,
+)
 from lego_model.flops import usable_cores
 from lego_model.sampler import evaluations_per_step
 
@@ -168,9 +179,14 @@ def test_speed_interleaved(bench_models, report, peaks, name, threads):
 
 def _interleaved(
     bm, report, peaks, name: str, threads: int | None, *, batch: int = 1, names: list[str] | None = None,
-    table: str = "speed: interleaved", repeats: int = 15,
+    table: str = "speed: interleaved", rounds: tuple[int, int] = (15, 15), budget_s: float = 0.0,
 ) -> None:  # fmt: skip
-    """Every backend of ``names`` (default: all of this model) open at once, timed call by call in turn."""
+    """Every backend of ``names`` (default: all of this model) open at once, timed call by call in turn.
+
+    ``rounds`` (at least, at most) and ``budget_s`` go to :func:`interleaved_ms`.  The ``speedup_vs_*`` columns
+    are medians of per-round ratios (:func:`paired`: both calls of a ratio ran next to each other), with the
+    quartiles of the ratio to OpenVINO bf16 beside them; ``ms_per_call`` and its quartiles are over all rounds.
+    """
     cfg = bm.config
     h = w = cfg.resolution
     full = tuple(range(cfg.num_bricks))
@@ -179,27 +195,31 @@ def _interleaved(
     labels = torch.eye(cfg.label_dim)[torch.arange(batch) % cfg.label_dim] if cfg.label_dim else None
     flops = counted_flops(functools.partial(bm.model.to(DEVICE), x, sigma, labels))
     names = names or available_backends(bm)
-    samples: dict[str, list[float]] = {b: [] for b in names}
     with contextlib.ExitStack() as stack:
         kw = dict(batch=batch, height=h, width=w, labels=labels, threads=threads)
         fns = {b: stack.enter_context(denoiser(bm, b, **kw)) for b in names}
         for fn in fns.values():  # warm-up: compilation, bindings, first-call allocations
             for _ in range(2):
                 fn(x, sigma, full)
-        for _ in range(repeats):
-            for b, fn in fns.items():
-                samples[b].append(time_ms(functools.partial(fn, x, sigma, full), warmup=0, repeats=1)["median_ms"])
-    ms = {b: statistics.median(v) for b, v in samples.items()}
+        calls = {b: functools.partial(fn, x, sigma, full) for b, fn in fns.items()}
+        samples = interleaved_ms(calls, min_rounds=rounds[0], max_rounds=rounds[1], budget_s=budget_s)
+
+    def speedup(ref: str, b: str) -> float:
+        return statistics.median(paired(samples[ref], samples[b])) if ref in samples else float("nan")
+
     for b in names:
         precision = precision_of(b)
-        gflops = flops / (ms[b] * 1e-3) / 1e9
-        q1, _, q3 = statistics.quantiles(samples[b], n=4)
+        ms = statistics.median(samples[b])
+        gflops = flops / (ms * 1e-3) / 1e9
+        q1, q3 = quartiles(samples[b])
+        vs_bf16 = paired(samples["openvino-bf16"], samples[b]) if "openvino-bf16" in samples else [float("nan")]
+        r1, r3 = quartiles(vs_bf16)
         report.add(
             table, model=name, backend=b, precision=precision, size=f"{h}x{w}", batch=batch,
-            threads=threads or torch.get_num_threads(),
-            ms_per_call=ms[b], ms_q1=q1, ms_q3=q3, speedup_vs_eager=ms["eager"] / ms[b],
-            speedup_vs_compile=ms["compile"] / ms[b] if "compile" in ms else float("nan"),
-            speedup_vs_openvino_bf16=ms["openvino-bf16"] / ms[b] if "openvino-bf16" in ms else float("nan"),
+            threads=threads or torch.get_num_threads(), rounds=len(samples[b]),
+            ms_per_call=ms, ms_q1=q1, ms_q3=q3, speedup_vs_eager=speedup("eager", b),
+            speedup_vs_compile=speedup("compile", b), speedup_vs_openvino_bf16=statistics.median(vs_bf16),
+            vs_openvino_bf16_q1=r1, vs_openvino_bf16_q3=r3,
             achieved_gflops=gflops, pct_own_peak=_pct(gflops, peaks.at(threads)[precision]),
         )  # fmt: skip
 
@@ -226,7 +246,16 @@ def test_int8_target(bench_models, report, peaks, name, threads):
     torch.set_num_threads(threads or before)
     try:
         _interleaved(
-            bm, report, peaks, name, threads, batch=INT8_TARGET[name], names=names, table="int8 target", repeats=21
+            bm,
+            report,
+            peaks,
+            name,
+            threads,
+            batch=INT8_TARGET[name],
+            names=names,
+            table="int8 target",
+            rounds=(21, 401),
+            budget_s=40.0,
         )
     finally:
         torch.set_num_threads(before)
