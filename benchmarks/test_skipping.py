@@ -61,6 +61,14 @@ def _setting(bm, name: str):
     return steps, batch, latents, labels, x, sigma
 
 
+def _savings(ms: list[float], full_ms: list[float], predicted: float):
+    """(time savings, their ratios to the FLOP saving ``predicted``, the ratios' quartiles), each saving against
+    the full-stack time of the same round."""
+    savings = [1 - r for r in paired(ms, full_ms)]
+    ratios = [s / predicted for s in savings] if predicted > 0 else [float("nan")]
+    return savings, ratios, quartiles(ratios)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_skip_savings(bench_models, report, name):
     """Each plan's whole-run time against a full run timed next to it, per backend, beside its FLOP saving."""
@@ -95,10 +103,7 @@ def test_skip_savings(bench_models, report, name):
                 continue
             predicted = 1 - plan.relative_cost(cfg, steps, "heun", h, w)
             t = timed[plan_name]
-            # Saving of each run against the full run beside it.
-            savings = [1 - r for r in paired(t[plan_name], t["full"])]
-            ratios = [s / predicted for s in savings] if predicted > 0 else [float("nan")]
-            q1, q3 = quartiles(ratios)
+            savings, ratios, (q1, q3) = _savings(t[plan_name], t["full"], predicted)
             report.add(
                 "skipping", model=name, backend=backend, precision=precision_of(backend), plan=plan_name,
                 steps=steps, batch=batch, rounds=len(savings), run_ms=statistics.median(t[plan_name]),
@@ -131,9 +136,7 @@ def test_skip_savings_per_call(bench_models, report, name):
             if set_name == "full":
                 continue
             predicted = 1 - denoiser_flops(cfg, h, w, active) / full_flops
-            savings = [1 - r for r in paired(t[set_name], t["full"])]
-            ratios = [s / predicted for s in savings]
-            q1, q3 = quartiles(ratios)
+            savings, ratios, (q1, q3) = _savings(t[set_name], t["full"], predicted)
             report.add(
                 "skipping: per call", model=name, backend=backend, precision=precision_of(backend),
                 active=",".join(map(str, active)), batch=batch, rounds=len(savings),
