@@ -39,7 +39,12 @@ last brick against its fp32 file):
   fuses bias and GELU into 3-D int8 products only), a whole denoiser call ran
   1.21x (2 threads) and 1.31x (1 thread) OpenVINO bf16 on the shipped model at
   batch 16, 0.99x and 1.11x before both changes, and 1.38x on lego_S_PG_64 at
-  batch 1 (2 threads);
+  batch 1 (2 threads).  Quantizing q k^T still loses with the (B, N, D) layout:
+  a whole call of the shipped model at batch 16 (same machine, 2 threads,
+  interleaved medians) ran 1.33x OpenVINO bf16 with attention in float and
+  1.04x with q k^T quantized, for no gain in error (the bricks' verification
+  errors 3.5-5.0e-2 vs 4.1-4.9e-2).  NNCF leaves softmax(...) v unquantized
+  even when it is not ignored;
 
 * the adaLN-modulation linears (``Gemm`` on cond): their outputs scale, shift
   and gate every token of a block, so their rounding multiplies into
