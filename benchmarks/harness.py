@@ -72,7 +72,7 @@ def interleaved_ms(
     the shipped model at batch 16, the first of 8 calls in a turn took 4 %
     (OpenVINO int8) and 2 % (OpenVINO bf16) longer than the rest on a quiet
     machine, nothing measurable under load.  Small (the int8 target read
-    1.25x in turns of 3, 1.26x call by call, 20 minutes apart), but cheap
+    1.25x in turns of 3, 1.26x call by call, 17 minutes apart), but cheap
     calls are timed as a loop makes them.
     """
     if min_rounds < 1 or max_rounds < min_rounds:

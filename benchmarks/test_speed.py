@@ -209,7 +209,7 @@ def _interleaved(
             call()
         # Cheap calls in turns of several, as a sampling loop makes them (interleaved_ms: the first call after
         # another backend's refills the caches); one call per turn where the slowest already takes long.
-        slowest = max(interleaved_ms(calls, min_rounds=1, max_rounds=1, budget_s=0.0).values())[0]
+        slowest = max(ms for v in interleaved_ms(calls, min_rounds=1, max_rounds=1, budget_s=0.0).values() for ms in v)
         turn = TURN_CALLS if slowest < TURN_BELOW_MS else 1
         samples = interleaved_ms(
             calls, min_rounds=rounds[0], max_rounds=rounds[1], budget_s=budget_s, calls_per_turn=turn
