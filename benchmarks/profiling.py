@@ -1,4 +1,5 @@
-"""Where a denoiser call's CPU time goes: each engine's per-node timings, summed by node type.
+"""Where a denoiser call's CPU time goes: each engine's per-node timings, summed by node type, and each engine's
+wall time.
 
 * ONNX Runtime: the session profiler (``SessionOptions.enable_profiling``, a
   chrome-trace JSON with one ``Node`` event per kernel run, named by the op
@@ -16,17 +17,23 @@ chain feeds them), each engine compiled as the runtime backends compile it
 (:func:`export.loaders.session_from_onnx` with the backend's settings; for
 OpenVINO :func:`runtimes.backends.openvino.compile_config` with the backend's
 snippets and thread choices, reshaped to the call's static input shapes as the backend
-compiles them), run twice to warm up and profiled on the third run.
+compiles them, inputs bound once), run twice to warm up and profiled on the third run.
+:func:`engine_ms` times the same compiled engines alone, in interleaved rounds:
+each brick's share of a call's time, beside its share of the FLOPs, for the
+skip tables.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,19 +62,12 @@ def profile_call(
     OpenVINO inference precision of the float ops (fp32 or bf16; int8 files
     run their QDQ products in int8 whatever it is).
     """
-    entries = manifest.engines_for("onnx")
     total: collections.Counter[str] = collections.Counter()
+    node_ms = {"onnxruntime": _ort_node_ms, "openvino": _openvino_node_ms}
     for name, feed in feeds.items():
-        path = entries[name].path(engine_dir)
-        if runtime == "onnxruntime":
-            total.update(_ort_node_ms(path, feed, threads))
-        elif runtime == "openvino":
-            snippets = snippets_for(manifest.config, entries[name].brick)
-            rows = next(iter(feed.values())).shape[0]
-            engine_threads = threads_for(manifest.config, entries[name].kind, rows, threads)  # as the backend compiles
-            total.update(_openvino_node_ms(path, feed, precision, engine_threads, snippets))
-        else:
-            raise ValueError(f"no profiler for runtime {runtime!r}")
+        with tempfile.TemporaryDirectory(prefix="lego-profile-") as tmp:
+            engine = _compiled(manifest, engine_dir, runtime, name, feed, precision, threads, profile_dir=tmp)
+            total.update(node_ms[runtime](engine))
     return dict(total)
 
 
@@ -78,16 +78,88 @@ def top_node_types(times: Mapping[str, float], n: int = 5) -> list[tuple[str, fl
     return [(kind, ms, ms / whole) for kind, ms in ranked]
 
 
-def _ort_node_ms(path: Path, feed: dict[str, np.ndarray], threads: int) -> collections.Counter[str]:
-    from export.loaders import SessionSettings, session_from_onnx
+def engine_ms(
+    manifest: Manifest,
+    engine_dir: str | Path,
+    runtime: str,
+    feeds: Feeds,
+    *,
+    precision: str = "fp32",
+    threads: int = 1,
+    rounds: tuple[int, int] = (15, 201),
+    budget_s: float = 5.0,
+) -> dict[str, list[float]]:
+    """Engine name -> its wall times per call (ms, one per round): each engine of ``manifest`` alone, compiled as
+    :func:`profile_call` compiles it (without the counters), the engines timed in interleaved rounds
+    (:func:`benchmarks.harness.interleaved_ms`) after two warm-up calls each."""
+    from benchmarks.harness import interleaved_ms
 
-    with tempfile.TemporaryDirectory(prefix="lego-ort-profile-") as tmp:
-        # The ONNX Runtime backend's settings (all optimizations, no spinning), with the profiler on.
-        settings = SessionSettings(threads=threads, profile_prefix=os.path.join(tmp, "profile"))
-        session = session_from_onnx(path, settings)
-        for _ in range(3):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
+    engines = {
+        name: _compiled(manifest, engine_dir, runtime, name, feed, precision, threads) for name, feed in feeds.items()
+    }
+    for engine in engines.values():
+        engine.run()
+        engine.run()
+    calls = {name: engine.run for name, engine in engines.items()}
+    return interleaved_ms(calls, min_rounds=rounds[0], max_rounds=rounds[1], budget_s=budget_s)
+
+
+@dataclass
+class _Engine:
+    """One engine compiled for one feed: ``run()`` computes it; ``handle`` is the ONNX Runtime session or the
+    OpenVINO infer request (for the profilers)."""
+
+    run: Callable[[], Any]
+    handle: Any
+
+
+def _compiled(
+    manifest: Manifest,
+    engine_dir: str | Path,
+    runtime: str,
+    name: str,
+    feed: dict[str, np.ndarray],
+    precision: str,
+    threads: int,
+    *,
+    profile_dir: str | None = None,
+) -> _Engine:
+    """Engine ``name`` compiled for ``feed`` as the runtime's backend compiles it; ``profile_dir`` turns on ONNX
+    Runtime's profiler (its trace written there) or OpenVINO's per-node counters (``get_profiling_info``)."""
+    entry = manifest.engines_for("onnx")[name]
+    path = entry.path(engine_dir)
+    if runtime == "onnxruntime":
+        from export.loaders import SessionSettings, session_from_onnx
+
+        # The ONNX Runtime backend's settings (all optimizations, no spinning).
+        prefix = None if profile_dir is None else os.path.join(profile_dir, "profile")
+        session = session_from_onnx(path, SessionSettings(threads=threads, profile_prefix=prefix))
+        return _Engine(functools.partial(session.run, None, feed), session)
+    if runtime != "openvino":
+        raise ValueError(f"no profiler for runtime {runtime!r}: onnxruntime or openvino")
+    import openvino as ov
+
+    from runtimes.backends.openvino import compile_config
+
+    snippets = snippets_for(manifest.config, entry.brick)
+    rows = next(iter(feed.values())).shape[0]
+    engine_threads = threads_for(manifest.config, entry.kind, rows, threads)  # as the backend compiles
+    core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape({k: list(array.shape) for k, array in feed.items()})  # static, as the backend compiles
+    config = compile_config(precision, engine_threads, snippets)  # the OpenVINO backend's settings
+    if profile_dir is not None:
+        config["PERF_COUNT"] = "YES"
+    request = core.compile_model(model, "CPU", config).create_infer_request()
+    for k, array in feed.items():
+        request.set_tensor(k, ov.Tensor(np.ascontiguousarray(array), shared_memory=True))  # bound once, as the backend
+    return _Engine(request.infer, request)
+
+
+def _ort_node_ms(engine: _Engine) -> collections.Counter[str]:
+    for _ in range(3):
+        engine.run()
+    events = json.loads(Path(engine.handle.end_profiling()).read_text())
     runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
     last = runs[-1]["ts"]  # the third run only
     out: collections.Counter[str] = collections.Counter()
@@ -97,22 +169,11 @@ def _ort_node_ms(path: Path, feed: dict[str, np.ndarray], threads: int) -> colle
     return out
 
 
-def _openvino_node_ms(
-    path: Path, feed: dict[str, np.ndarray], precision: str, threads: int, snippets: bool
-) -> collections.Counter:
-    import openvino as ov
-
-    from runtimes.backends.openvino import compile_config
-
-    core = ov.Core()
-    model = core.read_model(str(path))
-    model.reshape({name: list(array.shape) for name, array in feed.items()})  # static, as the backend compiles
-    config = {**compile_config(precision, threads, snippets), "PERF_COUNT": "YES"}  # the OpenVINO backend's settings
-    request = core.compile_model(model, "CPU", config).create_infer_request()
+def _openvino_node_ms(engine: _Engine) -> collections.Counter[str]:
     for _ in range(3):
-        request.infer(feed)  # the counters hold the last run
+        engine.run()  # the counters hold the last run
     out: collections.Counter[str] = collections.Counter()
-    for info in request.get_profiling_info():
+    for info in engine.handle.get_profiling_info():
         if info.status == info.Status.EXECUTED:
             out[info.node_type] += info.real_time.total_seconds() * 1e3
     return out

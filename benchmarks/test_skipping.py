@@ -9,6 +9,11 @@ quartiles and range of that ratio.  ``skipping: per call`` times single
 denoiser calls of the full stack and of each one-brick skip, interleaved over
 many rounds: the part of a call that skipping cannot remove (the embedder, the
 preconditioning, each engine call's dispatch) shows there as a ratio below 1.
+``skipping: brick time shares`` times each engine alone in its runtime (the
+CPU backends' ONNX files) at the per-call shape: a brick that runs faster per
+FLOP than the rest has a share of the time below its share of the FLOPs, and
+skipping it can save at most that fraction of its FLOP share (``share_ratio``),
+whatever the chain does.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import torch
 from benchmarks.backends import DEVICE, available_backends, denoiser, precision_of
 from benchmarks.conftest import SHIPPED
 from benchmarks.harness import interleaved_ms, paired, quartiles
+from benchmarks.profiling import call_feeds, engine_ms
 from lego_model import SkipPlan, draw_latents, edm_sample
-from lego_model.flops import denoiser_flops
+from lego_model.flops import brick_flops, denoiser_flops, embedder_flops
 
 pytestmark = pytest.mark.benchmark
 
@@ -147,6 +153,46 @@ def test_skip_savings_per_call(bench_models, report, name):
                 call_ms=statistics.median(t[set_name]), full_ms=statistics.median(t["full"]),
                 flop_saving=predicted, time_saving=statistics.median(savings),
                 saving_ratio=statistics.median(ratios), ratio_q1=q1, ratio_q3=q3,
+            )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_brick_time_shares(bench_models, report, name):
+    """Each engine alone, per CPU runtime backend, at the per-call shape: its share of the engines' time beside the
+    brick's share of the FLOPs; their ratio bounds what skipping the brick saves (see the module doc)."""
+    if name not in bench_models:
+        pytest.skip(f"{name} is not available on this machine")
+    import torch
+
+    from benchmarks.test_profile import PROFILED
+    from export.manifest import load_manifest
+    from runtimes.backends.precision import int8_rest_precision
+
+    bm = bench_models[name]
+    cfg = bm.config
+    h = w = cfg.resolution
+    _, batch, *_ = _setting(bm, name)
+    feeds = call_feeds(bm.model, batch, h, w)
+    # FLOP shares of the whole call (embedder included), as the skip tables' flop_saving counts them.
+    flops = {"embedder": embedder_flops(cfg, batch)} | {
+        f"brick{k}": brick_flops(cfg, k, h, w, batch) for k in range(cfg.num_bricks)
+    }
+    for backend in [b for b in available_backends(bm) if b in PROFILED]:
+        runtime, precision, files = PROFILED[backend]
+        precision = precision or int8_rest_precision(torch.device("cpu"))[0]
+        engine_dir = bm.engines(files)
+        times = engine_ms(load_manifest(engine_dir), engine_dir, runtime, feeds, precision=precision,
+                          threads=torch.get_num_threads(), rounds=CALL_ROUNDS, budget_s=CALL_BUDGET_S)  # fmt: skip
+        rounds = len(next(iter(times.values())))
+        # Per round, each engine's share of that round's engines: the load of the moment hits every share alike.
+        shares = {e: [t[i] / sum(ts[i] for ts in times.values()) for i in range(rounds)] for e, t in times.items()}
+        for engine, t in times.items():
+            share = statistics.median(shares[engine])
+            flop_share = flops[engine] / sum(flops.values())
+            report.add(
+                "skipping: brick time shares", model=name, backend=backend, files=files, float_ops=precision,
+                batch=batch, size=f"{h}x{w}", engine=engine, rounds=rounds, ms=statistics.median(t),
+                time_share=share, flop_share=flop_share, share_ratio=share / flop_share,
             )  # fmt: skip
 
 
