@@ -43,6 +43,27 @@ from lego_model.model import LegoModel
 from runtimes.backends.openvino import snippets_for, threads_for
 
 Feeds = dict[str, dict[str, np.ndarray]]  # engine name -> its named inputs
+# Benchmark backends whose engines these profile and time: name -> (runtime, precision of its float ops (None: as
+# the int8 backend runs them, runtimes.backends.precision.int8_rest_precision), precision of its files).
+PROFILED = {
+    "onnxruntime-cpu": ("onnxruntime", "fp32", "fp32"),
+    "openvino-fp32": ("openvino", "fp32", "fp32"),
+    "openvino-bf16": ("openvino", "bf16", "fp32"),
+    "onnxruntime-int8": ("onnxruntime", "fp32", "int8"),
+    "openvino-int8": ("openvino", None, "int8"),
+}
+
+
+def profiled(backend: str) -> tuple[str, str, str]:
+    """(runtime, precision of the float ops, precision of the files) of a :data:`PROFILED` backend, on this CPU."""
+    runtime, precision, files = PROFILED[backend]
+    if precision is None:
+        import torch
+
+        from runtimes.backends.precision import int8_rest_precision
+
+        precision = int8_rest_precision(torch.device("cpu"))[0]
+    return runtime, precision, files
 
 
 def call_feeds(model: LegoModel, batch: int, height: int, width: int, seed: int = 0) -> Feeds:

@@ -15,38 +15,27 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.backends import available_backends
-from benchmarks.profiling import call_feeds, profile_call, top_node_types
+from benchmarks.profiling import PROFILED, call_feeds, profile_call, profiled, top_node_types
 from benchmarks.test_speed import INT8_TARGET
 
 pytestmark = pytest.mark.benchmark
 
 TOP = 5
-# Benchmark backend name -> (runtime, precision of its float ops, precision of its files).
-PROFILED = {
-    "onnxruntime-cpu": ("onnxruntime", "fp32", "fp32"),
-    "openvino-fp32": ("openvino", "fp32", "fp32"),
-    "openvino-bf16": ("openvino", "bf16", "fp32"),
-    "onnxruntime-int8": ("onnxruntime", "fp32", "int8"),
-    "openvino-int8": ("openvino", None, "int8"),  # float ops as the backend runs them (int8_rest_precision)
-}
 
 
 @pytest.mark.parametrize("name", list(INT8_TARGET))
 def test_profile_top_node_types(bench_models, report, name):
     if name not in bench_models:
         pytest.skip(f"{name} is not available on this machine")
-    import torch
 
     from export.manifest import load_manifest
-    from runtimes.backends.precision import int8_rest_precision
 
     bm = bench_models[name]
     cfg = bm.config
     batch, side = INT8_TARGET[name], cfg.resolution
     feeds = call_feeds(bm.model, batch, side, side)
     for backend in [b for b in available_backends(bm) if b in PROFILED]:
-        runtime, precision, files = PROFILED[backend]
-        precision = precision or int8_rest_precision(torch.device("cpu"))[0]
+        runtime, precision, files = profiled(backend)
         engine_dir = bm.engines(files)
         times = profile_call(load_manifest(engine_dir), engine_dir, runtime, feeds, precision=precision, threads=1)
         total = sum(times.values())

@@ -27,7 +27,7 @@ import torch
 from benchmarks.backends import DEVICE, available_backends, denoiser, precision_of
 from benchmarks.conftest import SHIPPED
 from benchmarks.harness import interleaved_ms, paired, quartiles
-from benchmarks.profiling import call_feeds, engine_ms
+from benchmarks.profiling import PROFILED, call_feeds, engine_ms, profiled
 from lego_model import SkipPlan, draw_latents, edm_sample
 from lego_model.flops import brick_flops, denoiser_flops, embedder_flops
 
@@ -162,11 +162,7 @@ def test_brick_time_shares(bench_models, report, name):
     brick's share of the FLOPs; their ratio bounds what skipping the brick saves (see the module doc)."""
     if name not in bench_models:
         pytest.skip(f"{name} is not available on this machine")
-    import torch
-
-    from benchmarks.test_profile import PROFILED
     from export.manifest import load_manifest
-    from runtimes.backends.precision import int8_rest_precision
 
     bm = bench_models[name]
     cfg = bm.config
@@ -178,8 +174,7 @@ def test_brick_time_shares(bench_models, report, name):
         f"brick{k}": brick_flops(cfg, k, h, w, batch) for k in range(cfg.num_bricks)
     }
     for backend in [b for b in available_backends(bm) if b in PROFILED]:
-        runtime, precision, files = PROFILED[backend]
-        precision = precision or int8_rest_precision(torch.device("cpu"))[0]
+        runtime, precision, files = profiled(backend)
         engine_dir = bm.engines(files)
         times = engine_ms(load_manifest(engine_dir), engine_dir, runtime, feeds, precision=precision,
                           threads=torch.get_num_threads(), rounds=CALL_ROUNDS, budget_s=CALL_BUDGET_S)  # fmt: skip
