@@ -27,7 +27,6 @@ TOP = 5
 def test_profile_top_node_types(bench_models, report, name):
     if name not in bench_models:
         pytest.skip(f"{name} is not available on this machine")
-
     from export.manifest import load_manifest
 
     bm = bench_models[name]
