@@ -163,6 +163,7 @@ def test_brick_time_shares(bench_models, report, name):
     if name not in bench_models:
         pytest.skip(f"{name} is not available on this machine")
     from export.manifest import load_manifest
+    from runtimes.backends.base import default_threads  # the backends' own thread count
 
     bm = bench_models[name]
     cfg = bm.config
@@ -177,7 +178,7 @@ def test_brick_time_shares(bench_models, report, name):
         runtime, precision, files = profiled(backend)
         engine_dir = bm.engines(files)
         times = engine_ms(load_manifest(engine_dir), engine_dir, runtime, feeds, precision=precision,
-                          threads=torch.get_num_threads(), rounds=CALL_ROUNDS, budget_s=CALL_BUDGET_S)  # fmt: skip
+                          threads=default_threads(), rounds=CALL_ROUNDS, budget_s=CALL_BUDGET_S)  # fmt: skip
         rounds = len(next(iter(times.values())))
         # Per round, each engine's share of that round's engines: the load of the moment hits every share alike.
         shares = {e: [t[i] / sum(ts[i] for ts in times.values()) for i in range(rounds)] for e, t in times.items()}

@@ -7,7 +7,18 @@ import time
 
 import pytest
 
+from benchmarks import harness
 from benchmarks.harness import interleaved_ms, paired, quartiles
+
+
+class _Clock:
+    """A stand-in for the time module whose perf_counter reads ``now`` (seconds), advanced by the calls timed."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
 
 
 def test_interleaved_rounds_alternate_their_order_so_each_call_is_as_often_first_as_second():
@@ -53,27 +64,29 @@ def test_quartiles():
     assert q1 < 3.0 < q3
 
 
-def test_turns_of_several_calls_time_the_calls_after_a_lead_in():
+def test_turns_of_several_calls_time_the_calls_after_a_lead_in(monkeypatch):
     order: list[str] = []
     fns = {n: (lambda n=n: order.append(n)) for n in "ab"}
     samples = interleaved_ms(fns, min_rounds=2, max_rounds=2, budget_s=0.0, calls_per_turn=3)
     assert order == list("aaabbbbbbaaa")
     assert {n: len(v) for n, v in samples.items()} == {"a": 2, "b": 2}
 
-    # A call right after another fn's is slow (the caches it refills), a repeated one fast: in turns of 3 the
-    # sample is the mean of the two repeats, in turns of 1 most calls are first ones.
+    # A call right after another fn's is slow (the caches it refills), a repeated one fast, on a fake clock that the
+    # calls advance (exact, whatever the machine's load): in turns of 3 the sample is the mean of the two repeats,
+    # in turns of 1 most calls are first ones.
+    clock = _Clock()
+    monkeypatch.setattr(harness, "time", clock)
     last: list[str] = [""]
 
     def fn(name: str) -> None:
-        if last[0] != name:
-            time.sleep(0.02)
+        clock.now += 0.020 if last[0] != name else 0.001
         last[0] = name
 
     fns = {n: (lambda n=n: fn(n)) for n in "ab"}
-    assert max(max(v) for v in interleaved_ms(fns, min_rounds=3, max_rounds=3, budget_s=0.0,
-                                              calls_per_turn=3).values()) < 20.0  # fmt: skip
+    turns = interleaved_ms(fns, min_rounds=3, max_rounds=3, budget_s=0.0, calls_per_turn=3)
+    assert all(ms == pytest.approx(1.0) for v in turns.values() for ms in v)
     # (In turns of 1 the fn at a round's end comes first in the next one too: its second call there is fast.)
     one_call = interleaved_ms(fns, min_rounds=3, max_rounds=3, budget_s=0.0)
-    assert min(statistics.median(v) for v in one_call.values()) >= 20.0
+    assert {n: statistics.median(v) for n, v in one_call.items()} == pytest.approx({"a": 20.0, "b": 20.0})
     with pytest.raises(ValueError, match="calls_per_turn"):
         interleaved_ms(fns, min_rounds=1, max_rounds=1, budget_s=0.0, calls_per_turn=0)
