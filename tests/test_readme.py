@@ -365,3 +365,18 @@ def _run_python(block: Block, tmp_path: Path) -> None:
         sizes = re.findall(r"draw_latents\(\[([\d, ]+)\],[^,]+,\s*(\d+),\s*(\d+)", block.text)
         for seeds, h, w in sizes:
             assert images.shape[0] == len(seeds.split(",")) and tuple(images.shape[2:]) == (int(h), int(w))
+
+
+def test_readme_links_are_committed():
+    """Every relative link in README.md names a file a clean checkout has: a results run left behind by
+    .gitignore would leave the README citing figures nobody can open."""
+    links = sorted({m for m in re.findall(r"\]\(([^)#\s]+)\)", README.read_text()) if "://" not in m})
+    assert links, "README.md has no relative links: the pattern no longer matches its links"
+    missing = [m for m in links if not (REPO / m).is_file()]
+    assert not missing, f"README links to missing files: {missing}"
+    if (REPO / ".git").exists() and shutil.which("git"):
+        # ls-files lists what is tracked or staged: a file present only here (ignored, untracked) is not.
+        tracked = subprocess.run(
+            ["git", "ls-files", "--", *links], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert sorted(tracked) == links, f"README links to untracked files: {sorted(set(links) - set(tracked))}"
