@@ -63,8 +63,8 @@ value columns of the qkv weights, but bypassing them altogether (a speed bound, 
 call of the shipped model at batch 16 0.4 % faster (2-core AMD EPYC Zen 4, 2 threads, interleaved medians),
 so the files keep NNCF's graph as it writes it.  OpenVINO's other int8 path, int8 weights only
 (``nncf.compress_weights``, INT8_SYM) with its CPU plugin quantizing activations per token as it runs
-(``DYNAMIC_QUANTIZATION_GROUP_SIZE``), ran that call at 0.85x (off), 0.95x (groups of 32) and 1.11x (the
-whole row) OpenVINO bf16, where these static QDQ files ran 1.25-1.30x beside it: static quantization stays.
+(``DYNAMIC_QUANTIZATION_GROUP_SIZE``), ran that call at 0.85x (off), 0.95x (groups of 32) and 1.11x (groups of
+128) OpenVINO bf16, where these static QDQ files ran 1.25-1.30x beside it: static quantization stays.
 
 The quantizer is deterministic given its inputs, and the inputs are the
 seeded trajectories of :mod:`export.calibration`, so two exports of one model
