@@ -9,6 +9,10 @@ from lego_model.errors import LegoError, ShapeError
 
 # How a ManifestError says to fix an engine directory that this toolchain's exporter did not write as it is.
 REEXPORT = "re-run lego-export --force"
+# ... and one whose manifest cannot be read at all: --force replaces only the files a readable manifest lists.
+REEXPORT_UNREADABLE = (
+    "remove the directory and run lego-export again (--force replaces only what a readable manifest lists)"
+)
 
 
 class ExportError(LegoError):

@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from export.errors import REEXPORT, ManifestError
+from export.errors import REEXPORT, REEXPORT_UNREADABLE, ManifestError
 from export.identity import check_onnx_identity
 from export.records import MANIFEST_NAME, EngineEntry, Manifest
 from lego_model.checkpoints import file_sha256
@@ -96,19 +96,21 @@ def load_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> Manifes
     return manifest
 
 
-def read_manifest_json(path: Path) -> Any:
-    """The parsed JSON of a manifest file; one-line :class:`ManifestError` for anything that is not one."""
+def read_manifest_json(path: Path, *, fix: str | None = REEXPORT_UNREADABLE) -> Any:
+    """The parsed JSON of a manifest file; one-line :class:`ManifestError` for anything that is not one, ending in
+    ``fix`` (how to repair the directory; None: the caller says it)."""
+    suffix = f"; {fix}" if fix else ""
     try:
         size = path.stat().st_size
         if size > MAX_MANIFEST_BYTES:
             raise ManifestError(
-                f"{path} is {size} bytes, no manifest.json lego-export writes is over {MAX_MANIFEST_BYTES}; {REEXPORT}"
+                f"{path} is {size} bytes, no manifest.json lego-export writes is over {MAX_MANIFEST_BYTES}{suffix}"
             )
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, and ints beyond Python's digit limit
-        raise ManifestError(f"{path} is not valid JSON ({str(err).splitlines()[0]}); {REEXPORT}") from None
+        raise ManifestError(f"{path} is not valid JSON ({str(err).splitlines()[0]}){suffix}") from None
     except RecursionError:
-        raise ManifestError(f"{path} is nested too deeply to be a manifest; {REEXPORT}") from None
+        raise ManifestError(f"{path} is nested too deeply to be a manifest{suffix}") from None
     except OSError as err:
         raise ManifestError(f"{path} cannot be read ({err.strerror or err}); check its permissions") from None
 

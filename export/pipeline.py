@@ -139,10 +139,10 @@ def check_target(out: str | Path, force: bool, inputs: Sequence[str | Path | Non
         check_writable(real, "--out")  # its old content is deleted after the swap
     if not real.exists():
         return real
+    if not real.is_dir():  # first: --force would not replace a file either
+        raise ExportError(f"{shown} exists and is not a directory; remove it or choose another --out")
     if not force:
         raise ExportError(f"{shown} already exists; pass --force to replace it or choose another --out")
-    if not real.is_dir():
-        raise ExportError(f"{shown} exists and is not a directory; remove it or choose another --out")
     foreign = foreign_files(real)
     if foreign:
         more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
@@ -174,7 +174,7 @@ def previous_export_files(engine_dir: Path) -> set[str]:
     """
     manifest = engine_dir / MANIFEST_NAME
     try:
-        data = read_manifest_json(manifest)
+        data = read_manifest_json(manifest, fix=None)
     except ManifestError as err:
         raise ExportError(
             f"cannot tell which files in {engine_dir} a previous export wrote ({err}); remove the directory yourself "
