@@ -41,7 +41,7 @@ from lego_model.errors import checked_arguments
 from lego_model.flops import usable_cores
 from lego_model.model import LegoModel
 from lego_model.vae import Vae
-from runtimes.backends.precision import PRECISIONS, files_precision
+from runtimes.backends.precision import INT8, PRECISIONS, files_precision, resolve_precision
 from runtimes.cuda import TORCH_CUDA, Cuda
 from runtimes.distributed import rank_info
 from runtimes.errors import BackendError, UsageError
@@ -464,8 +464,13 @@ def check_file_precision(backend: str, precision: str, entries: Mapping[str, Eng
     if precision == "auto":
         return
     kinds = files_precision(entries)
-    if kinds != precision:
-        raise BackendError(
-            f"{backend} runs the precision the engines were exported in ({kinds}), not {precision}; "
-            f"use --backend openvino or torch for {precision} at run time, or re-export with --precision {precision}"
-        )
+    if kinds == precision:
+        return
+    if INT8 in (kinds, precision):
+        # int8 is the files' precision for every backend (OpenVINO and torch included): resolve_precision's
+        # refusal, which offers the export or the precision that fits, is the one wording
+        resolve_precision(precision, torch.device("cpu"), files=kinds)
+    raise BackendError(
+        f"{backend} runs the precision the engines were exported in ({kinds}), not {precision}; "
+        f"use --backend openvino or torch for {precision} at run time, or re-export with --precision {precision}"
+    )
