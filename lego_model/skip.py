@@ -151,11 +151,11 @@ class SkipPlan:
         point = _fraction(at, "F", spec, "skip preset") if at_sign else PRESETS[name]
         if config.global_bricks == config.local_bricks:
             raise SkipPlanError(f"{config.name}: all bricks have the same size, so there is no {name} brick to skip")
-        if name == "global":
-            rule = SkipRule(config.global_bricks, point, 1.0)
-        else:
-            rule = SkipRule(config.local_bricks, 0.0, point)
-        return cls(config.num_bricks, (rule,))
+        start, stop = (point, 1.0) if name == "global" else (0.0, point)
+        if start == stop:  # global@1, local@0: an empty window skips nothing (SkipRule refuses an empty one)
+            return cls(config.num_bricks, ())
+        bricks = config.global_bricks if name == "global" else config.local_bricks
+        return cls(config.num_bricks, (SkipRule(bricks, start, stop),))
 
     def __add__(self, other: SkipPlan) -> SkipPlan:
         if not isinstance(other, SkipPlan) or other.num_bricks != self.num_bricks:

@@ -50,6 +50,12 @@ def test_presets_pick_global_and_local_bricks_by_tile_size():
     assert all(a == (1, 2) for a in early[:3]) and all(a == (0, 1, 2) for a in early[3:])
 
 
+@pytest.mark.parametrize("spec", ["global@1", "local@0", "global@1.0", "local @ 0"])
+def test_a_preset_at_the_end_of_its_range_skips_nothing(spec):
+    # F in [0, 1] is the documented range: its empty ends are the full stack, not a SkipRule error
+    assert SkipPlan.preset(spec, PG).steps(10) == [(0, 1, 2)] * 10
+
+
 @pytest.mark.parametrize(
     "rule,message",
     [
