@@ -192,9 +192,25 @@ def first_difference(recorded: dict[str, Any], settings: dict[str, Any]) -> str 
             elif old_s == new_s:  # "3" and 3, "None" and null
                 old_s = f"{_as_json(old)}, {_JSON_TYPES.get(type(old), type(old).__name__)}"
                 new_s = f"{_as_json(value)}, {_JSON_TYPES.get(type(value), type(value).__name__)}"
-            old_s, new_s = (t if len(t) <= 60 else t[:57] + "..." for t in (old_s, new_s))
+            if max(len(old_s), len(new_s)) > 60 and isinstance(old, list) and isinstance(value, list):
+                # Shortened, two long lists (bricks per step) would read alike: name the first entry that differs
+                return _first_entry_difference(key, old, value)
+            old_s, new_s = (_shorten(t) for t in (old_s, new_s))
             return f"{key} {old_s} (this run: {new_s})"
     return None
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _first_entry_difference(key: str, old: list, new: list) -> str:
+    """'bricks per step, entry 9 of 18 (from 0): [0, 1, 2] (this run: [0, 1])' for two lists that differ."""
+    for i, (a, b) in enumerate(zip(old, new)):
+        if _as_json(a) != _as_json(b):
+            where = f"entry {i} of {len(old)}" if len(old) == len(new) else f"entry {i}"
+            return f"{key}, {where} (from 0): {_shorten(_as_json(a))} (this run: {_shorten(_as_json(b))})"
+    return f"{key}: {len(old)} entries (this run: {len(new)})"
 
 
 def check_png(path: Path, height: int, width: int, channels: int) -> str | None:

@@ -82,6 +82,18 @@ def test_first_difference_names_a_missing_setting_and_passes_equal_ones():
     assert first_difference(dict(SETTINGS), dict(SETTINGS)) is None
 
 
+def test_first_difference_names_the_entry_where_two_long_lists_part():
+    full = [[0, 1, 2]] * 18
+    late = full[:9] + [[0, 1]] * 9
+    assert first_difference({"bricks per step": full}, {"bricks per step": late}) == (
+        "bricks per step, entry 9 of 18 (from 0): [0, 1, 2] (this run: [0, 1])"
+    )
+    assert first_difference({"bricks per step": full}, {"bricks per step": full[:12]}) == (
+        "bricks per step: 18 entries (this run: 12)"
+    )
+    assert first_difference({"size": [16, 16]}, {"size": [16, 32]}) == "size [16, 16] (this run: [16, 32])"
+
+
 HOSTILE_RECORDS = {
     "lists nested 100,000 deep": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     "objects nested 100,000 deep": ('{"a":' * 100_000 + "1" + "}" * 100_000, "nested too deeply"),
