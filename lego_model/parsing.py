@@ -106,18 +106,22 @@ def parse_int(text: str, what: str, low: int, high: int) -> int:
     return int(digits)
 
 
-def parse_float(text: str, what: str, low: float, high: float) -> float:
-    """The decimal number ``text`` writes, which must lie in [low, high] (finite low >= 0; high may be inf)."""
+def parse_float(text: str, what: str, low: float, high: float, *, finite: bool = False) -> float:
+    """The decimal number ``text`` writes, which must lie in [low, high] (finite low >= 0; high may be inf, and
+    ``inf`` is then a value unless ``finite``)."""
     body = _text(text, what)
-    if body == "inf" and high == math.inf:
+    takes_inf = high == math.inf and not finite
+    if body == "inf" and takes_inf:
         return math.inf
     if not _DECIMAL.fullmatch(body):
-        accepted = f"from {low:g} to {high:g}" if math.isfinite(high) else f"of at least {low:g}, or inf"
+        accepted = f"from {low:g} to {high:g}" if math.isfinite(high) else f"of at least {low:g}"
         raise TextError(
             f"cannot parse {_subject(what, quoted(body))} as a number: write a decimal such as 0.6 or 5e-4 "
-            f"{accepted} (ASCII digits; no sign or nan)"
+            f"{accepted}{', or inf' if takes_inf else ''} (ASCII digits; no sign or nan)"
         )
     value = float(body)  # the grammar above is a subset of float()'s; a huge exponent gives inf, refused below
+    if finite and not math.isfinite(value):
+        raise TextError(f"{_subject(what, _number(body))} is not a finite number")
     if not low <= value <= high:
         raise TextError(f"{_subject(what, _number(body))} is outside [{low:g}, {high:g}]")
     return value
@@ -201,16 +205,20 @@ class BoundedInt(click.IntRange):
 
 
 class BoundedFloat(click.FloatRange):
-    """A click number option from ``low`` to ``high`` (``low_open``: ``low`` itself refused), by :func:`parse_float`."""
+    """A click number option from ``low`` to ``high`` (``low_open``: ``low`` itself refused; ``finite``: an
+    unbounded ``high`` that still refuses inf), read by :func:`parse_float`."""
 
-    def __init__(self, low: float, high: float, low_open: bool = False) -> None:
+    def __init__(self, low: float, high: float, low_open: bool = False, *, finite: bool = False) -> None:
         _check_bounds(low, high)
-        super().__init__(float(low), float(high), min_open=low_open)
+        self.finite = finite
+        # click shows the range in --help: x>=0.0 for a finite unbounded option, not 0.0<=x<=inf
+        super().__init__(float(low), None if finite and high == math.inf else float(high), min_open=low_open)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         if isinstance(value, str):
+            high = math.inf if self.max is None else self.max
             try:
-                value = parse_float(value, "", self.min, self.max)
+                value = parse_float(value, "", self.min, high, finite=self.finite)
             except TextError as err:
                 self.fail(str(err), param, ctx)
         return super().convert(value, param, ctx)

@@ -437,7 +437,7 @@ def merge_reports(reports: list[SampleReport]) -> tuple[SampleReport, float]:
 @click.option(
     "--S-churn",
     "S_churn",
-    type=BoundedFloat(0, math.inf),
+    type=BoundedFloat(0, math.inf, finite=True),
     default=0.0,
     show_default=True,
     help="Stochasticity (EDM S_churn); gamma per step is capped at sqrt(2)-1, so values above 0.42*steps act alike.",

@@ -153,6 +153,18 @@ def test_bounded_float_option(text):
     assert CliRunner().invoke(_cli(BoundedFloat(0, 1, low_open=True)), ["--n", "0"]).exit_code == 2
 
 
+def test_a_finite_unbounded_float_option_refuses_inf_and_does_not_offer_it():
+    main = _cli(BoundedFloat(0, math.inf, finite=True))
+    assert "x>=0.0" in CliRunner().invoke(main, ["--help"]).output  # not 0.0<=x<=inf
+    for text in ("inf", "1e999"):
+        result = CliRunner().invoke(main, ["--n", text])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "or inf" not in CliRunner().invoke(main, ["--n", "x"]).output
+    assert CliRunner().invoke(main, ["--n", "1e300"]).output == "1e+300\n"
+    assert "or inf" in CliRunner().invoke(_cli(BoundedFloat(0, math.inf)), ["--n", "x"]).output
+    assert CliRunner().invoke(_cli(BoundedFloat(0, math.inf)), ["--n", "inf"]).output == "inf\n"
+
+
 # ------------------------------------------------------------------------------------------ skip plans, seeds
 
 
