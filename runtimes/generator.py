@@ -261,16 +261,28 @@ class Generator:
         The sample CLI's path: it writes and times each batch.  A latent
         model's results are its latents (:meth:`decode` makes images of them).
         The request and ``on_step`` are checked here, at the call; the
-        generator's lock is held while the iterator runs.
+        generator's lock is held while each batch is sampled and released
+        before it is handed out, so an iterator may be advanced from any
+        thread (an executor's workers) and one its caller stopped reading
+        blocks no other request.
         """
         self.check(request)
         check_on_step(on_step)
         return self._batches(request, on_step)
 
     def _batches(self, request: Request, on_step) -> Iterator[tuple[tuple[int, ...], Tensor]]:
-        with self._lock:
-            self.load()
-            yield from self._sample(request, on_step)
+        # The lock per batch, not across the yields: a threading lock is its acquiring thread's, so one held by a
+        # suspended generator would fail to release on another thread and block every other caller meanwhile.
+        # Between batches nothing of this run stays in the chain: each batch opens its own chain block, and its
+        # result is a tensor of its own (BrickChain.sample).
+        batches = self._sample(request, on_step)
+        while True:
+            with self._lock:
+                self.load()
+                found = next(batches, None)
+            if found is None:
+                return
+            yield found
 
     # ------------------------------------------------------------------ latents to images
     @checked_arguments

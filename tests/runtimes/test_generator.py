@@ -236,6 +236,32 @@ def test_two_threads_on_one_generator_get_eager_images(engines_pg, kind):
             assert rel_err(got, want) < 1e-4
 
 
+def test_a_batches_iterator_may_move_between_threads_and_blocks_no_one_while_suspended():
+    """An executor advances a streaming iterator on whichever worker is free; a client may stop reading."""
+    model = tiny_model("tiny_PG_16")
+    with Generator.from_checkpoint(model, device="cpu") as gen:
+        request = gen.request(range(3), classes=4, batch=1, steps=2)
+        batches = gen.batches(request)
+        seeds, first = next(batches)  # suspended here, on this thread, after its first batch
+        other: list = []
+        # daemon threads: a regression blocks them for good, and must not keep the test process alive
+        t = threading.Thread(target=lambda: other.append(gen.generate([7], classes=1, steps=2)), daemon=True)
+        t.start()
+        t.join(timeout=60)
+        assert not t.is_alive(), "a suspended batches() iterator blocked another thread's request"
+        # the rest advanced on two other threads, one batch each
+        rest: list = []
+        for _ in range(2):
+            t = threading.Thread(target=lambda: rest.append(next(batches)), daemon=True)
+            t.start()
+            t.join(timeout=60)
+        assert next(batches, None) is None
+        got = torch.cat([first] + [x for _, x in rest])
+        assert [seeds] + [s for s, _ in rest] == [(0,), (1,), (2,)]
+        assert torch.equal(got, gen.generate(request))  # the other request in between changed nothing
+        assert torch.equal(other[0], gen.generate([7], classes=1, steps=2))
+
+
 def test_two_threads_on_one_chain_wait_for_each_other():
     """A chain runs one batch block at a time; a second thread's block starts when the first one's ends."""
     model = tiny_model("tiny_PG_16")
