@@ -36,7 +36,7 @@ from lego_model.images import to_uint8_nhwc
 from lego_model.model import LegoModel
 from lego_model.request import Output, Request, check_on_step, sample_batches
 from lego_model.vae import DECODE_BUDGET_BYTES, NO_VAE_HINT, decode_chunk
-from runtimes.backends import Backend, open_backend
+from runtimes.backends import Backend, check_engine_dir_argument, open_backend
 from runtimes.backends.base import VAE_CALL
 from runtimes.backends.decoding import decoder_architecture
 from runtimes.chain import BrickChain
@@ -70,6 +70,7 @@ class Generator:
     by a lock (see the module docstring).
     """
 
+    @checked_arguments
     def __init__(
         self,
         backend: Backend,
@@ -114,6 +115,7 @@ class Generator:
         ``vae_backend`` ("engine": the directory's vae_decoder, "torch");
         one a backend would ignore is refused.
         """
+        check_engine_dir_argument(engine_dir)  # None too: open_backend would run the shipped model eagerly
         be, why = open_backend(backend, engine_dir=engine_dir, **options)
         return cls(be, cuda_graphs=cuda_graphs, max_buffer_sets=max_buffer_sets, why=why)
 

@@ -31,7 +31,16 @@ REGISTRY: tuple[BackendKind, ...] = (trt.KIND, ort.CUDA_KIND, openvino.KIND, ort
 BACKENDS: tuple[str, ...] = ("auto", *(kind.name for kind in REGISTRY))
 _KINDS = {kind.name: kind for kind in REGISTRY}
 
-__all__ = ["BACKENDS", "REGISTRY", "Backend", "BackendKind", "BackendOptions", "choose_backend", "open_backend"]
+__all__ = [
+    "BACKENDS",
+    "REGISTRY",
+    "Backend",
+    "BackendKind",
+    "BackendOptions",
+    "check_engine_dir_argument",
+    "choose_backend",
+    "open_backend",
+]
 
 
 def choose_backend(requested: str, problems: dict[str, str | None]) -> tuple[str, str]:
@@ -60,6 +69,15 @@ def choose_backend(requested: str, problems: dict[str, str | None]) -> tuple[str
 
 
 @checked_arguments
+def check_engine_dir_argument(engine_dir: object) -> None:
+    """Refuse an ``engine_dir`` that is not a path (None included: where a directory is required, an unset
+    setting must not fall back to the shipped model's eager backend)."""
+    if not isinstance(engine_dir, (str, PathLike)):
+        hint = "; Generator.from_checkpoint() runs a checkpoint (None: the shipped model) without engines"
+        got = type(engine_dir).__name__
+        raise UsageError(f"engine_dir: expected a directory path, got {got}{hint if engine_dir is None else ''}")
+
+
 def open_backend(
     requested: str = "auto", *, engine_dir: str | Path | None = None, **options: Any
 ) -> tuple[Backend, str]:
@@ -78,8 +96,8 @@ def open_backend(
     here, before any compute.
     """
     opts = BackendOptions(**options)  # an unknown option, a wrong type or range: a UsageError naming it
-    if engine_dir is not None and not isinstance(engine_dir, (str, PathLike)):
-        raise UsageError(f"engine_dir: expected a directory path, got {type(engine_dir).__name__}")
+    if engine_dir is not None:
+        check_engine_dir_argument(engine_dir)
     if requested not in BACKENDS:
         raise BackendError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if engine_dir is None:

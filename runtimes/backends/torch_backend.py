@@ -196,6 +196,11 @@ def _build(manifest: Manifest | None, engine_dir: Path | None, opts: BackendOpti
         weights = f"random init seed {RANDOM_INIT_SEED}"
     elif isinstance(opts.checkpoint, LegoModel):
         model, weights = opts.checkpoint, "a LegoModel in memory"
+        if opts.config is not None and opts.config != model.config.name:
+            raise BackendError(
+                f"config {opts.config!r} names another model than the LegoModel given ({model.config.name}): leave "
+                "config out, a LegoModel carries its own"
+            )
     elif opts.checkpoint is not None or manifest is None:
         path = opts.checkpoint if opts.checkpoint is not None else shipped_checkpoint()
         model = load_checkpoint(path, opts.config or (manifest.config if manifest is not None else None))

@@ -306,6 +306,16 @@ MISUSE = {
     "SkipPlan plus a number": (lambda c: SkipPlan(3) + 5, "adds only another"),
     "SkipPlan plus another brick count": (lambda c: SkipPlan(3) + SkipPlan(2), "adds only another"),
     "SkipPlan.parse unknown keyword": (lambda c: SkipPlan.parse("2@0:1", CFG, strict=True), "unexpected keyword"),
+    # an unset setting must not open the shipped model's eager backend instead of the user's engines
+    "from_engine_dir of None": (lambda c: Generator.from_engine_dir(None), "got NoneType; Generator.from_checkpoint()"),
+    "from_checkpoint of a model and another config": (
+        lambda c: Generator.from_checkpoint(tiny_model("tiny_PG_16"), device="cpu", config="lego_S_PG_64"),
+        "names another model than the LegoModel given",
+    ),
+    "Generator with an unknown keyword": (
+        lambda c: Generator(_gen(c).backend, max_buffers=4),
+        "unexpected keyword argument 'max_buffers'",
+    ),
 }
 
 
