@@ -89,12 +89,21 @@ class TorchBackend(Backend):
     for a model in training mode, whose flag ``.eval()`` would flip).  A CUDA
     ``device`` where torch sees no GPU is refused here, with a BackendError.  Calls run under
     ``torch.no_grad()``, so the weights' ``requires_grad`` is left as it is.
+    ``threads`` (CPU) is applied when the backend loads, with
+    ``torch.set_num_threads``: torch's intra-op threads are the process's, so
+    the setting holds for every torch computation of the process.
     """
 
     name = "torch"
 
     def __init__(
-        self, model: LegoModel, *, device: torch.device | str = "cpu", precision: str = "fp32", cuda: Cuda | None = None
+        self,
+        model: LegoModel,
+        *,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+        cuda: Cuda | None = None,
+        threads: int | None = None,
     ) -> None:
         try:
             device = torch.device(device)
@@ -118,8 +127,13 @@ class TorchBackend(Backend):
             )
         self.precision, self.precision_why = resolve_precision(precision, self.device, auto_bf16=False, cuda=self.cuda)
         self._graphs: dict[str, tuple[torch.nn.Module, list[str], str]] = {}
+        if threads is not None:
+            check_threads(threads)
+        self.threads = threads
 
     def load(self) -> None:
+        if self.threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
         src = self.source
         on_device = all(p.device == self.device for p in src.parameters())
         if on_device and not src.training:
@@ -185,8 +199,6 @@ RANDOM_INIT_SEED = 0  # --random-init weights, as lego-export --random-init draw
 
 def _build(manifest: Manifest | None, engine_dir: Path | None, opts: BackendOptions) -> TorchBackend:
     """The reference model of a checkpoint (a file or a LegoModel), random weights, the manifest's, or the shipped."""
-    if opts.threads is not None:
-        check_threads(opts.threads)
     if opts.config is not None and opts.checkpoint is None and not opts.random_init:
         raise BackendError("--config names the architecture of a --checkpoint or of --random-init; leave it out")
     if opts.random_init:
@@ -215,7 +227,7 @@ def _build(manifest: Manifest | None, engine_dir: Path | None, opts: BackendOpti
     device = opts.device
     if device is None:
         device = torch.device("cuda", opts.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    backend = TorchBackend(model, device=device, precision=opts.precision)
+    backend = TorchBackend(model, device=device, precision=opts.precision, threads=opts.threads)
     backend.manifest, backend.weights = manifest, weights
     return backend
 

@@ -186,6 +186,17 @@ def test_grad_mode_of_the_caller_does_not_matter(first):
             assert not got.requires_grad
 
 
+def test_the_torch_backend_runs_on_the_threads_asked():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with Generator.from_checkpoint(tiny_model("tiny_PG_16"), device="cpu", threads=1) as gen:
+            gen.generate([0], steps=1)
+            assert torch.get_num_threads() == 1  # torch's threads are the process's: set when the backend loads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_callers_model_is_not_modified():
     model = tiny_model("tiny_PG_16").train().requires_grad_(True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
