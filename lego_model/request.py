@@ -150,6 +150,10 @@ class Request:
                 raise UsageError(f"cfg_scale must be a number or None, got {scale!r}")
             object.__setattr__(self, "cfg_scale", float(scale))
         cfg.check_guidance(self.cfg_scale)  # the range, NaN and Inf included
+        if self.cfg_scale == 1.0:
+            # Scale 1 is no guidance (f_null + 1 * (f_cond - f_null) = f_cond): the request runs unguided, on half
+            # the rows, its batches as large as without guidance, and run.json records guidance "off"
+            object.__setattr__(self, "cfg_scale", None)
         if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
             raise UsageError(f"steps must be an int in 1..{MAX_STEPS}, got {self.steps!r}")
         object.__setattr__(self, "steps", operator.index(self.steps))

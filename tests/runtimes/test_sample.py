@@ -228,6 +228,20 @@ def test_default_batch_halves_under_guidance_to_fit_the_profile(engines_pg, tmp_
     assert "sampled 6 images" in result.stdout
 
 
+def test_guidance_scale_1_is_no_guidance(engines_pg, tmp_path):
+    # "1 = none", as --help says: unguided rows, so a batch of 8 fits the 1..8 profile, the images are the
+    # unguided ones and run.json says guidance off
+    outs = {}
+    for name, scale in (("one", ("--cfg-scale", "1")), ("off", ())):
+        outs[name] = tmp_path / name
+        result = run_cli("--engine-dir", str(engines_pg), "--seeds", "0-7", "--batch", "8", "--steps", "2",
+                         "--class", "3", *scale, "--out", str(outs[name]))  # fmt: skip
+        assert result.exit_code == 0, result.output
+    for i in range(8):
+        assert (outs["one"] / f"{i:06d}.png").read_bytes() == (outs["off"] / f"{i:06d}.png").read_bytes()
+    assert json.loads((outs["one"] / "run.json").read_text())["settings"]["guidance"] == "off"
+
+
 def test_torch_backend_verifies_the_manifest_checkpoint(tmp_path):
     from export.records import CheckpointRecord
     from lego_model.checkpoints import save_checkpoint
