@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lego_model.errors import NonFiniteError, UsageError, checked_arguments
 from lego_model.model import LegoModel
-from lego_model.request import Request, sample_batches
+from lego_model.request import Request, concat_batches, sample_batches
 from lego_model.sampler import Denoiser, NonFiniteWatch, step_of_call
 
 
@@ -67,7 +67,7 @@ def sample(model: LegoModel, request: Request, on_step: Callable[[int], None] | 
         request, _eager_batch(model, request), device=device, default_batch=len(request.seeds), on_step=on_step
     )
     with torch.no_grad():
-        return torch.cat([images for _, images in batches])
+        return concat_batches(request, batches, device)
 
 
 @checked_arguments

@@ -246,12 +246,18 @@ class Request:
 
     def only(self, seeds: Iterable[int]) -> Request:
         """This request for a subset of its seeds, in the given order (with their classes): a resume's remainder,
-        a rank's share.  Every setting is this request's own, so nothing is checked again but the subset."""
+        a rank's share; it may be empty (sampling it gives no images).  Every setting is this request's own, so
+        nothing is checked again but the subset."""
+        if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
+            raise UsageError(f"only: expected an iterable of this request's seeds, got {type(seeds).__name__}")
         chosen = tuple(seeds)
         index = {s: i for i, s in enumerate(self.seeds)}
-        missing = [s for s in chosen if s not in index]
+        missing = [s for s in chosen if not _is_int(s) or s not in index]
         if missing:
-            raise UsageError(f"seed {missing[0]} is not one of this request's seeds")
+            raise UsageError(f"seed {missing[0]!r} is not one of this request's seeds")
+        if len(set(chosen)) != len(chosen):
+            twice = next(s for i, s in enumerate(chosen) if s in chosen[:i])
+            raise UsageError(f"seed {twice} is given twice; each seed makes one image")
         new = object.__new__(Request)
         for f in self.__dataclass_fields__:
             object.__setattr__(new, f, getattr(self, f))
@@ -271,6 +277,8 @@ class Request:
 
     def batches(self, size: int) -> list[tuple[tuple[int, ...], int | tuple[int, ...] | None]]:
         """The seeds in batches of at most ``size`` (``batch`` when the request names one), each with its classes."""
+        if not self.seeds:  # a resume's remainder with nothing left
+            return []
         size = self.batch or size
         out = []
         for i in range(0, len(self.seeds), size):
@@ -379,6 +387,15 @@ def sample_batches(
                 f"({first_line(err)}); sample fewer seeds per batch (batch=, --batch) or a smaller size"
             ) from None
         yield seeds, images
+
+
+def concat_batches(request: Request, batches: Iterable[tuple[tuple[int, ...], Tensor]], device: torch.device) -> Tensor:
+    """The results of :func:`sample_batches` in one tensor: float64 [0, C, H, W] for a request of no seeds."""
+    parts = [images for _, images in batches]
+    if parts:
+        return torch.cat(parts)
+    cfg = request.config
+    return torch.empty(0, cfg.img_channels, request.height, request.width, dtype=torch.float64, device=device)
 
 
 def _out_of_memory(err: RuntimeError) -> bool:

@@ -34,7 +34,7 @@ from export.records import VAE_UPSCALE
 from lego_model.errors import checked_arguments
 from lego_model.images import to_uint8_nhwc
 from lego_model.model import LegoModel
-from lego_model.request import Output, Request, check_on_step, sample_batches
+from lego_model.request import Output, Request, check_on_step, concat_batches, sample_batches
 from lego_model.vae import DECODE_BUDGET_BYTES, NO_VAE_HINT, decode_chunk
 from runtimes.backends import Backend, check_engine_dir_argument, open_backend
 from runtimes.backends.base import VAE_CALL
@@ -249,7 +249,7 @@ class Generator:
         check_on_step(on_step)
         with self._lock:
             self.load()
-            images = torch.cat([x for _, x in self._sample(request, on_step)])
+            images = concat_batches(request, self._sample(request, on_step), self.device)
             if self.config.is_latent and request.output != "latents":
                 images = self.decode(images)
         return convert(images, request.output)
@@ -305,6 +305,8 @@ class Generator:
             raise UsageError(f"latents: expected a tensor [N, {cfg.img_channels}, h, w], got {got}")
         n, _, h, w = latents.shape
         self._check_decoder(h, w)
+        if n == 0:  # a request of no seeds (a resume's empty remainder)
+            return torch.empty(0, 3, VAE_UPSCALE * h, VAE_UPSCALE * w, device=self.device)
         profile = self.backend.decoder_profile()
         lo, hi = (profile.batch[0], profile.batch[2]) if profile is not None else (1, n)
         chunk = max(lo, min(hi, decode_chunk(decoder_architecture(self.backend), h, w, DECODE_BUDGET_BYTES)))

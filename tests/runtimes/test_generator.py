@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import lego_model.eager
 from export.errors import ProfileError
 from lego_model import shipped_checkpoint
 from lego_model.eager import sample_images
@@ -184,6 +185,19 @@ def test_grad_mode_of_the_caller_does_not_matter(first):
                 got = gen.generate([0, 1], classes=3, steps=2)
             torch.testing.assert_close(got, want, atol=0, rtol=0, msg=mode)
             assert not got.requires_grad
+
+
+def test_an_empty_remainder_samples_no_images(engines_pg):
+    """A resume's remainder may hold no seed: every output of it is empty, from the generator and the eager model."""
+    model = tiny_model("tiny_PG_16")
+    with Generator.from_engine_dir(engines_pg, "onnxruntime-cpu", threads=1) as gen:
+        none = gen.request([0, 1], steps=2, size=(16, 32)).only([])
+        assert gen.generate(none).shape == (0, 3, 16, 32)
+        assert gen.generate(none.only([])).dtype == torch.float64
+        assert list(gen.batches(none)) == []
+        assert gen.generate(gen.request([0], steps=2, output="uint8").only([])).shape == (0, 16, 16, 3)
+        assert gen.generate(gen.request([0], steps=2, output="pil").only([])) == []
+    assert lego_model.eager.sample(model, none).shape == (0, 3, 16, 32)
 
 
 def test_the_torch_backend_runs_on_the_threads_asked():

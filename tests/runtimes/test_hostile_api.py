@@ -306,6 +306,9 @@ MISUSE = {
     "SkipPlan plus a number": (lambda c: SkipPlan(3) + 5, "adds only another"),
     "SkipPlan plus another brick count": (lambda c: SkipPlan(3) + SkipPlan(2), "adds only another"),
     "SkipPlan.parse unknown keyword": (lambda c: SkipPlan.parse("2@0:1", CFG, strict=True), "unexpected keyword"),
+    "only of a number": (lambda c: Request.make(CFG, [0, 1]).only(5), "only: expected an iterable"),
+    "only of a seed twice": (lambda c: Request.make(CFG, [0, 1]).only([0, 0]), "seed 0 is given twice"),
+    "only of a float seed": (lambda c: Request.make(CFG, [0, 1]).only([0.0]), "is not one of this request's seeds"),
     # an unset setting must not open the shipped model's eager backend instead of the user's engines
     "from_engine_dir of None": (lambda c: Generator.from_engine_dir(None), "got NoneType; Generator.from_checkpoint()"),
     "from_checkpoint of a model and another config": (
