@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lego_model.errors import NonFiniteError, UsageError, checked_arguments
+from lego_model.images import as_output
 from lego_model.model import LegoModel
 from lego_model.request import Request, concat_batches, sample_batches
 from lego_model.sampler import Denoiser, NonFiniteWatch, step_of_call
@@ -36,8 +37,11 @@ def nonfinite_weight(weights: nn.Module | Iterable[tuple[str, Any]]) -> str | No
 
 
 @checked_arguments
-def sample(model: LegoModel, request: Request, on_step: Callable[[int], None] | None = None) -> Tensor:
-    """The request's images (float64 [N, C, H, W] in [-1, 1]; a latent model's latents) from the eager model.
+def sample(
+    model: LegoModel, request: Request, on_step: Callable[[int], None] | None = None
+) -> Tensor | np.ndarray | list[Any]:
+    """The request's images from the eager model, as its ``output`` asks: float64 [N, C, H, W] in [-1, 1]
+    ("tensor"), uint8 NHWC ("uint8") or PIL images ("pil"); a latent model's latents ("tensor", "latents").
 
     Without ``request.batch`` every seed runs in one batch.  Runs under
     ``torch.no_grad()`` (not inference mode, whose tensors cannot enter a
@@ -58,6 +62,11 @@ def sample(model: LegoModel, request: Request, on_step: Callable[[int], None] | 
             f"the request was built for {request.config.name}, this model is {model.config.name}; "
             "build it with Request.make(model.config, ...)"
         )
+    if model.config.is_latent and request.output not in ("tensor", "latents"):
+        raise UsageError(
+            f"output={request.output!r}: the eager model samples {model.config.name}'s latents, decoding them is the "
+            "caller's (lego_model.vae); ask output='latents', or use runtimes.Generator (vae=PATH) for images"
+        )
     device = next(model.parameters()).device
     if device.type == "cpu":  # the activations a batch needs, refused up front as the Generator does
         request.check_memory(len(request.seeds))
@@ -67,15 +76,15 @@ def sample(model: LegoModel, request: Request, on_step: Callable[[int], None] | 
         request, _eager_batch(model, request), device=device, default_batch=len(request.seeds), on_step=on_step
     )
     with torch.no_grad():
-        return concat_batches(request, batches, device)
+        return as_output(concat_batches(request, batches, device), request.output)
 
 
 @checked_arguments
-def sample_images(model: LegoModel, seeds: int | Iterable[int], **request: Any) -> Tensor:
+def sample_images(model: LegoModel, seeds: int | Iterable[int], **request: Any) -> Tensor | np.ndarray | list[Any]:
     """Keyword form of :func:`sample`: ``Request.make(model.config, seeds, **request)``, then sample it.
 
     Takes :meth:`Request.make`'s keywords (classes, size, plan, cfg_scale,
-    steps, solver, S_churn..., batch).
+    steps, solver, S_churn..., batch, output).
     """
     if not isinstance(model, LegoModel):
         raise UsageError(f"model: expected a LegoModel (load_checkpoint(path)), got {type(model).__name__}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,19 @@ def parse_seeds(text: str) -> list[int]:
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW -> uint8 NHWC, rounded as the authors' generate.py does."""
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def as_output(images: torch.Tensor, output: str) -> torch.Tensor | np.ndarray | list[Any]:
+    """[-1, 1] NCHW images as a request's ``output``: the tensor itself ("tensor", "latents"), uint8 NHWC numpy
+    ("uint8"), or a list of PIL images ("pil")."""
+    if output in ("tensor", "latents"):
+        return images
+    arr = to_uint8_nhwc(images)
+    if output == "uint8":
+        return arr
+    from PIL import Image
+
+    return [Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a) for a in arr]
 
 
 def save_image(image: np.ndarray, path: str | Path) -> None:

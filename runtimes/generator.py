@@ -32,9 +32,9 @@ from torch import Tensor
 
 from export.records import VAE_UPSCALE
 from lego_model.errors import checked_arguments
-from lego_model.images import to_uint8_nhwc
+from lego_model.images import as_output
 from lego_model.model import LegoModel
-from lego_model.request import Output, Request, check_on_step, concat_batches, sample_batches
+from lego_model.request import Request, check_on_step, concat_batches, sample_batches
 from lego_model.vae import DECODE_BUDGET_BYTES, NO_VAE_HINT, decode_chunk
 from runtimes.backends import Backend, check_engine_dir_argument, open_backend
 from runtimes.backends.base import VAE_CALL
@@ -252,7 +252,7 @@ class Generator:
             images = concat_batches(request, self._sample(request, on_step), self.device)
             if self.config.is_latent and request.output != "latents":
                 images = self.decode(images)
-        return convert(images, request.output)
+        return as_output(images, request.output)
 
     @checked_arguments
     def batches(
@@ -370,15 +370,3 @@ class Generator:
             request, open_batch, device=self.device, default_batch=self.max_batch(request.guided), on_step=on_step,
             sampler=whole_run,
         )  # fmt: skip
-
-
-def convert(images: Tensor, output: Output) -> Tensor | np.ndarray | list[Any]:
-    """float64 [-1, 1] NCHW images as the request's output: the tensor itself, uint8 NHWC numpy, or PIL images."""
-    if output in ("tensor", "latents"):
-        return images
-    arr = to_uint8_nhwc(images)
-    if output == "uint8":
-        return arr
-    from PIL import Image
-
-    return [Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a) for a in arr]

@@ -17,6 +17,7 @@ from export.errors import ProfileError
 from lego_model import shipped_checkpoint
 from lego_model.eager import sample_images
 from lego_model.errors import LegoError, ShapeError, SkipPlanError
+from lego_model.images import to_uint8_nhwc
 from runtimes import Generator
 from runtimes.backends import open_backend
 from runtimes.backends.base import EngineCall
@@ -185,6 +186,14 @@ def test_grad_mode_of_the_caller_does_not_matter(first):
                 got = gen.generate([0, 1], classes=3, steps=2)
             torch.testing.assert_close(got, want, atol=0, rtol=0, msg=mode)
             assert not got.requires_grad
+
+
+def test_the_eager_model_returns_the_output_asked():
+    model = tiny_model("tiny_PG_16")
+    images = sample_images(model, [0, 1], steps=2)
+    assert np.array_equal(sample_images(model, [0, 1], steps=2, output="uint8"), to_uint8_nhwc(images))
+    pil = sample_images(model, [0, 1], steps=2, output="pil")
+    assert [np.asarray(p).tolist() for p in pil] == to_uint8_nhwc(images).tolist()
 
 
 def test_an_empty_remainder_samples_no_images(engines_pg):

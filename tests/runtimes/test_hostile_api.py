@@ -306,6 +306,10 @@ MISUSE = {
     "SkipPlan plus a number": (lambda c: SkipPlan(3) + 5, "adds only another"),
     "SkipPlan plus another brick count": (lambda c: SkipPlan(3) + SkipPlan(2), "adds only another"),
     "SkipPlan.parse unknown keyword": (lambda c: SkipPlan.parse("2@0:1", CFG, strict=True), "unexpected keyword"),
+    "uint8 of a latent model from the eager model": (
+        lambda c: sample_images(tiny_model("tiny_latent_PG_8"), [0], steps=1, output="uint8"),
+        "decoding them is the caller's",
+    ),
     "only of a number": (lambda c: Request.make(CFG, [0, 1]).only(5), "only: expected an iterable"),
     "only of a seed twice": (lambda c: Request.make(CFG, [0, 1]).only([0, 0]), "seed 0 is given twice"),
     "only of a float seed": (lambda c: Request.make(CFG, [0, 1]).only([0.0]), "is not one of this request's seeds"),
