@@ -16,6 +16,7 @@ denoiser -- and the EDM sampler inside it.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import operator
@@ -407,6 +408,15 @@ def check_on_step(on_step: object) -> None:
     """Refuse an ``on_step`` that is neither None nor callable (before any compute, wherever one is passed)."""
     if on_step is not None and not callable(on_step):
         raise UsageError(f"on_step must be a callable taking the step index, got {on_step!r}")
+    if on_step is not None:
+        try:
+            signature = inspect.signature(on_step)
+        except (TypeError, ValueError):  # a builtin or extension callable without one: its call will tell
+            return
+        try:
+            signature.bind(0)
+        except TypeError:
+            raise UsageError(f"on_step must take one argument, the step index; {on_step!r} takes {signature}") from None
 
 
 def _is_int(value: object) -> bool:

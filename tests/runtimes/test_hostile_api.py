@@ -310,6 +310,7 @@ MISUSE = {
         lambda c: sample_images(tiny_model("tiny_latent_PG_8"), [0], steps=1, output="uint8"),
         "decoding them is the caller's",
     ),
+    "on_step of no argument": (lambda c: _gen(c).generate([0], steps=2, on_step=lambda: None), "must take one"),
     "only of a number": (lambda c: Request.make(CFG, [0, 1]).only(5), "only: expected an iterable"),
     "only of a seed twice": (lambda c: Request.make(CFG, [0, 1]).only([0, 0]), "seed 0 is given twice"),
     "only of a float seed": (lambda c: Request.make(CFG, [0, 1]).only([0.0]), "is not one of this request's seeds"),
