@@ -125,7 +125,8 @@ RANGE_HELP = "as MIN:OPT:MAX (or one number)"
 @click.option(
     "--cache-dir",
     type=CheckedPath(file_okay=False, path_type=Path),
-    help="TensorRT timing and engine caches (default: $LEGO_CACHE_DIR or ~/.cache/lego-deploy).",
+    help="TensorRT timing and engine caches, with --engines trt or all "
+    "(default: $LEGO_CACHE_DIR or ~/.cache/lego-deploy).",
 )
 @click.option(
     "--force",
@@ -166,6 +167,8 @@ def main(
         raise click.UsageError("--config without --checkpoint needs --random-init (or pass the --checkpoint)")
     if vae_batch is not None and vae is None:
         raise click.UsageError("--vae-batch sets the batch range of the VAE decoder: pass --vae PATH too")
+    if cache_dir is not None and engines == "onnx":
+        raise click.UsageError("--cache-dir holds TensorRT's caches: pass --engines trt or all, or leave it out")
     progress = None if quiet else (lambda line: click.echo(line, err=True))
     with _sigterm_unwinds():  # a plain kill cleans up like Ctrl-C: no staging directory stays behind
         with one_line_errors(on_interrupt=lambda: f"nothing was replaced: {out} is as it was before"):

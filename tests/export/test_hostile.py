@@ -741,3 +741,11 @@ def test_set_aside_directory_is_restored(previous: Path, tmp_path: Path) -> None
     refused(export_cli("--config", TINY, "--random-init", "--out", previous, *FAST), "already exists")
     assert snapshot(previous) == before and not aside.exists()
     load_manifest(previous)
+
+
+def test_cache_dir_without_tensorrt_is_refused(tmp_path: Path) -> None:
+    # lego-export refuses an option it would ignore (as --vae-batch without --vae): --cache-dir is TensorRT's
+    out = tmp_path / "e"
+    args = ("--config", TINY, "--random-init", "--engines", "onnx", "--cache-dir", tmp_path / "c", "--out", out)
+    refused(export_cli(*args, *FAST), "--cache-dir holds TensorRT's caches")
+    assert not out.exists()
