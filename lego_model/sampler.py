@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -131,10 +132,15 @@ def check_churn(S_churn: float, S_min: float, S_max: float, S_noise: float) -> N
         )
 
 
+def check_num_steps(num_steps: object) -> None:
+    """Refuse a number of sampling steps that is not an int in 1..MAX_STEPS (a LegoError naming the range)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or not 1 <= num_steps <= MAX_STEPS:
+        raise LegoError(f"{num_steps!r} sampling steps: use an int from 1 to {MAX_STEPS}")
+
+
 def edm_schedule(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
     """t_0 > ... > t_{N-1} = sigma_min, then t_N = 0, in float64 (EDM Eq. 5)."""
-    if not 1 <= num_steps <= MAX_STEPS:
-        raise LegoError(f"{num_steps} sampling steps: use 1 to {MAX_STEPS}")
+    check_num_steps(num_steps)
     i = torch.arange(num_steps, dtype=torch.float64)
     denom = max(num_steps - 1, 1)
     t = (sigma_max ** (1 / rho) + i / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
@@ -266,8 +272,7 @@ class LoopSpec:
                 "edm_sample needs the bricks to run: pass active_per_step (a SkipPlan's steps(num_steps)) "
                 "or all_bricks (e.g. tuple(range(config.num_bricks)))"
             )
-        if not 1 <= num_steps <= MAX_STEPS:
-            raise LegoError(f"{num_steps} sampling steps: use 1 to {MAX_STEPS}")
+        check_num_steps(num_steps)
         if active_per_step is not None and len(active_per_step) != num_steps:
             raise LegoError(f"skip plan covers {len(active_per_step)} steps, sampler runs {num_steps}")
         check_churn(S_churn, S_min, S_max, S_noise)

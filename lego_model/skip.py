@@ -26,7 +26,7 @@ from lego_model.configs import MAX_BRICKS, LegoConfig
 from lego_model.errors import SkipPlanError, TextError, checked_arguments
 from lego_model.flops import denoiser_flops
 from lego_model.parsing import BLANKS, parse_fraction, parse_int, quoted
-from lego_model.sampler import Solver, evaluations_per_step
+from lego_model.sampler import Solver, check_num_steps, evaluations_per_step
 
 PRESETS = {"global": 0.6, "local": 0.4}  # preset -> default break point
 
@@ -169,6 +169,7 @@ class SkipPlan:
 
     def steps(self, num_steps: int) -> list[tuple[int, ...]]:
         """Active brick set per step; a step left with no brick is an error."""
+        check_num_steps(num_steps)
         out = [self.active(i, num_steps) for i in range(num_steps)]
         for i, act in enumerate(out):
             if not act:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lego_model import SkipPlan, SkipPlanError, get_config
+from lego_model.errors import LegoError
 from lego_model.flops import brick_flops, denoiser_flops
 
 PG, PR, U = get_config("lego_S_PG_64"), get_config("lego_S_PR_64"), get_config("lego_S_U_64")
@@ -112,3 +113,9 @@ def test_describe_shows_steps_and_cost():
     assert "steps     0-4: bricks [0, 1, 2]" in text
     assert "steps     5-9: bricks [0, 1]" in text
     assert "relative cost: 0." in text
+
+
+@pytest.mark.parametrize("num_steps", [0, -1, "3", 2.0, True, 1001])
+def test_steps_refuses_what_is_not_a_step_count(num_steps):
+    with pytest.raises(LegoError, match="sampling steps: use an int from 1 to 1000"):
+        SkipPlan.preset("global@0.5", PG).steps(num_steps)
