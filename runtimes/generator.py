@@ -148,6 +148,11 @@ class Generator:
         """Load the backend (sessions, engines, model) now rather than at the first request."""
         with self._lock:
             self._refuse_closed()
+            if self._state == "borrowed" and not self.backend.loaded:
+                raise UsageError(
+                    "the backend this Generator shares was closed by the one that loaded it: load a shared backend "
+                    "yourself (Generator(backend) inside `with backend:`), or build a new Generator"
+                )
             if self._state == "new" and self.backend.loaded:
                 self._state = "borrowed"
             elif self._state == "new":

@@ -240,6 +240,15 @@ def _gen(ckpt):
     return Generator.from_checkpoint(ckpt, device="cpu")
 
 
+def _borrower_after_owner_closed(ckpt):
+    owner = _gen(ckpt)
+    borrower = Generator(owner.backend)
+    owner.generate([0], steps=1)  # loads the backend: the owner's
+    borrower.generate([0], steps=1)  # finds it loaded: borrowed
+    owner.close()
+    borrower.generate([0], steps=1)
+
+
 MISUSE = {
     # generate's request keywords: Request.make, the one validation path
     "plan=123": (lambda c: _gen(c).generate([0], plan=123), "plan: pass a SkipPlan"),
@@ -311,6 +320,7 @@ MISUSE = {
         "decoding them is the caller's",
     ),
     "on_step of no argument": (lambda c: _gen(c).generate([0], steps=2, on_step=lambda: None), "must take one"),
+    "a borrowed backend its owner closed": (lambda c: _borrower_after_owner_closed(c), "closed by the one that loaded"),
     "only of a number": (lambda c: Request.make(CFG, [0, 1]).only(5), "only: expected an iterable"),
     "only of a seed twice": (lambda c: Request.make(CFG, [0, 1]).only([0, 0]), "seed 0 is given twice"),
     "only of a float seed": (lambda c: Request.make(CFG, [0, 1]).only([0.0]), "is not one of this request's seeds"),
