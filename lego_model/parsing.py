@@ -113,6 +113,8 @@ def parse_float(text: str, what: str, low: float, high: float, *, finite: bool =
     takes_inf = high == math.inf and not finite
     if body == "inf" and takes_inf:
         return math.inf
+    if body == "inf" and finite:
+        raise TextError(f"{_subject(what, 'inf')} is not a finite number: write a decimal of at least {low:g}")
     if not _DECIMAL.fullmatch(body):
         accepted = f"from {low:g} to {high:g}" if math.isfinite(high) else f"of at least {low:g}"
         raise TextError(
@@ -121,7 +123,7 @@ def parse_float(text: str, what: str, low: float, high: float, *, finite: bool =
         )
     value = float(body)  # the grammar above is a subset of float()'s; a huge exponent gives inf, refused below
     if finite and not math.isfinite(value):
-        raise TextError(f"{_subject(what, _number(body))} is not a finite number")
+        raise TextError(f"{_subject(what, _number(body))} is not a finite number: write a decimal of at least {low:g}")
     if not low <= value <= high:
         raise TextError(f"{_subject(what, _number(body))} is outside [{low:g}, {high:g}]")
     return value

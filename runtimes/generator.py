@@ -185,8 +185,13 @@ class Generator:
     def device(self) -> torch.device:
         return self.backend.device
 
+    @checked_arguments
     def max_batch(self, guided: bool = False, cap: int = BATCH_CAP) -> int:
         """The largest batch (images, not rows) up to ``cap`` a request is split into by default."""
+        if not isinstance(guided, bool):
+            raise UsageError(f"guided: expected True or False, got {guided!r}")
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise UsageError(f"cap: expected an int >= 1 (images per batch), got {cap!r}")
         return default_batch(self.backend, guided, cap)
 
     def _refuse_closed(self) -> None:

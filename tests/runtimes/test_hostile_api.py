@@ -321,6 +321,8 @@ MISUSE = {
     ),
     "on_step of no argument": (lambda c: _gen(c).generate([0], steps=2, on_step=lambda: None), "must take one"),
     "a borrowed backend its owner closed": (lambda c: _borrower_after_owner_closed(c), "closed by the one that loaded"),
+    "max_batch of a text cap": (lambda c: _gen(c).max_batch(cap="x"), "cap: expected an int >= 1"),
+    "max_batch of no images": (lambda c: _gen(c).max_batch(cap=0), "cap: expected an int >= 1"),
     "only of a number": (lambda c: Request.make(CFG, [0, 1]).only(5), "only: expected an iterable"),
     "only of a seed twice": (lambda c: Request.make(CFG, [0, 1]).only([0, 0]), "seed 0 is given twice"),
     "only of a float seed": (lambda c: Request.make(CFG, [0, 1]).only([0.0]), "is not one of this request's seeds"),

@@ -75,7 +75,7 @@ OPTIONS = {
     "NaN guidance": (["--cfg-scale", "nan", "--class", "1"], "'--cfg-scale': cannot parse 'nan'"),
     "infinite guidance": (["--cfg-scale", "inf"], "'--cfg-scale'"),
     "NaN churn": (["--S-churn", "nan"], "'--S-churn': cannot parse 'nan'"),
-    "infinite churn": (["--S-churn", "inf"], "S_churn inf must be a finite number"),
+    "infinite churn": (["--S-churn", "inf"], "--S-churn': inf is not a finite number"),
     "NaN churn noise": (["--S-churn", "1", "--S-noise", "nan"], "'--S-noise': cannot parse 'nan'"),
     "churn range backwards": (["--S-churn", "1", "--S-min", "5", "--S-max", "1"], "0 <= S_min <= S_max"),
     "--config with engines": (["--config", "tiny_PG_16"], "--config does not apply to the"),
