@@ -45,10 +45,11 @@ def parse_range(text: str, what: str = "range", maximum: int = max(PROFILE_LIMIT
     if len(parts) != 3 or not all(is_whole_number(p) for p in parts):
         raise ProfileError(f"{what} {quoted(text)} must be MIN:OPT:MAX (or one integer) in ASCII digits, e.g. 1:1:8")
     try:
-        lo, opt, hi = (parse_int(p, f"{what} {field}", 0, maximum) for p, field in zip(parts, ("MIN", "OPT", "MAX")))
+        # from 1: a range of 0 rows or pixels is no profile, and the message says the minimum that is
+        lo, opt, hi = (parse_int(p, f"{what} {field}", 1, maximum) for p, field in zip(parts, ("MIN", "OPT", "MAX")))
     except TextError as err:
         raise ProfileError(str(err)) from None
-    if not 0 < lo <= opt <= hi:
+    if not lo <= opt <= hi:
         raise ProfileError(f"{what} {quoted(text)} must satisfy 0 < MIN <= OPT <= MAX")
     return lo, opt, hi
 

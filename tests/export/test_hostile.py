@@ -451,7 +451,8 @@ def test_truncated_and_foreign_checkpoints(tmp_path: Path) -> None:
         ("--batch", "\u00b2", "MIN:OPT:MAX"),
         ("--batch", "1:\u0661:8", "MIN:OPT:MAX"),
         ("--batch", "-1:1:8", "MIN:OPT:MAX"),
-        ("--batch", "0", "0 < MIN"),
+        ("--batch", "0", "out of range (minimum 1,"),
+        ("--batch", "2:1:8", "0 < MIN <= OPT <= MAX"),
         ("--height", "12", "multiples of 16"),
     ],
 )
