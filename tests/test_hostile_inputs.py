@@ -105,7 +105,7 @@ EXPORT_RANGES = {
     "signed batch": ("--batch", "+1:1:8", "must be MIN:OPT:MAX"),
     "float batch": ("--batch", "1:1:8.0", "must be MIN:OPT:MAX"),
     "batch of 21 digits": ("--batch", "1:1:1" + "0" * 20, "--batch MAX 100000000000000000000 is out of range"),
-    "height above its limit": ("--height", "16:16:16384", "--height MAX 16384 is out of range (minimum 0, maximum"),
+    "height above its limit": ("--height", "16:16:16384", "--height MAX 16384 is out of range (minimum 1, maximum"),
 }
 
 
