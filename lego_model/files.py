@@ -127,6 +127,12 @@ class CheckedPath(click.Path):
                 check_path(value, option)
             except LegoError as err:
                 self.fail(str(err), param, ctx)
+            # click's own words ("Directory '...' is a file.") say no more than what is wrong: add the fix
+            path = Path(value)
+            if not self.file_okay and path.is_file():
+                self.fail(f"{shown_path(path)} is a file, {option} names a directory: choose another", param, ctx)
+            if not self.dir_okay and path.is_dir():
+                self.fail(f"{shown_path(path)} is a directory, {option} names a file: choose another", param, ctx)
         return super().convert(value, param, ctx)
 
 

@@ -92,6 +92,23 @@ def test_checked_path_is_a_click_usage_error_naming_the_option(value):
     assert "Invalid value for '--out': --out " in result.output
 
 
+def test_checked_path_of_the_wrong_kind_says_what_the_option_names(tmp_path):
+    (tmp_path / "f").write_text("mine")
+    (tmp_path / "d").mkdir()
+
+    @click.command()
+    @click.option("--out", type=CheckedPath(file_okay=False))
+    @click.option("--json", type=CheckedPath(dir_okay=False))
+    def cmd(out, json):
+        pass
+
+    result = CliRunner().invoke(cmd, ["--out", str(tmp_path / "f")])
+    assert result.exit_code == 2 and "is a file, --out names a directory: choose another" in result.output
+    result = CliRunner().invoke(cmd, ["--json", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "is a directory, --json names a file: choose another" in result.output
+    assert (tmp_path / "f").read_text() == "mine"
+
+
 # ------------------------------------------------------------------ class 7: whole files, or none
 
 
