@@ -151,9 +151,7 @@ class Request:
                 raise UsageError(f"cfg_scale must be a number or None, got {scale!r}")
             object.__setattr__(self, "cfg_scale", float(scale))
         cfg.check_guidance(self.cfg_scale)  # the range, NaN and Inf included
-        if self.cfg_scale == 1.0:
-            # Scale 1 is no guidance (f_null + 1 * (f_cond - f_null) = f_cond): the request runs unguided, on half
-            # the rows, its batches as large as without guidance, and run.json records guidance "off"
+        if not runs_guided(self.cfg_scale):  # recorded in run.json as guidance "off"
             object.__setattr__(self, "cfg_scale", None)
         if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
             raise UsageError(f"steps must be an int in 1..{MAX_STEPS}, got {self.steps!r}")
@@ -388,6 +386,12 @@ def sample_batches(
                 f"({first_line(err)}); sample fewer seeds per batch (batch=, --batch) or a smaller size"
             ) from None
         yield seeds, images
+
+
+def runs_guided(cfg_scale: float | None) -> bool:
+    """Whether a request of this guidance scale runs guided rows: not for None, nor for scale 1, which is no
+    guidance (f_null + 1 * (f_cond - f_null) = f_cond): unguided, on half the rows, batches as large as without."""
+    return cfg_scale is not None and cfg_scale != 1.0
 
 
 def concat_batches(request: Request, batches: Iterable[tuple[tuple[int, ...], Tensor]], device: torch.device) -> Tensor:

@@ -49,7 +49,7 @@ from lego_model.files import CheckedPath, shown_path
 from lego_model.flops import sampling_flops, usable_cores
 from lego_model.images import class_row_seeds, parse_seeds, to_uint8_nhwc
 from lego_model.parsing import BoundedFloat, BoundedInt
-from lego_model.request import Churn, Request
+from lego_model.request import Churn, Request, runs_guided
 from lego_model.sampler import MAX_BATCH, MAX_S_NOISE, MAX_STEPS, SOLVERS, evaluations_per_step
 from lego_model.skip import SkipPlan
 from lego_model.vae import NO_VAE_HINT
@@ -209,7 +209,7 @@ def request_from_options(o: dict[str, Any], gen: Generator, output: str) -> tupl
         seeds = [s for _, row in rows for s in row]
         classes = [c for c, row in rows for _ in row]
         grid_rows = len(rows)
-        if batch is None and len(rows[0][1]) <= gen.max_batch(o["cfg_scale"] is not None):
+        if batch is None and len(rows[0][1]) <= gen.max_batch(runs_guided(o["cfg_scale"])):
             batch = len(rows[0][1])
     request = Request.make(
         cfg,
