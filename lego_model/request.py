@@ -254,9 +254,11 @@ class Request:
         missing = [s for s in chosen if not _is_int(s) or s not in index]
         if missing:
             raise UsageError(f"seed {missing[0]!r} is not one of this request's seeds")
-        if len(set(chosen)) != len(chosen):
-            twice = next(s for i, s in enumerate(chosen) if s in chosen[:i])
-            raise UsageError(f"seed {twice} is given twice; each seed makes one image")
+        seen: set[int] = set()
+        for s in chosen:  # one pass: a remainder may hold a million seeds
+            if s in seen:
+                raise UsageError(f"seed {s} is given twice; each seed makes one image")
+            seen.add(s)
         new = object.__new__(Request)
         for f in self.__dataclass_fields__:
             object.__setattr__(new, f, getattr(self, f))
